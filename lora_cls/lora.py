@@ -1,0 +1,502 @@
+"""LoRA adapters for Conv2d and Linear layers, their injection into a model, and their export.
+
+The math is DESIGN.md §3. For a frozen layer with weight W and bias b, an adapted layer computes
+
+    y = d·(W∗x + b) + N∗x + s·B∗(A∗drop(x)) + C
+
+with s = alpha/r (rsLoRA: alpha/sqrt(r)), d the decay factor shared by all adapted layers of a model,
+N the variance-preserving weight noise (training only) and C a learnable per-output-channel bias.
+The only place the low-rank product B·A is formed is `LoRALayer.delta_weight`; merging, evaluation and
+export all go through it.
+
+Merging is never a mode that mutates the stored weights: evaluation uses a cached merged weight that is
+recomputed whenever a parameter changes (so it cannot be applied twice), and `merge_lora` / `export_low_rank`
+return new plain models.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_cls.errors import UserError
+
+DECAY_ATTR = "lora_decay"  # registered on the first adapted layer only, so d is saved exactly once
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+
+
+class DecayState(nn.Module):
+    """The decay factor d shared by every adapted layer of one model.
+
+    Kept as a buffer so it is saved with the model's state (and so with the adapter); mirrored as a Python
+    float so the forward pass can branch on it without a device synchronisation.
+    """
+
+    def __init__(self, d: float = 1.0) -> None:
+        super().__init__()
+        self.register_buffer("d", torch.tensor(float(d), dtype=torch.float64))
+        self._value = float(d)
+
+    @property
+    def value(self) -> float:
+        return self._value
+
+    def set(self, d: float) -> None:
+        self._value = float(d)
+        self.d.fill_(self._value)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(*args, **kwargs)
+        self._value = float(self.d)
+
+
+@dataclass(frozen=True)
+class LoRAOptions:
+    """Everything about an adapter except which layers get one.
+
+    rank, alpha: r and alpha of s = alpha/r (or alpha/sqrt(r) with rslora).
+    dropout: probability of dropping adapter-input elements (training only).
+    init: "kaiming" (A kaiming-uniform with a=sqrt(5), as nn.Conv2d/nn.Linear) or "gaussian" (A ~ N(0, 1/r)).
+    noise: add the variance-preserving weight noise N while training and d >= noise_cutoff.
+    noise_per_channel: use per-output-channel mean/std of W for N instead of the whole tensor's.
+    bias_comp: add the learnable compensating bias C.
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    rslora: bool = False
+    init: str = "kaiming"
+    noise: bool = False
+    noise_per_channel: bool = False
+    noise_cutoff: float = 0.3
+    bias_comp: bool = False
+
+    def __post_init__(self) -> None:
+        if int(self.rank) != self.rank or self.rank <= 0:
+            raise UserError(f"lora.rank must be a positive integer, got {self.rank}")
+        if not self.alpha > 0:
+            raise UserError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in ("kaiming", "gaussian"):
+            raise UserError(f"lora.init must be 'kaiming' or 'gaussian', got {self.init!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+class LoRALayer(nn.Module):
+    """Common state and verbs of an adapted layer; subclasses supply the two primitive ops.
+
+    Attributes: weight, bias (the frozen base, kept under the base layer's own names so that the model's
+    base keys stay those of torchvision), lora_A, lora_B, lora_C (trainable; C may be None).
+    """
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def __init__(self, base: nn.Module, options: LoRAOptions, decay: DecayState, a_shape: Sequence[int],
+                 b_shape: Sequence[int]) -> None:
+        super().__init__()
+        self.options = options
+        self.rank = options.rank
+        self.scaling = options.scaling
+        self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+        self.bias = (nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+                     if base.bias is not None else None)
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(*a_shape, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(*b_shape, **factory))
+        self.lora_C = (nn.Parameter(torch.zeros(self.out_features, **factory)) if options.bias_comp else None)
+        self.lora_dropout = nn.Dropout(options.dropout) if options.dropout > 0 else nn.Identity()
+        # One DecayState per model: the first adapted layer registers it (so it is saved once, and a Sequential
+        # root is not given an extra child); the others hold a plain reference.
+        object.__setattr__(self, "_decay", decay)
+        # Evaluation runs on the merged weight (one op, no adapter overhead); switchable for benchmarks/tests.
+        self.merge_on_eval = True
+        self._merged_cache: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
+        self._stats_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self.reset_lora_parameters()
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def decay(self) -> DecayState:
+        return self._decay
+
+    def reset_lora_parameters(self) -> None:
+        """A as configured, B = 0 and C = 0, so the adapted layer equals the base layer exactly."""
+        if self.options.init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.rank)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        if self.lora_C is not None:
+            nn.init.zeros_(self.lora_C)
+        self._merged_cache = None
+
+    # -- the one place the low-rank product is formed -------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """s · (B.view(out, r) @ A.view(r, -1)), reshaped to W's shape."""
+        b = self.lora_B.reshape(self.out_features, self.rank)
+        a = self.lora_A.reshape(self.rank, -1)
+        return (self.scaling * (b @ a)).reshape(self.weight.shape)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W' = d·W + delta_weight() (DESIGN.md §3)."""
+        d = self.decay.value
+        w = self.weight if d == 1.0 else d * self.weight
+        return w + self.delta_weight()
+
+    def merged_bias(self) -> torch.Tensor | None:
+        """b' = d·b + C; None when the layer has neither."""
+        d = self.decay.value
+        b = None if self.bias is None else (self.bias if d == 1.0 else d * self.bias)
+        if self.lora_C is None:
+            return b
+        return self.lora_C if b is None else b + self.lora_C
+
+    # -- subclass primitives ------------------------------------------------------------------------------
+    def _base_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _adapter_op(self, x: torch.Tensor) -> torch.Tensor:
+        """s·B∗(A∗drop(x)) without the frozen path."""
+        raise NotImplementedError
+
+    def _bias_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    # -- noise -------------------------------------------------------------------------------------------
+    def noise_active(self) -> bool:
+        d = self.decay.value
+        return self.training and self.options.noise and self.options.noise_cutoff <= d < 1.0
+
+    def _weight_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of W (whole tensor, or per output channel broadcastable to W), cached while W is unchanged."""
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.device, self.weight.dtype)
+        if self._stats_cache is None or self._stats_cache[0] != key:
+            w = self.weight.detach()
+            if self.options.noise_per_channel:
+                flat = w.reshape(w.shape[0], -1)
+                view = (-1,) + (1,) * (w.dim() - 1)
+                mean, std = flat.mean(dim=1).view(view), flat.std(dim=1).view(view)
+            else:
+                mean, std = w.mean(), w.std()
+            self._stats_cache = (key, mean, std)
+        return self._stats_cache[1], self._stats_cache[2]
+
+    def sample_noise(self) -> torch.Tensor:
+        """N ~ Normal((1−d)·m, (1−d²)·σ²) with W's shape: d·W + N keeps W's mean and variance."""
+        d = self.decay.value
+        mean, std = self._weight_stats()
+        z = torch.randn_like(self.weight)
+        return (1.0 - d) * mean + math.sqrt(max(0.0, 1.0 - d * d)) * std * z
+
+    # -- forward ------------------------------------------------------------------------------------------
+    def _merged_for_eval(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        params = [p for p in (self.weight, self.bias, self.lora_A, self.lora_B, self.lora_C) if p is not None]
+        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params) + (self.decay.value,)
+        if self._merged_cache is None or self._merged_cache[0] != key:
+            with torch.no_grad():
+                self._merged_cache = (key, self.merged_weight().detach(), self._detached(self.merged_bias()))
+        return self._merged_cache[1], self._merged_cache[2]
+
+    @staticmethod
+    def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.merge_on_eval and not torch.is_grad_enabled():
+            return self._base_op(x, *self._merged_for_eval())
+        d = self.decay.value
+        weight = self.weight if d == 1.0 else d * self.weight
+        bias = self.bias if (self.bias is None or d == 1.0) else d * self.bias
+        if self.noise_active():
+            weight = weight + self.sample_noise()
+        y = self._base_op(x, weight, bias) + self._adapter_op(x)
+        if self.lora_C is not None:
+            y = y + self.lora_C.view(self._bias_shape())
+        return y
+
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
+        # Moving or casting the layer invalidates the caches (their tensors live on the old device/dtype).
+        self._merged_cache = None
+        self._stats_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    # -- export -------------------------------------------------------------------------------------------
+    def to_merged(self) -> nn.Module:
+        """A plain layer with W' and b' (no adapter, zero overhead)."""
+        raise NotImplementedError
+
+    def to_low_rank(self) -> nn.Module:
+        """Two small plain layers computing s·B∗(A∗x) + C; valid only when d = 0 (W no longer contributes)."""
+        raise NotImplementedError
+
+    def _check_pure_low_rank(self) -> None:
+        if self.decay.value != 0.0:
+            raise ValueError(f"low-rank export needs d = 0 (the frozen weight still contributes); d = {self.decay.value}")
+        if self.noise_active():
+            raise ValueError("low-rank export is for evaluation; call .eval() first")
+
+    def extra_repr(self) -> str:
+        o = self.options
+        return (f"rank={o.rank}, alpha={o.alpha}, scaling={self.scaling:.4g}, dropout={o.dropout}, "
+                f"noise={o.noise}, bias_comp={o.bias_comp}")
+
+
+class LoRAConv2d(LoRALayer):
+    """Conv2d with a LoRA adapter: A is (r, C_in, k, k) with W's stride/padding/dilation/padding_mode, B is (C_out, r, 1, 1)."""
+
+    def __init__(self, base: nn.Conv2d, options: LoRAOptions, decay: DecayState) -> None:
+        if base.groups != 1:
+            raise UserError(f"grouped convolution (groups={base.groups}) is not supported by LoRA here; "
+                            "choose targets without grouped or depthwise convolutions")
+        if isinstance(base.padding, str) and base.padding == "same" and any(s != 1 for s in base.stride):
+            raise UserError("padding='same' with stride > 1 is not a valid convolution")
+        c_out, c_in, kh, kw = base.weight.shape
+        super().__init__(base, options, decay, (options.rank, c_in, kh, kw), (c_out, options.rank, 1, 1))
+        self.stride = base.stride
+        self.padding = base.padding
+        self.dilation = base.dilation
+        self.padding_mode = base.padding_mode
+        self._reversed_padding_repeated_twice = base._reversed_padding_repeated_twice
+
+    def _bias_shape(self) -> tuple[int, ...]:
+        return (1, -1, 1, 1)
+
+    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, int | tuple | str]:
+        # Non-zero padding modes pad explicitly and then convolve unpadded, exactly as nn.Conv2d does.
+        if self.padding_mode != "zeros":
+            return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
+        return x, self.padding
+
+    def _base_op(self, x, weight, bias):
+        x, padding = self._pad(x)
+        return F.conv2d(x, weight, bias, self.stride, padding, self.dilation)
+
+    def _adapter_op(self, x):
+        x, padding = self._pad(self.lora_dropout(x))
+        h = F.conv2d(x, self.lora_A, None, self.stride, padding, self.dilation)
+        return F.conv2d(h, self.lora_B * self.scaling)
+
+    def to_merged(self) -> nn.Conv2d:
+        w, b = self._merged_for_eval()
+        conv = self._plain_conv(w.shape[1], w.shape[0], w.shape[2:], b is not None, w)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if b is not None:
+                conv.bias.copy_(b)
+        return conv
+
+    def to_low_rank(self) -> nn.Sequential:
+        self._check_pure_low_rank()
+        a = self._plain_conv(self.lora_A.shape[1], self.rank, self.lora_A.shape[2:], False, self.lora_A)
+        b_bias = self.merged_bias()
+        b = nn.Conv2d(self.rank, self.out_features, 1, bias=b_bias is not None,
+                      device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            a.weight.copy_(self.lora_A)
+            b.weight.copy_(self.lora_B * self.scaling)
+            if b_bias is not None:
+                b.bias.copy_(b_bias)
+        return nn.Sequential(a, b)
+
+    def _plain_conv(self, c_in, c_out, kernel, bias, like: torch.Tensor) -> nn.Conv2d:
+        return nn.Conv2d(c_in, c_out, tuple(kernel), stride=self.stride, padding=self.padding,
+                         dilation=self.dilation, bias=bias, padding_mode=self.padding_mode,
+                         device=like.device, dtype=like.dtype)
+
+
+class LoRALinear(LoRALayer):
+    """Linear with a LoRA adapter: A is (r, in), B is (out, r)."""
+
+    def __init__(self, base: nn.Linear, options: LoRAOptions, decay: DecayState) -> None:
+        out_f, in_f = base.weight.shape
+        super().__init__(base, options, decay, (options.rank, in_f), (out_f, options.rank))
+
+    def _bias_shape(self) -> tuple[int, ...]:
+        return (-1,)
+
+    def _base_op(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def _adapter_op(self, x):
+        return F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B * self.scaling)
+
+    def to_merged(self) -> nn.Linear:
+        w, b = self._merged_for_eval()
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if b is not None:
+                lin.bias.copy_(b)
+        return lin
+
+    def to_low_rank(self) -> nn.Sequential:
+        self._check_pure_low_rank()
+        b_bias = self.merged_bias()
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        a = nn.Linear(self.lora_A.shape[1], self.rank, bias=False, **factory)
+        b = nn.Linear(self.rank, self.out_features, bias=b_bias is not None, **factory)
+        with torch.no_grad():
+            a.weight.copy_(self.lora_A)
+            b.weight.copy_(self.lora_B * self.scaling)
+            if b_bias is not None:
+                b.bias.copy_(b_bias)
+        return nn.Sequential(a, b)
+
+
+_ADAPTER_FOR: dict[type[nn.Module], type[LoRALayer]] = {nn.Conv2d: LoRAConv2d, nn.Linear: LoRALinear}
+
+
+# -- target selection -----------------------------------------------------------------------------------
+
+def supported_layer_names(model: nn.Module, exclude: Iterable[str] = ()) -> list[str]:
+    """Qualified names of every layer LoRA can adapt (Conv2d with groups=1, Linear), minus `exclude`."""
+    excluded = set(exclude)
+    return [n for n, m in model.named_modules()
+            if type(m) in _ADAPTER_FOR and n not in excluded and getattr(m, "groups", 1) == 1]
+
+
+def _nearby(pattern: str, names: Sequence[str], n: int = 6) -> str:
+    probe = pattern.replace("*", "").replace("?", "")
+    close = difflib.get_close_matches(probe, names, n=n, cutoff=0.4)
+    if not close:
+        head = pattern.split(".")[0]
+        close = [x for x in names if x.split(".")[0] == head][:n] or list(names[:n])
+    return ", ".join(close)
+
+
+def select_targets(model: nn.Module, patterns: Sequence[str], exclude: Iterable[str] = ()) -> list[str]:
+    """Resolve glob patterns over qualified module names to the layers to adapt, in model order.
+
+    A pattern naming a container selects every supported layer inside it; of a pattern's matches only the
+    top-most are expanded, so `layer3.*` means the blocks of layer3 and everything in them. A pattern that
+    selects nothing, or that names an unsupported module (or an excluded one, such as the new head), is a
+    UserError naming the pattern and nearby valid names.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if not patterns:
+        raise UserError("lora.targets is empty; name at least one layer pattern (e.g. 'layer4.*.conv1')")
+    excluded = set(exclude)
+    modules = dict(model.named_modules())
+    names = [n for n in modules if n]
+    valid = supported_layer_names(model, excluded)
+    chosen: set[str] = set()
+    for pattern in patterns:
+        matched = [n for n in names if fnmatchcase(n, pattern)]
+        top = [n for n in matched if not any(n.startswith(m + ".") for m in matched)]
+        if not top:
+            raise UserError(f"target pattern {pattern!r} matches no module; nearby valid names: "
+                            f"{_nearby(pattern, valid)}")
+        for name in top:
+            module = modules[name]
+            if name in excluded:
+                raise UserError(f"target pattern {pattern!r} selects {name}, the new classification head, "
+                                "which is trained in full; remove it from lora.targets")
+            inner = [(name, module)] if not list(module.children()) else [
+                (f"{name}.{sub}", m) for sub, m in module.named_modules() if sub]
+            found = False
+            for qual, m in inner:
+                if qual in excluded:
+                    continue
+                if type(m) in _ADAPTER_FOR:
+                    if getattr(m, "groups", 1) != 1:
+                        raise UserError(f"target pattern {pattern!r} selects {qual}, a grouped convolution "
+                                        f"(groups={m.groups}), which LoRA does not support here; "
+                                        f"narrow the pattern. Nearby valid names: {_nearby(qual, valid)}")
+                    chosen.add(qual)
+                    found = True
+            if not found:
+                raise UserError(f"target pattern {pattern!r} selects {name} ({type(module).__name__}), which "
+                                f"holds no layer LoRA supports (Conv2d, Linear); nearby valid names: "
+                                f"{_nearby(pattern, valid)}")
+    order = {n: i for i, n in enumerate(names)}
+    return sorted(chosen, key=order.__getitem__)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def get_decay_state(model: nn.Module) -> DecayState | None:
+    """The DecayState shared by the model's adapters (None without adapters)."""
+    for module in model.modules():
+        if isinstance(module, LoRALayer):
+            return module.decay
+    return None
+
+
+def inject_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float, *,
+                exclude: Iterable[str] = (), **options) -> list[str]:
+    """Replace the layers selected by `targets` with LoRA adapters, in place; return their names.
+
+    `options` are the other LoRAOptions fields. The model gets one DecayState (attribute `lora_decay`) shared
+    by all its adapters. Freezing is the caller's business (see models.prepare_finetune): this only adds layers.
+    """
+    opts = LoRAOptions(rank=rank, alpha=alpha, **options)
+    names = select_targets(model, targets, exclude)
+    decay = get_decay_state(model)
+    owner_needed = decay is None
+    if decay is None:
+        decay = DecayState(1.0).to(next(model.parameters()).device)
+    for name in names:
+        base = model.get_submodule(name)
+        layer = _ADAPTER_FOR[type(base)](base, opts, decay)
+        if owner_needed:
+            layer.add_module(DECAY_ATTR, decay)
+            owner_needed = False
+        _set_submodule(model, name, layer)
+    return names
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
+
+
+def set_decay(model: nn.Module, d: float) -> None:
+    """Set the one decay factor of a model's adapters."""
+    state = get_decay_state(model)
+    if state is None:
+        raise ValueError("model has no LoRA adapters")
+    state.set(d)
+
+
+def set_merge_on_eval(model: nn.Module, enabled: bool) -> None:
+    for _, layer in lora_layers(model):
+        layer.merge_on_eval = enabled
+
+
+def _export(model: nn.Module, convert) -> nn.Module:
+    out = copy.deepcopy(model)
+    out.eval()
+    for name, layer in lora_layers(out):
+        _set_submodule(out, name, convert(layer))
+    return out
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """A copy of `model` in which every adapter is a plain layer with W' = d·W + s·BA and b' = d·b + C."""
+    return _export(model, lambda layer: layer.to_merged())
+
+
+def export_low_rank(model: nn.Module) -> nn.Module:
+    """A copy in which every adapter (at d = 0) is two small plain layers and no frozen weight is kept."""
+    return _export(model, lambda layer: layer.to_low_rank())

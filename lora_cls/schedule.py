@@ -1,0 +1,62 @@
+"""The decay schedule d(t) that hands adapted layers over from their frozen weight to the adapter (DESIGN.md §3).
+
+One scalar d for all adapted layers of a model, set from the global optimizer step t of T total steps:
+d = 1 before t0, linear from 1 to d_min between t0 and t1, d_min after t1, with t0 = round(start·T) and
+t1 = round(end·T). `none` is plain LoRA: d ≡ 1, no noise, no compensating bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lora_cls.errors import UserError
+
+SCHEDULE_KINDS = ("none", "decay", "decay_noise")
+
+
+def decay_factor(step: int, total: int, start: float = 0.1, end: float = 0.9, d_min: float = 0.0) -> float:
+    """d(t) for global step `step` of `total` steps."""
+    t0, t1 = round(start * total), round(end * total)
+    if step < t0:
+        return 1.0
+    if step >= t1:
+        return float(d_min)
+    return 1.0 - (1.0 - d_min) * (step - t0) / (t1 - t0)
+
+
+@dataclass(frozen=True)
+class DecaySchedule:
+    """What the schedule config selects: the d(t) curve, and which extras (noise, bias C) the adapters get."""
+
+    kind: str = "none"
+    start: float = 0.1
+    end: float = 0.9
+    d_min: float = 0.0
+    noise_cutoff: float = 0.3
+    noise_per_channel: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULE_KINDS:
+            raise UserError(f"schedule.kind must be one of {', '.join(SCHEDULE_KINDS)}; got {self.kind!r}")
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise UserError(f"schedule needs 0 <= start <= end <= 1; got start={self.start}, end={self.end}")
+        if not 0.0 <= self.d_min <= 1.0:
+            raise UserError(f"schedule.d_min must be in [0, 1]; got {self.d_min}")
+
+    @property
+    def noise(self) -> bool:
+        return self.kind == "decay_noise"
+
+    @property
+    def bias_comp(self) -> bool:
+        return self.kind != "none"
+
+    def adapter_options(self) -> dict:
+        """The LoRAOptions fields this schedule decides."""
+        return {"noise": self.noise, "noise_per_channel": self.noise_per_channel,
+                "noise_cutoff": self.noise_cutoff, "bias_comp": self.bias_comp}
+
+    def factor(self, step: int, total: int) -> float:
+        if self.kind == "none":
+            return 1.0
+        return decay_factor(step, total, self.start, self.end, self.d_min)

@@ -1,0 +1,261 @@
+"""The LoRA math of DESIGN.md §3, pinned in float64 over one table of cases (single layers and whole models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lora_cls.errors import UserError
+from lora_cls.lora import (
+    LoRAConv2d,
+    LoRALinear,
+    LoRAOptions,
+    export_low_rank,
+    inject_lora,
+    lora_layers,
+    merge_lora,
+    select_targets,
+    set_decay,
+    set_merge_on_eval,
+)
+from lora_cls.models import build_model, prepare_finetune
+
+
+def _conv(**kw) -> tuple[nn.Module, torch.Tensor, list[str]]:
+    return nn.Conv2d(6, 10, 3, **kw), torch.randn(2, 6, 13, 11), ["0"]
+
+
+def _seq(layer: nn.Module) -> nn.Sequential:
+    return nn.Sequential(layer)
+
+
+CASES = {
+    "conv_stride2": lambda: (_seq(nn.Conv2d(6, 10, 3, stride=2, padding=1)), torch.randn(2, 6, 13, 11), ["0"]),
+    "conv_dilation2": lambda: (_seq(nn.Conv2d(6, 10, 3, dilation=2, padding=2, bias=False)),
+                               torch.randn(2, 6, 13, 11), ["0"]),
+    "conv_reflect": lambda: (_seq(nn.Conv2d(6, 10, (3, 5), padding=(1, 2), padding_mode="reflect")),
+                             torch.randn(2, 6, 13, 11), ["0"]),
+    "linear": lambda: (_seq(nn.Linear(12, 7)), torch.randn(4, 12), ["0"]),
+    "resnet34": lambda: (build_model("resnet34", None, 2), torch.randn(2, 3, 32, 32),
+                         ["layer3.*.conv1", "layer3.*.conv2", "layer4.*.conv1", "layer4.*.conv2"]),
+    "vgg16": lambda: (build_model("vgg16", None, 2), torch.randn(1, 3, 32, 32),
+                      ["features.24", "features.26", "features.28"]),
+}
+HEADS = {"resnet34": ["fc"], "vgg16": ["classifier.6"]}
+MODEL_CASES = {"resnet34", "vgg16"}
+
+
+def _make(case: str, seed: int = 0, **options):
+    torch.manual_seed(seed)
+    model, x, targets = CASES[case]()
+    model = model.double().eval()
+    x = x.double()
+    base_out = model(x)
+    inject_lora(model, targets, rank=4, alpha=8, exclude=HEADS.get(case, []), **options)
+    return model.double().eval(), x, base_out
+
+
+def _randomize(model: nn.Module, scale: float) -> None:
+    """Random A, B and C; small for deep models so activations stay O(1) and 1e-10 stays meaningful."""
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_A.normal_(0, scale)
+            layer.lora_B.normal_(0, scale)
+            if layer.lora_C is not None:
+                layer.lora_C.normal_(0, scale)
+
+
+def _case_params(cases=CASES):
+    return [pytest.param(c, marks=pytest.mark.slow) if c == "vgg16" else c for c in cases]
+
+
+@pytest.mark.parametrize("case", _case_params())
+def test_adapter_at_init_is_bit_identical(case):
+    model, x, base_out = _make(case, bias_comp=True)
+    with torch.no_grad():
+        set_merge_on_eval(model, False)
+        unmerged = model(x)
+        set_merge_on_eval(model, True)
+        merged = model(x)
+    assert torch.equal(unmerged, base_out)
+    assert torch.equal(merged, base_out)
+    assert torch.equal(merge_lora(model)(x), base_out)
+    for _, layer in lora_layers(model):
+        assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_C) == 0
+        assert torch.count_nonzero(layer.lora_A) > 0
+
+
+@pytest.mark.parametrize("d", [1.0, 0.4, 0.0])
+@pytest.mark.parametrize("case", _case_params())
+def test_merged_equals_unmerged_float64(case, d):
+    model, x, _ = _make(case, bias_comp=True)
+    _randomize(model, 0.5 if case not in MODEL_CASES else 0.02)
+    set_decay(model, d)
+    with torch.no_grad():
+        set_merge_on_eval(model, False)
+        unmerged = model(x)
+        set_merge_on_eval(model, True)
+        cached = model(x)
+        exported = merge_lora(model)(x)
+    assert unmerged.abs().max() > 1e-3  # a non-trivial output, so the tolerance below means something
+    torch.testing.assert_close(cached, unmerged, atol=1e-10, rtol=0)
+    torch.testing.assert_close(exported, unmerged, atol=1e-10, rtol=0)
+    if d != 1.0:
+        # d really enters: the same adapters at d = 1 give another output
+        set_decay(model, 1.0)
+        with torch.no_grad():
+            assert (model(x) - unmerged).abs().max() > 1e-6
+
+
+def test_merge_is_not_a_mode_and_eval_cache_follows_updates():
+    model, x, _ = _make("conv_stride2", bias_comp=True)
+    _randomize(model, 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        first = model(x)
+        merge_lora(model)
+        merge_lora(model)
+        assert torch.equal(model(x), first)  # exporting twice changed nothing
+        layer = model[0]
+        layer.lora_B.add_(1.0)  # an optimizer step in place: the cached merged weight must be recomputed
+        set_merge_on_eval(model, False)
+        expected = model(x)
+        set_merge_on_eval(model, True)
+        torch.testing.assert_close(model(x), expected, atol=1e-10, rtol=0)
+    assert set(before) == set(model.state_dict())
+    assert torch.equal(before["0.weight"], model.state_dict()["0.weight"])
+
+
+def test_train_path_equals_eval_path_without_dropout_or_noise():
+    model, x, _ = _make("conv_reflect", bias_comp=True)
+    _randomize(model, 0.5)
+    set_decay(model, 0.4)
+    with torch.no_grad():
+        eval_out = model(x)
+        model.train()
+        torch.testing.assert_close(model(x), eval_out, atol=1e-10, rtol=0)
+
+
+def _grad_names(model: nn.Module, x: torch.Tensor) -> set[str]:
+    model.train()
+    model(x).sum().backward()
+    return {n for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_only_adapters_head_and_bias_receive_gradients():
+    model = build_model("resnet34", None, 2)
+    names = prepare_finetune(model, "resnet34", "lora", rank=4, alpha=4, bias_comp=True)
+    got = _grad_names(model, torch.randn(2, 3, 32, 32))
+    expected = {f"{n}.lora_{p}" for n in names for p in "ABC"} | {"fc.weight", "fc.bias"}
+    assert got == expected
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+    assert len(names) == 18
+
+
+def test_plain_lora_has_no_bias_parameter():
+    model = build_model("resnet34", None, 2)
+    names = prepare_finetune(model, "resnet34", "lora", rank=4, alpha=4)
+    got = _grad_names(model, torch.randn(2, 3, 32, 32))
+    assert got == {f"{n}.lora_{p}" for n in names for p in "AB"} | {"fc.weight", "fc.bias"}
+
+
+def test_linear_probe_and_full_finetune_gradients():
+    model = build_model("resnet34", None, 2)
+    prepare_finetune(model, "resnet34", "linear")
+    assert _grad_names(model, torch.randn(2, 3, 32, 32)) == {"fc.weight", "fc.bias"}
+    model = build_model("resnet34", None, 2)
+    prepare_finetune(model, "resnet34", "full")
+    assert _grad_names(model, torch.randn(2, 3, 32, 32)) == {n for n, _ in model.named_parameters()}
+
+
+@pytest.mark.parametrize("d", [0.0])
+def test_low_rank_export_at_d0_matches_and_is_smaller(d):
+    for case in ("conv_reflect", "conv_stride2", "linear"):
+        model, x, _ = _make(case, bias_comp=True)
+        _randomize(model, 0.5)
+        set_decay(model, d)
+        with torch.no_grad():
+            expected = model(x)
+            low = export_low_rank(model)
+            torch.testing.assert_close(low(x), expected, atol=1e-10, rtol=0)
+        n_low = sum(p.numel() for p in low.parameters())
+        n_base = model[0].weight.numel() + (0 if model[0].bias is None else model[0].bias.numel())
+        assert n_low < n_base
+        assert not any(isinstance(m, (LoRAConv2d, LoRALinear)) for m in low.modules())
+
+
+def test_low_rank_export_refuses_nonzero_d():
+    model, _, _ = _make("conv_stride2")
+    set_decay(model, 0.4)
+    with pytest.raises(ValueError, match="d = 0"):
+        export_low_rank(model)
+
+
+def test_resnet_low_rank_export_at_d0():
+    model, x, _ = _make("resnet34", bias_comp=True)
+    _randomize(model, 0.02)
+    set_decay(model, 0.0)
+    with torch.no_grad():
+        expected = model(x)
+        low = export_low_rank(model)
+        torch.testing.assert_close(low(x), expected, atol=1e-10, rtol=0)
+    frozen = sum(layer.weight.numel() for _, layer in lora_layers(model))  # no conv in ResNet has a bias
+    assert sum(p.numel() for p in low.parameters()) == sum(p.numel() for p in model.parameters()) - frozen
+    assert frozen > 19_000_000
+
+
+def test_scaling_and_rslora():
+    assert LoRAOptions(rank=8, alpha=16).scaling == 2.0
+    assert LoRAOptions(rank=16, alpha=16, rslora=True).scaling == 4.0
+    layer = LoRALinear(nn.Linear(5, 3).double(), LoRAOptions(rank=2, alpha=6), _decay())
+    with torch.no_grad():
+        layer.lora_A.fill_(1.0)
+        layer.lora_B.fill_(1.0)
+    # delta = s·B@A = 3 · (ones(3,2) @ ones(2,5)) = 6 everywhere
+    assert torch.equal(layer.delta_weight(), torch.full((3, 5), 6.0, dtype=torch.float64))
+
+
+def _decay(d: float = 1.0):
+    from lora_cls.lora import DecayState
+    return DecayState(d)
+
+
+def test_gaussian_init_and_shapes():
+    conv = LoRAConv2d(nn.Conv2d(6, 10, 3), LoRAOptions(rank=4, alpha=4, init="gaussian"), _decay())
+    assert conv.lora_A.shape == (4, 6, 3, 3) and conv.lora_B.shape == (10, 4, 1, 1)
+    assert 0.15 < conv.lora_A.std().item() < 0.35  # N(0, 1/r) with r=4 → std 0.25
+    lin = LoRALinear(nn.Linear(12, 7), LoRAOptions(rank=3, alpha=3), _decay())
+    assert lin.lora_A.shape == (3, 12) and lin.lora_B.shape == (7, 3)
+    bound = 1 / 12 ** 0.5  # kaiming-uniform with a=sqrt(5) has bound 1/sqrt(fan_in)
+    assert lin.lora_A.abs().max().item() <= bound
+
+
+def test_grouped_conv_is_refused():
+    with pytest.raises(UserError, match="grouped convolution"):
+        LoRAConv2d(nn.Conv2d(4, 8, 3, groups=2), LoRAOptions(), _decay())
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 4, 1))
+    with pytest.raises(UserError, match=r"'0'.*grouped"):
+        select_targets(model, ["0"])
+
+
+@pytest.mark.parametrize("bad, key", [({"rank": 0}, "lora.rank"), ({"alpha": 0}, "lora.alpha"),
+                                      ({"dropout": 1.0}, "lora.dropout"), ({"init": "xavier"}, "lora.init")])
+def test_bad_options_are_user_errors(bad, key):
+    with pytest.raises(UserError, match=key):
+        LoRAOptions(**bad)
+
+
+def test_dropout_acts_on_adapter_input_only_in_training():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(50, 4).double(), LoRAOptions(rank=2, alpha=2, dropout=0.5), _decay())
+    with torch.no_grad():
+        layer.lora_B.fill_(1.0)
+    x = torch.randn(8, 50, dtype=torch.float64)
+    layer.train()
+    with torch.no_grad():
+        a, b = layer(x), layer(x)
+    assert not torch.equal(a, b)
+    layer.eval()
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer(x))
