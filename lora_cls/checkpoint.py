@@ -1,0 +1,169 @@
+"""Checkpoints (DESIGN.md §7): adapter.safetensors (small, no pickle) and last.pt (resume state, plain containers).
+
+Both are written to a temporary file in the same folder and renamed, so a killed run never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lora_cls.errors import UserError
+from lora_cls.lora import DECAY_ATTR
+
+FORMAT = "lora-cls/1"
+ADAPTER_NAME = "adapter.safetensors"
+LAST_NAME = "last.pt"
+
+
+def _atomic_target(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return tmp
+
+
+def _replace(tmp: str, path: Path) -> None:
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def base_fingerprint(model: nn.Module, exclude_prefix: str) -> str:
+    """sha256 over the base model's parameters (all but the head), identifying the frozen weights exactly."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith(exclude_prefix + ".") or not tensor.is_floating_point():
+            continue
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def adapter_state(model: nn.Module, bn: str) -> dict[str, torch.Tensor]:
+    """What the adapter file holds: every trainable tensor, the decay factor, and BN buffers when they train."""
+    state = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            state[name] = p
+    for mod_name, module in model.named_modules():
+        is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        if (is_bn and bn == "train") or mod_name.endswith(DECAY_ATTR):
+            for buf_name, buf in module.named_buffers(recurse=False):
+                state[f"{mod_name}.{buf_name}"] = buf
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+def save_adapter(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    path = Path(path)
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    meta["format"] = FORMAT
+    tmp = _atomic_target(path)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _replace(tmp, path)
+
+
+def load_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and decoded metadata of an adapter file; any unreadable or foreign file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass ckpt=<run folder> or "
+                        f"ckpt=<run folder>/checkpoints/{ADAPTER_NAME}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"checkpoint {path} is not a readable safetensors adapter (truncated or another format: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if raw_meta.get("format") != FORMAT:
+        raise UserError(f"checkpoint {path} was not written by lora-cls (format {raw_meta.get('format')!r})")
+    meta = {}
+    for key, value in raw_meta.items():
+        try:
+            meta[key] = json.loads(value)
+        except json.JSONDecodeError:
+            meta[key] = value
+    return tensors, meta
+
+
+def apply_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load adapter tensors into a model built from the same config; every tensor must fit."""
+    own = model.state_dict()
+    unexpected = [k for k in tensors if k not in own]
+    mismatched = [k for k, v in tensors.items() if k in own and own[k].shape != v.shape]
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(expected - set(tensors))
+    if unexpected or mismatched or missing:
+        detail = ", ".join(filter(None, [
+            f"unexpected {unexpected[:3]}" if unexpected else "", f"wrong shape {mismatched[:3]}" if mismatched else "",
+            f"missing {missing[:3]}" if missing else ""]))
+        raise UserError(f"{source} does not fit the model built from its own config ({detail}); "
+                        "it is for another model or class set")
+    model.load_state_dict(tensors, strict=False)
+
+
+# -- resume state ------------------------------------------------------------------------------------------
+
+def rng_state() -> dict[str, Any]:
+    """All RNG states as plain containers and tensors (readable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {"python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+             "python_gauss": random.getstate()[2],
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_last(path: str | Path, state: dict[str, Any]) -> None:
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        torch.save(state, tmp)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _replace(tmp, path)
+
+
+def load_last(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"resume state {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a pickle that would run code, a truncated file: never executed, always refused
+        raise UserError(f"resume state {path} cannot be loaded safely ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None

@@ -1,0 +1,144 @@
+"""The one place user mistakes become `error: <message>` and exit status 2 (DESIGN.md §8).
+
+Before Hydra starts (and creates a run folder), the command-line overrides are composed and validated, so a
+bad value fails at once naming its key. Inside a job, a UserError ends a single run with `error:`; in a
+multirun it marks the job failed (metrics.json status "failed") and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from lora_cls import reports
+from lora_cls.config import register_configs
+from lora_cls.errors import UserError
+
+log = logging.getLogger("lora_cls")
+CONFIG_MODULE = "lora_cls.conf"
+_NO_PRECHECK = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "--shell-completion", "-sc"}
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _one_line(exc: BaseException) -> str:
+    parts = [str(exc)]
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause) and str(cause) not in parts[0]:
+        parts.append(str(cause))
+    text = "; ".join(p.strip() for p in parts if p.strip())
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _override_variants(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """Single-valued override lists covering every value of every sweep (one sweep varied at a time)."""
+    if not multirun:
+        return [overrides]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    first = []
+    sweeps: list[tuple[int, list[str]]] = []
+    for i, o in enumerate(parsed):
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            values = [f"{key}={v}" for v in o.sweep_string_iterator()]
+            sweeps.append((i, values))
+            first.append(values[0] if values else o.input_line)
+        else:
+            first.append(o.input_line)
+    variants = [first]
+    for i, values in sweeps:
+        for v in values[1:]:
+            variants.append(first[:i] + [v] + first[i + 1:])
+    return variants
+
+
+def precheck(argv: list[str], config_name: str, validate: Callable[[DictConfig], None]) -> None:
+    """Compose and validate the config the way Hydra will, so a mistake fails before any folder is made."""
+    if any(a in _NO_PRECHECK or a.startswith("--config") or a.startswith("-c") for a in argv):
+        return
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    overrides = [a for a in argv if not a.startswith("-")]
+    run_dir = next((a.split("=", 1)[1] for a in overrides if a.startswith("hydra.run.dir=")), None)
+    if run_dir and not multirun:
+        from lora_cls.pipeline import check_fresh_run_dir
+
+        check_fresh_run_dir(Path(run_dir))
+    job_overrides = [a for a in overrides if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
+    try:
+        variants = _override_variants(job_overrides, multirun)
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            for variant in variants:
+                validate(compose(config_name=config_name, overrides=variant))
+    except UserError:
+        raise
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise UserError(f"invalid config: {_one_line(exc)}") from None
+
+
+def _log_to_file(message: str) -> None:
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def run_job(cfg: DictConfig, job: Callable[[DictConfig, Path], dict], metric_key: str | None = None):
+    """Run one Hydra job; failures end a single run with `error:` but only mark a multirun job failed."""
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    try:
+        metrics = job(cfg, run_dir)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        user = isinstance(exc, UserError)
+        message = str(exc) if user else f"{type(exc).__name__}: {exc}"
+        if user:
+            _log_to_file(f"error: {message}")  # the console gets it once, as the `error:` line
+        else:
+            log.error("internal error:\n%s", traceback.format_exc())
+        if not (run_dir / "metrics.json").exists():
+            from lora_cls.pipeline import failed_metrics
+
+            reports.write_json(run_dir / "metrics.json", failed_metrics(cfg if "trainer" in cfg else None, message))
+        if multirun:
+            return None
+        if user:
+            fail(message.replace("\n", " | ") if "\n" in message and len(message) < 2000 else message)
+        raise
+    if metric_key:
+        return metrics.get("val", {}).get(metric_key)
+    return None
+
+
+def main_with_errors(hydra_main: Callable[[], None], config_name: str, validate: Callable[[DictConfig], None]) -> None:
+    register_configs()
+    argv = sys.argv[1:]
+    try:
+        precheck(argv, config_name, validate)
+    except UserError as exc:
+        fail(str(exc))
+    from lora_cls import sweep
+
+    sweep.last_summary.clear()
+    hydra_main()
+    failed = [r for r in sweep.last_summary if r.get("status") != "ok"]
+    if failed:
+        print(f"error: {len(failed)} of {len(sweep.last_summary)} sweep jobs failed; see summary.md at the sweep "
+              "root", file=sys.stderr)
+        sys.exit(1)

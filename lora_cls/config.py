@@ -1,0 +1,209 @@
+"""Typed config schema (registered with Hydra's ConfigStore) and the value checks that types cannot express.
+
+The YAML tree in lora_cls/conf fills these dataclasses; a wrong type or an unknown key fails at composition,
+a wrong value (rank 0, negative lr, unknown precision) fails in `validate` with the key's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from lora_cls.errors import UserError
+
+PRECISIONS = ("auto", "32", "bf16", "16")
+DATASETS = ("synthetic", "folder", "smoking", "malaria")
+OPTIMIZERS = ("adamw", "sgd")
+MONITORS = ("val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_loss")
+
+
+@dataclass
+class SyntheticConfig:
+    num_per_class: int = 300
+    source_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    hflip: bool = True
+    rotation: float = 10.0
+    color_jitter: float = 0.1
+
+
+@dataclass
+class CacheConfig:
+    enabled: bool = True
+    max_gb: float = 4.0
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "synthetic"
+    root: str = "data/synthetic"
+    image_size: int = 64
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 0
+    positive_class: str | None = None
+    skip_bad: bool = False
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet34"
+    weights: str | None = "imagenet"
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    rslora: bool = False
+    init: str = "kaiming"
+    targets: list[str] | None = None
+    bn: str = "train"
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "none"
+    start: float = 0.1
+    end: float = 0.9
+    d_min: float = 0.0
+    noise_cutoff: float = 0.3
+    noise_per_channel: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    nesterov: bool = True
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_fraction: float = 0.05
+    min_lr_ratio: float = 0.01
+
+
+@dataclass
+class EarlyStoppingConfig:
+    monitor: str = "val_accuracy"
+    patience: int = 5
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    eval_batch_size: int | None = None
+    precision: str = "auto"
+    device: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    num_workers: int = 2
+    seed: int = 0
+    deterministic: bool = False
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    max_steps_per_epoch: int | None = None
+    resume: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    finetune: str = "lora"
+
+
+@dataclass
+class EvalDatasetConfig:
+    root: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str = MISSING
+    split: str = "test"
+    dataset: EvalDatasetConfig = field(default_factory=EvalDatasetConfig)
+    device: str = "auto"
+    precision: str | None = None
+    batch_size: int | None = None
+    progress: bool = True
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise UserError(f"{key}: {message}")
+
+
+def validate(cfg: DictConfig | Any) -> None:
+    """Value checks for a composed training config; each failure names its key."""
+    d, lo, tr, op, sc = cfg.dataset, cfg.lora, cfg.trainer, cfg.optimizer, cfg.schedule
+    _check(d.name in DATASETS, "dataset.name", f"unknown dataset {d.name!r}; choose one of {', '.join(DATASETS)}")
+    _check(d.image_size >= 16, "dataset.image_size", f"must be >= 16, got {d.image_size}")
+    for key in ("val_fraction", "test_fraction"):
+        _check(0.0 <= d[key] < 1.0, f"dataset.{key}", f"must be in [0, 1), got {d[key]}")
+    _check(d.val_fraction + d.test_fraction < 1.0, "dataset.val_fraction",
+           "val_fraction + test_fraction must leave some training data")
+    _check(d.cache.max_gb >= 0, "dataset.cache.max_gb", f"must be >= 0, got {d.cache.max_gb}")
+    _check(lo.rank >= 1, "lora.rank", f"must be a positive integer, got {lo.rank}")
+    _check(lo.alpha > 0, "lora.alpha", f"must be > 0, got {lo.alpha}")
+    _check(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+    _check(lo.init in ("kaiming", "gaussian"), "lora.init", f"must be kaiming or gaussian, got {lo.init!r}")
+    _check(lo.bn in ("train", "frozen"), "lora.bn", f"must be train or frozen, got {lo.bn!r}")
+    _check(lo.targets is None or len(lo.targets) > 0, "lora.targets", "is empty; use null for the model's preset")
+    _check(cfg.finetune in ("lora", "full", "linear"), "finetune",
+           f"must be lora, full or linear, got {cfg.finetune!r}")
+    _check(sc.kind in ("none", "decay", "decay_noise"), "schedule.kind",
+           f"must be none, decay or decay_noise, got {sc.kind!r}")
+    _check(0.0 <= sc.start <= sc.end <= 1.0, "schedule.start", f"need 0 <= start <= end <= 1, got {sc.start}, {sc.end}")
+    _check(0.0 <= sc.d_min <= 1.0, "schedule.d_min", f"must be in [0, 1], got {sc.d_min}")
+    _check(op.name in OPTIMIZERS, "optimizer.name", f"must be one of {', '.join(OPTIMIZERS)}, got {op.name!r}")
+    _check(op.lr > 0, "optimizer.lr", f"must be > 0, got {op.lr}")
+    _check(op.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {op.weight_decay}")
+    _check(0.0 <= op.warmup_fraction < 1.0, "optimizer.warmup_fraction", f"must be in [0, 1), got {op.warmup_fraction}")
+    _check(0.0 <= op.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio", f"must be in [0, 1], got {op.min_lr_ratio}")
+    _check(tr.epochs >= 1, "trainer.epochs", f"must be >= 1, got {tr.epochs}")
+    _check(tr.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {tr.batch_size}")
+    _check(tr.eval_batch_size is None or tr.eval_batch_size >= 1, "trainer.eval_batch_size", "must be >= 1")
+    _check(str(tr.precision) in PRECISIONS, "trainer.precision",
+           f"must be one of {', '.join(PRECISIONS)}, got {tr.precision!r}")
+    _check(tr.num_workers >= 0, "trainer.num_workers", f"must be >= 0, got {tr.num_workers}")
+    _check(tr.early_stopping.monitor in MONITORS, "trainer.early_stopping.monitor",
+           f"must be one of {', '.join(MONITORS)}, got {tr.early_stopping.monitor!r}")
+    _check(tr.early_stopping.patience >= 1, "trainer.early_stopping.patience", "must be >= 1")
+    _check(tr.max_steps_per_epoch is None or tr.max_steps_per_epoch >= 1, "trainer.max_steps_per_epoch", "must be >= 1")
+    _check(tr.device == "auto" or tr.device == "cpu" or str(tr.device).startswith("cuda"), "trainer.device",
+           f"must be auto, cpu, cuda or cuda:N, got {tr.device!r}")
+
+
+def validate_eval(cfg: DictConfig | Any) -> None:
+    _check(cfg.split in ("train", "val", "test"), "split", f"must be val or test (or train), got {cfg.split!r}")
+    _check(cfg.precision is None or str(cfg.precision) in PRECISIONS, "precision",
+           f"must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    _check(cfg.batch_size is None or cfg.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """The resolved config as plain dicts/lists (for metadata and JSON)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]

@@ -1,0 +1,297 @@
+"""What a run does, start to end: config → (data, model with adapters) → engine → reports and checkpoints.
+
+`train(cfg, run_dir)` and `evaluate_checkpoint(cfg, run_dir)` are plain functions (no Hydra), callable from tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lora_cls import checkpoint as ckpt
+from lora_cls import reports
+from lora_cls.augment import BatchAugment
+from lora_cls.config import to_container, validate, validate_eval
+from lora_cls.data import (
+    DatasetSplits,
+    ImageDataset,
+    build_loaders,
+    prepare_splits,
+    read_splits_json,
+    write_splits_json,
+)
+from lora_cls.engine import (
+    EvalOutput,
+    Trainer,
+    build_optimizer,
+    evaluate,
+    resolve_device,
+    resolve_precision,
+    warmup_cosine,
+)
+from lora_cls.errors import UserError
+from lora_cls.metrics import classification_metrics
+from lora_cls.models import (
+    build_model,
+    model_spec,
+    parameter_report,
+    prepare_finetune,
+    print_parameter_report,
+)
+from lora_cls.schedule import DecaySchedule
+
+log = logging.getLogger(__name__)
+console = Console(stderr=True)
+
+RUN_MARKERS = ("metrics.json", "history.csv", "checkpoints")
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def schedule_from(cfg: DictConfig) -> DecaySchedule:
+    s = cfg.schedule
+    return DecaySchedule(s.kind, s.start, s.end, s.d_min, s.noise_cutoff, s.noise_per_channel)
+
+
+def build_classifier(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, list[str], dict]:
+    """The configured model with its adapters (or baseline mode) and the identity of its frozen base weights.
+
+    The random state is seeded first, so `model.weights=null` gives the same base weights in lora-eval.
+    """
+    torch.manual_seed(int(cfg.trainer.seed))
+    name = cfg.model.name
+    model = build_model(name, cfg.model.weights, num_classes)
+    identity = {"weights": cfg.model.weights, "init_seed": int(cfg.trainer.seed),
+                "sha256": ckpt.base_fingerprint(model, model_spec(name).head)}
+    lo = cfg.lora
+    adapted = prepare_finetune(model, name, cfg.finetune, targets=lo.targets, rank=lo.rank, alpha=lo.alpha,
+                               dropout=lo.dropout, rslora=lo.rslora, init=lo.init,
+                               **schedule_from(cfg).adapter_options())
+    return model, adapted, identity
+
+
+def split_metrics(out: EvalOutput, splits: DatasetSplits) -> dict:
+    return classification_metrics(out.y_true, out.probs, splits.classes, splits.positive_class, loss=out.loss)
+
+
+def write_split_outputs(run_dir: Path, split: str, out: EvalOutput, splits: DatasetSplits, title: str) -> dict:
+    metrics = split_metrics(out, splits)
+    reports.write_split_reports(run_dir / "reports" / split, out.y_true, out.y_pred, splits.classes,
+                                splits.positive_class, title=f"{title} — {split}")
+    return metrics
+
+
+def eval_loader(dataset: ImageDataset, batch_size: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+
+
+def check_fresh_run_dir(run_dir: Path) -> None:
+    """Runs never write into a folder that already holds another run's results."""
+    found = [m for m in RUN_MARKERS if (run_dir / m).exists()]
+    if found:
+        raise UserError(f"run folder {run_dir} already holds a run ({', '.join(found)}); choose another "
+                        "hydra.run.dir (runs never overwrite each other)")
+
+
+def _base_metrics(cfg: DictConfig) -> dict:
+    return {"status": "ok", "error": None, "finetune": cfg.finetune, "dataset": cfg.dataset.name,
+            "model": cfg.model.name}
+
+
+def failed_metrics(cfg: DictConfig | None, error: str) -> dict:
+    base = _base_metrics(cfg) if cfg is not None else {}
+    return {**base, "status": "failed", "error": error}
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Train per `cfg`, write the run folder (DESIGN.md §6), and return metrics.json's content."""
+    run_dir = Path(run_dir)
+    validate(cfg)
+    check_fresh_run_dir(run_dir)
+    tr = cfg.trainer
+    seed_everything(int(tr.seed), bool(tr.deterministic))
+    device = resolve_device(tr.device)
+    precision = resolve_precision(tr.precision, device)
+
+    splits = prepare_splits(cfg.dataset)
+    loaders = build_loaders(splits, cfg.dataset, int(tr.batch_size), int(tr.num_workers), int(tr.seed),
+                            pin_memory=device.type == "cuda")
+    write_splits_json(splits, run_dir / "splits.json")
+    log.info("data: %s at %s, classes %s, train/val/test = %d/%d/%d", cfg.dataset.name, splits.root,
+             splits.classes, len(splits.train), len(splits.val), len(splits.test))
+
+    model, adapted, identity = build_classifier(cfg, len(splits.classes))
+    params = parameter_report(model)
+    if tr.progress:
+        print_parameter_report(params, f"{cfg.model.name} · finetune={cfg.finetune}", console=console)
+    log.info("params: total %d, trainable %d (%.4f%%), %d adapted layers", params["total"], params["trainable"],
+             params["trainable_pct"], len(adapted))
+    channels_last = bool(tr.channels_last)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    run_model: nn.Module = torch.compile(model) if tr.compile else model
+
+    aug = cfg.dataset.augment
+    preprocess = BatchAugment(aug.hflip, aug.rotation, aug.color_jitter).to(device)
+    train_loader = loaders["train"]
+    steps_per_epoch = len(train_loader)
+    if tr.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, int(tr.max_steps_per_epoch))
+    op = cfg.optimizer
+    optimizer = build_optimizer(model.parameters(), op.name, op.lr, op.weight_decay, tuple(op.betas), op.momentum,
+                                op.nesterov, device)
+    total_steps = steps_per_epoch * int(tr.epochs)
+    trainer = Trainer(run_model, train_loader, eval_loader(loaders["val"].dataset, _eval_batch_size(cfg)),
+                      preprocess, optimizer, warmup_cosine(total_steps, op.warmup_fraction, op.min_lr_ratio),
+                      schedule_from(cfg), device, precision, int(tr.epochs), steps_per_epoch, bn=cfg.lora.bn,
+                      channels_last=channels_last, monitor=tr.early_stopping.monitor,
+                      patience=int(tr.early_stopping.patience), progress=bool(tr.progress),
+                      metrics_fn=lambda out: split_metrics(out, splits))
+
+    metadata = {"config": to_container(cfg), "classes": splits.classes, "positive_class": splits.positive_class,
+                "base_weights": identity, "eval_batch_size": _eval_batch_size(cfg), "precision": precision.name}
+    adapter_path = run_dir / "checkpoints" / ckpt.ADAPTER_NAME
+    best_state: dict[str, torch.Tensor] = {}
+
+    def on_epoch_end(row: dict, improved: bool) -> None:
+        reports.write_history(run_dir / "history.csv", trainer.state.history)
+        reports.plot_curves(trainer.state.history, run_dir / "plots" / "curves.png", trainer.state.best_epoch)
+        if improved:
+            best_state.clear()
+            best_state.update(ckpt.adapter_state(model, cfg.lora.bn))
+            ckpt.save_adapter(adapter_path, best_state, {**metadata, "best_epoch": row["epoch"], "d": row["d"]})
+        ckpt.save_last(run_dir / "checkpoints" / ckpt.LAST_NAME, _resume_state(model, trainer, cfg.lora.bn))
+
+    state = trainer.fit(on_epoch_end)
+
+    # Evaluate the best epoch's weights (with the d they were validated at) on val and test.
+    ckpt.apply_adapter(model, best_state, "best-epoch state")
+    title = f"{cfg.model.name} {cfg.finetune} on {cfg.dataset.name}"
+    results = {}
+    for split in ("val", "test"):
+        out = evaluate(model, eval_loader(loaders[split].dataset, _eval_batch_size(cfg)), preprocess, device,
+                       precision, channels_last, desc=split, progress=bool(tr.progress))
+        results[split] = write_split_outputs(run_dir, split, out, splits, title)
+    metrics = {**_base_metrics(cfg),
+               "params": {k: params[k] for k in ("total", "trainable", "trainable_pct")},
+               "best_epoch": state.best_epoch, "epochs_run": state.epoch, "val": results["val"],
+               "test": results["test"],
+               "timing": {"train_seconds": round(state.train_seconds, 3),
+                          "train_images_per_second": round(state.train_images / max(state.train_seconds, 1e-9), 3)},
+               "device": str(device), "precision": precision.name, "adapted_layers": len(adapted),
+               "skipped_images": splits.skipped}
+    reports.write_json(run_dir / "metrics.json", metrics)
+    if tr.progress:
+        reports.print_metrics(results["test"], f"test ({len(splits.test)} images, best epoch {state.best_epoch})",
+                              console=console)
+    log.info("done: val accuracy %.4f, test accuracy %.4f; run folder %s", results["val"]["accuracy"],
+             results["test"]["accuracy"], run_dir)
+    return metrics
+
+
+def _eval_batch_size(cfg: DictConfig) -> int:
+    return int(cfg.trainer.eval_batch_size or 2 * cfg.trainer.batch_size)
+
+
+def _resume_state(model: nn.Module, trainer: Trainer, bn: str) -> dict[str, Any]:
+    """last.pt: everything needed to continue (plain containers and tensors, readable with weights_only=True)."""
+    s = trainer.state
+    return {"trainable": ckpt.adapter_state(model, bn), "optimizer": trainer.optimizer.state_dict(),
+            "scaler": trainer.scaler.state_dict(), "lr_scheduler": trainer.lr_scheduler.state_dict(),
+            "epoch": s.epoch, "global_step": s.global_step, "best_metric": s.best_metric,
+            "best_epoch": s.best_epoch, "epochs_without_improvement": s.epochs_without_improvement,
+            "train_seconds": s.train_seconds, "train_images": s.train_images, "history": s.history,
+            "rng": ckpt.rng_state(), "time": time.time()}
+
+
+# -- lora-eval ----------------------------------------------------------------------------------------------
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / ckpt.ADAPTER_NAME, path / ckpt.ADAPTER_NAME):
+            if candidate.is_file():
+                return candidate
+        raise UserError(f"{path} holds no checkpoints/{ckpt.ADAPTER_NAME}; pass a lora-train run folder or the file")
+    return path
+
+
+def load_model_from_checkpoint(path: str | Path) -> tuple[nn.Module, DictConfig, dict]:
+    """Rebuild the trained model from an adapter file alone (its metadata holds config, classes, base identity)."""
+    tensors, meta = ckpt.load_adapter(path)
+    try:
+        train_cfg = OmegaConf.create(meta["config"])
+        classes = list(meta["classes"])
+        identity = meta["base_weights"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"checkpoint {path} lacks lora-cls metadata ({exc})") from None
+    model, _, got_identity = build_classifier(train_cfg, len(classes))
+    if got_identity["sha256"] != identity.get("sha256"):
+        raise UserError(f"checkpoint {path} was trained on other base weights (model.weights={identity.get('weights')}); "
+                        "make the same base weights available (e.g. the same ImageNet file) and try again")
+    ckpt.apply_adapter(model, tensors, f"checkpoint {path}")
+    return model, train_cfg, meta
+
+
+def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """lora-eval: evaluate a checkpoint on its run's split (or another dataset.root) and write reports."""
+    run_dir = Path(run_dir)
+    validate_eval(cfg)
+    path = resolve_checkpoint(cfg.ckpt)
+    model, train_cfg, meta = load_model_from_checkpoint(path)
+    classes = list(meta["classes"])
+    if cfg.dataset.root:
+        ds_cfg = OmegaConf.merge(train_cfg.dataset, {"root": cfg.dataset.root})
+        splits = prepare_splits(ds_cfg)
+        if splits.classes != classes:
+            raise UserError(f"dataset.root={cfg.dataset.root} has classes {splits.classes}, but the checkpoint was "
+                            f"trained on {classes}; evaluate on data with the same classes")
+    else:
+        splits_path = path.parent.parent / "splits.json"
+        if not splits_path.is_file():
+            raise UserError(f"no splits.json beside the checkpoint (looked for {splits_path}); pass dataset.root=")
+        splits = read_splits_json(splits_path)
+    samples = splits.split(cfg.split)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision or meta.get("precision", "auto"), device)
+    ds = train_cfg.dataset
+    dataset = ImageDataset(splits.root, samples, int(ds.image_size), cache=bool(ds.cache.enabled),
+                           max_cache_bytes=int(float(ds.cache.max_gb) * 2**30), skip_bad=bool(ds.skip_bad))
+    channels_last = bool(train_cfg.trainer.channels_last)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    batch_size = int(cfg.batch_size or meta.get("eval_batch_size") or _eval_batch_size(train_cfg))
+    preprocess = BatchAugment(False, 0.0, 0.0).to(device)
+    out = evaluate(model, eval_loader(dataset, batch_size), preprocess, device, precision, channels_last,
+                   desc=cfg.split, progress=bool(cfg.progress))
+    title = f"{train_cfg.model.name} {train_cfg.finetune} (eval)"
+    split_result = write_split_outputs(run_dir, cfg.split, out, splits, title)
+    metrics = {**_base_metrics(train_cfg), "checkpoint": str(path), "split": cfg.split,
+               "data_root": str(splits.root), cfg.split: split_result, "device": str(device),
+               "precision": precision.name, "best_epoch": meta.get("best_epoch"), "images": len(samples),
+               "skipped_images": dataset.skipped}
+    reports.write_json(run_dir / "metrics.json", metrics)
+    if cfg.progress:
+        reports.print_metrics(split_result, f"{cfg.split} ({len(samples)} images)", console=console)
+    log.info("%s accuracy %.4f on %d images; reports in %s", cfg.split, split_result["accuracy"], len(samples),
+             run_dir / "reports" / cfg.split)
+    return metrics
+
