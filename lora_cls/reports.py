@@ -758,6 +758,15 @@ def print_sweep_summary(rows: Sequence[dict], console: Console | None = None) ->
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
+    # The terminal gets what tells jobs apart: swept keys that vary, status and the headline numbers
+    # (summary.csv and summary.md keep every column).
+    headline = ("job", "status", "trainable", "val_accuracy", "test_accuracy", "train_seconds", "error")
+    varying = [c for c in columns if c not in SUMMARY_FIELDS and c != "job"
+               and len({repr(r.get(c)) for r in rows}) > 1]
+    shown = ["job", *varying, *[c for c in headline[1:] if c in columns]]
+    if not any(r.get("error") for r in rows):
+        shown.remove("error") if "error" in shown else None
+    columns = shown
     table = Table(
         title=f"Sweep summary ({len(rows)} job{'s' if len(rows) != 1 else ''})", header_style="bold"
     )

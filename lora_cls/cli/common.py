@@ -108,7 +108,9 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig, Path], dict], metric_key
     except Exception as exc:
         user = isinstance(exc, UserError)
         message = str(exc) if user else f"{type(exc).__name__}: {exc}"
-        if user:
+        if user and multirun:
+            log.error("job %s failed: %s", hc.job.num, message)
+        elif user:
             _log_to_file(f"error: {message}")  # the console gets it once, as the `error:` line
         else:
             log.error("internal error:\n%s", traceback.format_exc())
