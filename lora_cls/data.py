@@ -362,7 +362,7 @@ def _read_smoking(cfg: Any, root: Path) -> _Layout:
         if folder is None:
             raise UserError(f"smoking dataset: no images in {root / dirname / dirname} (nor in {root / dirname}); "
                             "expected the Kaggle layout Training/Training, Validation/Validation, Testing/Testing. "
-                            "Get it with scripts/download_smoking.py (see data/README.md) or fix dataset.root")
+                            "Download the Kaggle 'smoking' archive and unzip it there (see data/README.md), or fix dataset.root")
         files, n_ignored = _list_images(folder, root, recursive=False)
         ignored += n_ignored
         samples = []
@@ -406,8 +406,8 @@ def _read_malaria(cfg: Any, root: Path) -> _Layout:
                      lambda p: all((p / c).is_dir() for c in MALARIA_CLASSES))
     if base is None:
         raise UserError(f"malaria dataset: {root} holds neither cell_images/Parasitized + cell_images/Uninfected "
-                        "nor Parasitized + Uninfected. Get it with scripts/download_malaria.py "
-                        "(see data/README.md) or fix dataset.root")
+                        "nor Parasitized + Uninfected. Download cell_images.zip and unzip it there "
+                        "(see data/README.md), or fix dataset.root")
     samples: list[Sample] = []
     ignored = 0
     for label, name in enumerate(MALARIA_CLASSES):

@@ -399,7 +399,7 @@ def test_malaria_patient_id():
     assert malaria_patient("cell_7.png") == "cell_7"
 
 
-def test_malaria_missing_data_points_to_the_download_script(tmp_path):
+def test_malaria_missing_data_says_how_to_get_it(tmp_path):
     with pytest.raises(UserError, match="cell_images.zip"):
         prepare_splits(make_cfg("malaria", tmp_path / "nope"))
     (tmp_path / "cell_images" / "Parasitized").mkdir(parents=True)
