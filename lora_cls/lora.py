@@ -246,6 +246,9 @@ class LoRALayer(nn.Module):
         """Two small plain layers computing s·B∗(A∗x) + C; valid only when d = 0 (W no longer contributes)."""
         raise NotImplementedError
 
+    def _factory(self) -> dict:
+        return {"device": self.weight.device, "dtype": self.weight.dtype}
+
     def _check_pure_low_rank(self) -> None:
         if self.decay.value != 0.0:
             raise ValueError(f"low-rank export needs d = 0 (the frozen weight still contributes); d = {self.decay.value}")
@@ -295,30 +298,18 @@ class LoRAConv2d(LoRALayer):
 
     def to_merged(self) -> nn.Conv2d:
         w, b = self._merged_for_eval()
-        conv = self._plain_conv(w.shape[1], w.shape[0], w.shape[2:], b is not None, w)
-        with torch.no_grad():
-            conv.weight.copy_(w)
-            if b is not None:
-                conv.bias.copy_(b)
-        return conv
+        return _filled(self._plain_conv(w.shape[1], w.shape[0], w.shape[2:], b is not None), w, b)
 
     def to_low_rank(self) -> nn.Sequential:
         self._check_pure_low_rank()
-        a = self._plain_conv(self.lora_A.shape[1], self.rank, self.lora_A.shape[2:], False, self.lora_A)
-        b_bias = self.merged_bias()
-        b = nn.Conv2d(self.rank, self.out_features, 1, bias=b_bias is not None,
-                      device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            a.weight.copy_(self.lora_A)
-            b.weight.copy_(self.lora_B * self.scaling)
-            if b_bias is not None:
-                b.bias.copy_(b_bias)
-        return nn.Sequential(a, b)
+        bias = self.merged_bias()
+        a = self._plain_conv(self.lora_A.shape[1], self.rank, self.lora_A.shape[2:], False)
+        b = nn.Conv2d(self.rank, self.out_features, 1, bias=bias is not None, **self._factory())
+        return nn.Sequential(_filled(a, self.lora_A, None), _filled(b, self.lora_B * self.scaling, bias))
 
-    def _plain_conv(self, c_in, c_out, kernel, bias, like: torch.Tensor) -> nn.Conv2d:
+    def _plain_conv(self, c_in: int, c_out: int, kernel, bias: bool) -> nn.Conv2d:
         return nn.Conv2d(c_in, c_out, tuple(kernel), stride=self.stride, padding=self.padding,
-                         dilation=self.dilation, bias=bias, padding_mode=self.padding_mode,
-                         device=like.device, dtype=like.dtype)
+                         dilation=self.dilation, bias=bias, padding_mode=self.padding_mode, **self._factory())
 
 
 class LoRALinear(LoRALayer):
@@ -339,25 +330,23 @@ class LoRALinear(LoRALayer):
 
     def to_merged(self) -> nn.Linear:
         w, b = self._merged_for_eval()
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-            if b is not None:
-                lin.bias.copy_(b)
-        return lin
+        return _filled(nn.Linear(w.shape[1], w.shape[0], bias=b is not None, **self._factory()), w, b)
 
     def to_low_rank(self) -> nn.Sequential:
         self._check_pure_low_rank()
-        b_bias = self.merged_bias()
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        a = nn.Linear(self.lora_A.shape[1], self.rank, bias=False, **factory)
-        b = nn.Linear(self.rank, self.out_features, bias=b_bias is not None, **factory)
-        with torch.no_grad():
-            a.weight.copy_(self.lora_A)
-            b.weight.copy_(self.lora_B * self.scaling)
-            if b_bias is not None:
-                b.bias.copy_(b_bias)
-        return nn.Sequential(a, b)
+        bias = self.merged_bias()
+        a = nn.Linear(self.lora_A.shape[1], self.rank, bias=False, **self._factory())
+        b = nn.Linear(self.rank, self.out_features, bias=bias is not None, **self._factory())
+        return nn.Sequential(_filled(a, self.lora_A, None), _filled(b, self.lora_B * self.scaling, bias))
+
+
+def _filled(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """`layer` with its weight (and bias) set to the given values, detached from the adapter."""
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
 
 
 _ADAPTER_FOR: dict[type[nn.Module], type[LoRALayer]] = {nn.Conv2d: LoRAConv2d, nn.Linear: LoRALinear}
