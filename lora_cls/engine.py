@@ -156,6 +156,34 @@ def evaluate(model: nn.Module, loader: Iterable, preprocess: nn.Module, device: 
                       probs=torch.cat(probs).cpu().numpy(), seconds=time.perf_counter() - start)
 
 
+def recalibrate_batchnorm(model: nn.Module, loader: Iterable, preprocess: nn.Module, device: torch.device,
+                          precision: Precision, channels_last: bool = True) -> None:
+    """Recompute BatchNorm running statistics as the cumulative average over `loader`, at the model's current d.
+
+    Under a decay schedule d changes every step, so the exponential running averages mix activations of many
+    different networks and no longer describe the one being evaluated (on the demo: val accuracy 0.50 before,
+    0.96 after). Only BN layers run in training mode here; adapters run merged, without noise or dropout.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    was_training = model.training
+    momenta = [m.momentum for m in bns]
+    model.eval()
+    preprocess.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+        m.train()
+    with torch.no_grad():
+        for x, _ in loader:
+            with autocast(device, precision):
+                model(preprocess(prepare_batch(x, device, channels_last)))
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
 # -- training ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -183,7 +211,8 @@ class Trainer:
                  optimizer: torch.optim.Optimizer, lr_factor: Callable[[int], float], schedule: DecaySchedule,
                  device: torch.device, precision: Precision, epochs: int, steps_per_epoch: int,
                  bn: str = "train", channels_last: bool = True, monitor: str = "val_accuracy",
-                 patience: int = 5, progress: bool = True, metrics_fn: Callable[[EvalOutput], dict] | None = None):
+                 patience: int = 5, progress: bool = True, metrics_fn: Callable[[EvalOutput], dict] | None = None,
+                 bn_loader: Iterable | None = None):
         self.model, self.train_loader, self.val_loader = model, train_loader, val_loader
         self.preprocess, self.optimizer, self.schedule = preprocess, optimizer, schedule
         self.device, self.precision, self.epochs = device, precision, epochs
@@ -192,6 +221,9 @@ class Trainer:
         self.bn, self.channels_last, self.monitor, self.patience = bn, channels_last, monitor, patience
         self.progress = progress
         self.metrics_fn = metrics_fn
+        # With a decay schedule and training BN statistics, recompute them at each epoch's final d (see
+        # recalibrate_batchnorm); None = keep the running averages as they are.
+        self.bn_loader = bn_loader if (schedule.kind != "none" and bn == "train") else None
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
         self.decay = get_decay_state(model)
@@ -261,6 +293,9 @@ class Trainer:
         """Train until `epochs` or early stopping; `on_epoch_end(row, improved)` after each validation."""
         while self.state.epoch < self.epochs:
             row = self.train_epoch()
+            if self.bn_loader is not None:
+                recalibrate_batchnorm(self.model, self.bn_loader, self.preprocess, self.device, self.precision,
+                                      self.channels_last)
             val = evaluate(self.model, self.val_loader, self.preprocess, self.device, self.precision,
                            self.channels_last, desc="val", progress=self.progress)
             metrics = self.metrics_fn(val) if self.metrics_fn else {"loss": val.loss,

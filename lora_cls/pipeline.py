@@ -165,7 +165,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                       schedule_from(cfg), device, precision, int(tr.epochs), steps_per_epoch, bn=cfg.lora.bn,
                       channels_last=channels_last, monitor=tr.early_stopping.monitor,
                       patience=int(tr.early_stopping.patience), progress=bool(tr.progress),
-                      metrics_fn=lambda out: split_metrics(out, splits))
+                      metrics_fn=lambda out: split_metrics(out, splits),
+                      bn_loader=eval_loader(train_loader.dataset, _eval_batch_size(cfg)))
 
     metadata = {"config": to_container(cfg), "classes": splits.classes, "positive_class": splits.positive_class,
                 "base_weights": identity, "eval_batch_size": _eval_batch_size(cfg), "precision": precision.name}
