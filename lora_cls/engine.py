@@ -291,7 +291,7 @@ class Trainer:
 
     def fit(self, on_epoch_end: Callable[[dict, bool], None] | None = None) -> FitState:
         """Train until `epochs` or early stopping; `on_epoch_end(row, improved)` after each validation."""
-        while self.state.epoch < self.epochs:
+        while self.state.epoch < self.epochs and self.state.epochs_without_improvement < self.patience:
             row = self.train_epoch()
             if self.bn_loader is not None:
                 recalibrate_batchnorm(self.model, self.bn_loader, self.preprocess, self.device, self.precision,
@@ -315,9 +315,8 @@ class Trainer:
                      row["val_accuracy"], row["lr"], row["d"], row["images_per_second"], "  *" if improved else "")
             if on_epoch_end is not None:
                 on_epoch_end(row, improved)
-            if self.state.epochs_without_improvement >= self.patience:
-                log.info("early stopping: %s has not improved for %d epochs", self.monitor, self.patience)
-                break
+        if self.state.epochs_without_improvement >= self.patience:
+            log.info("early stopping: %s has not improved for %d epochs", self.monitor, self.patience)
         return self.state
 
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -127,7 +128,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train per `cfg`, write the run folder (DESIGN.md §6), and return metrics.json's content."""
     run_dir = Path(run_dir)
     validate(cfg)
-    check_fresh_run_dir(run_dir)
+    resume_from = prepare_run_dir(cfg, run_dir)
     tr = cfg.trainer
     seed_everything(int(tr.seed), bool(tr.deterministic))
     device = resolve_device(tr.device)
@@ -171,16 +172,25 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     metadata = {"config": to_container(cfg), "classes": splits.classes, "positive_class": splits.positive_class,
                 "base_weights": identity, "eval_batch_size": _eval_batch_size(cfg), "precision": precision.name}
     adapter_path = run_dir / "checkpoints" / ckpt.ADAPTER_NAME
+    last_path = run_dir / "checkpoints" / ckpt.LAST_NAME
     best_state: dict[str, torch.Tensor] = {}
+    if resume_from is not None:
+        best_state.update(restore_resume_state(ckpt.load_last(resume_from), cfg, model, trainer))
+        log.info("resuming from %s: %d of %d epochs done (global step %d)", resume_from, trainer.state.epoch,
+                 tr.epochs, trainer.state.global_step)
+        if resume_from != last_path:  # continuing another folder's run: carry its best adapter over
+            ckpt.save_adapter(adapter_path, best_state, {**metadata, "best_epoch": trainer.state.best_epoch})
+    else:
+        ckpt.save_last(last_path, _resume_state(cfg, model, trainer, best_state))
 
     def on_epoch_end(row: dict, improved: bool) -> None:
-        reports.write_history(run_dir / "history.csv", trainer.state.history)
-        reports.plot_curves(trainer.state.history, run_dir / "plots" / "curves.png", trainer.state.best_epoch)
         if improved:
             best_state.clear()
             best_state.update(ckpt.adapter_state(model, cfg.lora.bn))
             ckpt.save_adapter(adapter_path, best_state, {**metadata, "best_epoch": row["epoch"], "d": row["d"]})
-        ckpt.save_last(run_dir / "checkpoints" / ckpt.LAST_NAME, _resume_state(model, trainer, cfg.lora.bn))
+        ckpt.save_last(last_path, _resume_state(cfg, model, trainer, best_state))
+        reports.write_history(run_dir / "history.csv", trainer.state.history)
+        reports.plot_curves(trainer.state.history, run_dir / "plots" / "curves.png", trainer.state.best_epoch)
 
     state = trainer.fit(on_epoch_end)
 
@@ -213,15 +223,92 @@ def _eval_batch_size(cfg: DictConfig) -> int:
     return int(cfg.trainer.eval_batch_size or 2 * cfg.trainer.batch_size)
 
 
-def _resume_state(model: nn.Module, trainer: Trainer, bn: str) -> dict[str, Any]:
+# Keys that may differ between a run and its resumption (they do not change what is computed).
+RESUME_FREE_KEYS = {"trainer.resume", "trainer.progress", "trainer.num_workers", "dataset.root"}
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _resume_state(cfg: DictConfig, model: nn.Module, trainer: Trainer, best: dict) -> dict[str, Any]:
     """last.pt: everything needed to continue (plain containers and tensors, readable with weights_only=True)."""
     s = trainer.state
-    return {"trainable": ckpt.adapter_state(model, bn), "optimizer": trainer.optimizer.state_dict(),
-            "scaler": trainer.scaler.state_dict(), "lr_scheduler": trainer.lr_scheduler.state_dict(),
-            "epoch": s.epoch, "global_step": s.global_step, "best_metric": s.best_metric,
-            "best_epoch": s.best_epoch, "epochs_without_improvement": s.epochs_without_improvement,
-            "train_seconds": s.train_seconds, "train_images": s.train_images, "history": s.history,
-            "rng": ckpt.rng_state(), "time": time.time()}
+    loader_rng = trainer.train_loader.generator
+    return {"format": ckpt.FORMAT, "config": _flat(to_container(cfg)),
+            "trainable": ckpt.adapter_state(model, cfg.lora.bn), "best_state": dict(best),
+            "optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict(),
+            "lr_scheduler": trainer.lr_scheduler.state_dict(), "epoch": s.epoch, "global_step": s.global_step,
+            "best_metric": s.best_metric, "best_epoch": s.best_epoch,
+            "epochs_without_improvement": s.epochs_without_improvement, "train_seconds": s.train_seconds,
+            "train_images": s.train_images, "history": s.history, "rng": ckpt.rng_state(),
+            "loader_rng": loader_rng.get_state() if loader_rng is not None else None, "time": time.time()}
+
+
+def resume_source(resume: str, run_dir: Path) -> Path | None:
+    """The last.pt to continue from: `auto` = the run folder's own, if it holds an unfinished run."""
+    if resume in ("never", "none", "null", "false"):
+        return None
+    if resume == "auto":
+        last = run_dir / "checkpoints" / ckpt.LAST_NAME
+        if not last.is_file():
+            return None
+        metrics = run_dir / "metrics.json"
+        if metrics.is_file():
+            try:
+                finished = json.loads(metrics.read_text()).get("status") == "ok"
+            except (OSError, ValueError):
+                finished = False
+            if finished:
+                raise UserError(f"run folder {run_dir} holds a finished run (metrics.json status ok); nothing to "
+                                "resume. Choose another hydra.run.dir for a new run")
+        return last
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / ckpt.LAST_NAME
+    if not path.is_file():
+        raise UserError(f"trainer.resume={resume}: no last.pt there; pass a run folder or its checkpoints/last.pt")
+    return path
+
+
+def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """A training run's folder is new, or an unfinished run to resume (returns its last.pt)."""
+    resume_from = resume_source(str(cfg.trainer.resume), Path(run_dir))
+    if resume_from is None:
+        check_fresh_run_dir(Path(run_dir))
+    return resume_from
+
+
+def restore_resume_state(state: dict, cfg: DictConfig, model: nn.Module, trainer: Trainer) -> dict:
+    """Put a last.pt back into model, optimizer, schedulers, trainer state and RNGs; return the best state."""
+    if not isinstance(state, dict) or state.get("format") != ckpt.FORMAT:
+        raise UserError("the resume state is not a lora-cls last.pt")
+    saved = state.get("config", {})
+    now = _flat(to_container(cfg))
+    changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k))
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+        raise UserError(f"cannot resume: the config differs from the interrupted run's ({detail}); resume with the "
+                        "same overrides")
+    ckpt.apply_adapter(model, state["trainable"], "resume state")
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scaler.load_state_dict(state["scaler"])
+    trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    s = trainer.state
+    s.epoch, s.global_step = int(state["epoch"]), int(state["global_step"])
+    s.best_metric, s.best_epoch = state["best_metric"], int(state["best_epoch"])
+    s.epochs_without_improvement = int(state["epochs_without_improvement"])
+    s.train_seconds, s.train_images = float(state["train_seconds"]), int(state["train_images"])
+    s.history = list(state["history"])
+    if state.get("loader_rng") is not None and trainer.train_loader.generator is not None:
+        trainer.train_loader.generator.set_state(state["loader_rng"])
+    ckpt.set_rng_state(state["rng"])
+    return dict(state["best_state"])
 
 
 # -- lora-eval ----------------------------------------------------------------------------------------------

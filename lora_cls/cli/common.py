@@ -8,6 +8,8 @@ multirun it marks the job failed (metrics.json status "failed") and the sweep go
 from __future__ import annotations
 
 import logging
+import shlex
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -66,27 +68,27 @@ def _override_variants(overrides: list[str], multirun: bool) -> list[list[str]]:
     return variants
 
 
-def precheck(argv: list[str], config_name: str, validate: Callable[[DictConfig], None]) -> None:
+def precheck(argv: list[str], config_name: str, validate: Callable[[DictConfig], None],
+             check_run_dir: Callable[[DictConfig, Path], object] | None = None) -> None:
     """Compose and validate the config the way Hydra will, so a mistake fails before any folder is made."""
     if any(a in _NO_PRECHECK or a.startswith("--config") or a.startswith("-c") for a in argv):
         return
     multirun = any(a in ("-m", "--multirun") for a in argv)
     overrides = [a for a in argv if not a.startswith("-")]
     run_dir = next((a.split("=", 1)[1] for a in overrides if a.startswith("hydra.run.dir=")), None)
-    if run_dir and not multirun:
-        from lora_cls.pipeline import check_fresh_run_dir
-
-        check_fresh_run_dir(Path(run_dir))
     job_overrides = [a for a in overrides if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
     try:
         variants = _override_variants(job_overrides, multirun)
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-            for variant in variants:
-                validate(compose(config_name=config_name, overrides=variant))
+            configs = [compose(config_name=config_name, overrides=variant) for variant in variants]
+            for cfg in configs:
+                validate(cfg)
     except UserError:
         raise
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise UserError(f"invalid config: {_one_line(exc)}") from None
+    if run_dir and not multirun and check_run_dir is not None:
+        check_run_dir(configs[0], Path(run_dir))
 
 
 def _log_to_file(message: str) -> None:
@@ -104,7 +106,7 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig, Path], dict], metric_key
     try:
         metrics = job(cfg, run_dir)
     except KeyboardInterrupt:
-        raise
+        interrupted(run_dir, list(hc.overrides.task))
     except Exception as exc:
         user = isinstance(exc, UserError)
         message = str(exc) if user else f"{type(exc).__name__}: {exc}"
@@ -128,11 +130,28 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig, Path], dict], metric_key
     return None
 
 
-def main_with_errors(hydra_main: Callable[[], None], config_name: str, validate: Callable[[DictConfig], None]) -> None:
+def interrupted(run_dir: Path, overrides: list[str]) -> None:
+    """Ctrl-C: last.pt (written at every epoch end) already holds the last completed epoch; say how to go on."""
+    last = run_dir / "checkpoints" / "last.pt"
+    print(f"\ninterrupted: the epoch in progress is lost; {last} holds the last completed epoch.", file=sys.stderr)
+    if last.is_file():
+        kept = [o for o in overrides if not o.startswith("hydra.run.dir=")]
+        command = " ".join(["lora-train", *[shlex.quote(o) for o in kept], shlex.quote(f"hydra.run.dir={run_dir}")])
+        print(f"resume with:\n  {command}", file=sys.stderr)
+    sys.exit(130)
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (kill, Slurm pre-emption) stops like Ctrl-C: last.pt kept, resume hint
+
+
+def main_with_errors(hydra_main: Callable[[], None], config_name: str, validate: Callable[[DictConfig], None],
+                     check_run_dir: Callable[[DictConfig, Path], object] | None = None) -> None:
     register_configs()
+    signal.signal(signal.SIGTERM, _terminate)
     argv = sys.argv[1:]
     try:
-        precheck(argv, config_name, validate)
+        precheck(argv, config_name, validate, check_run_dir)
     except UserError as exc:
         fail(str(exc))
     from lora_cls import sweep

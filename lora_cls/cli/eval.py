@@ -5,7 +5,7 @@ from omegaconf import DictConfig
 
 from lora_cls.cli.common import main_with_errors, run_job
 from lora_cls.config import register_configs, validate_eval
-from lora_cls.pipeline import evaluate_checkpoint
+from lora_cls.pipeline import check_fresh_run_dir, evaluate_checkpoint
 
 register_configs()
 
@@ -16,7 +16,8 @@ def _hydra_main(cfg: DictConfig):
 
 
 def main() -> None:
-    main_with_errors(_hydra_main, "eval", validate_eval)
+    main_with_errors(_hydra_main, "eval", validate_eval,
+                     check_run_dir=lambda cfg, run_dir: check_fresh_run_dir(run_dir))
 
 
 if __name__ == "__main__":

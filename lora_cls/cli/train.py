@@ -5,7 +5,7 @@ from omegaconf import DictConfig
 
 from lora_cls.cli.common import main_with_errors, run_job
 from lora_cls.config import register_configs, validate
-from lora_cls.pipeline import train
+from lora_cls.pipeline import prepare_run_dir, train
 
 register_configs()
 
@@ -17,7 +17,7 @@ def _hydra_main(cfg: DictConfig):
 
 
 def main() -> None:
-    main_with_errors(_hydra_main, "train", validate)
+    main_with_errors(_hydra_main, "train", validate, check_run_dir=prepare_run_dir)
 
 
 if __name__ == "__main__":
