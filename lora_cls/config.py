@@ -132,6 +132,7 @@ class TrainConfig:
 @dataclass
 class EvalDatasetConfig:
     root: str | None = None
+    name: str | None = None
 
 
 @dataclass
@@ -160,6 +161,10 @@ def validate(cfg: DictConfig | Any) -> None:
     """Value checks for a composed training config; each failure names its key."""
     d, lo, tr, op, sc = cfg.dataset, cfg.lora, cfg.trainer, cfg.optimizer, cfg.schedule
     _check(d.name in DATASETS, "dataset.name", f"unknown dataset {d.name!r}; choose one of {', '.join(DATASETS)}")
+    from lora_cls.models import MODELS
+
+    _check(cfg.model.name in MODELS, "model.name",
+           f"unknown model {cfg.model.name!r}; choose one of {', '.join(sorted(MODELS))}")
     _check(d.image_size >= 16, "dataset.image_size", f"must be >= 16, got {d.image_size}")
     for key in ("val_fraction", "test_fraction"):
         _check(0.0 <= d[key] < 1.0, f"dataset.{key}", f"must be in [0, 1), got {d[key]}")

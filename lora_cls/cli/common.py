@@ -43,6 +43,7 @@ def _one_line(exc: BaseException) -> str:
     if cause is not None and str(cause) and str(cause) not in parts[0]:
         parts.append(str(cause))
     text = "; ".join(p.strip() for p in parts if p.strip())
+    text = text.split("Config search path")[0]  # Hydra's search-path dump says nothing a user can act on
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
