@@ -43,7 +43,7 @@ class CacheConfig:
 @dataclass
 class DatasetConfig:
     name: str = "synthetic"
-    root: str = "data/synthetic"
+    root: str = MISSING  # each dataset option sets it; `folder` leaves it to the user (`???`)
     image_size: int = 64
     val_fraction: float = 0.15
     test_fraction: float = 0.15
@@ -160,6 +160,8 @@ def _check(ok: bool, key: str, message: str) -> None:
 def validate(cfg: DictConfig | Any) -> None:
     """Value checks for a composed training config; each failure names its key."""
     d, lo, tr, op, sc = cfg.dataset, cfg.lora, cfg.trainer, cfg.optimizer, cfg.schedule
+    _check(not OmegaConf.is_missing(d, "root"), "dataset.root",
+           f"is required for dataset={d.name}; set dataset.root=<folder>")
     _check(d.name in DATASETS, "dataset.name", f"unknown dataset {d.name!r}; choose one of {', '.join(DATASETS)}")
     from lora_cls.models import MODELS
 

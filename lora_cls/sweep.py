@@ -9,8 +9,6 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from lora_cls.reports import print_sweep_summary, write_sweep_summary
-
 log = logging.getLogger(__name__)
 
 # Rows of the last summary written in this process; the CLI reads it to set the exit status of a sweep.
@@ -19,6 +17,8 @@ last_summary: list[dict] = []
 
 class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from lora_cls.reports import print_sweep_summary, write_sweep_summary
+
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = write_sweep_summary(sweep_dir)
         last_summary[:] = rows

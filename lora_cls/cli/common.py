@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
@@ -23,7 +24,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from lora_cls import reports
 from lora_cls.config import register_configs
 from lora_cls.errors import UserError
 
@@ -48,10 +48,13 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _override_variants(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """Single-valued override lists covering every value of every sweep (one sweep varied at a time)."""
+    """Single-valued override lists covering every value of every sweep (one sweep varied at a time).
+
+    Call inside an initialised Hydra context: glob sweeps (`schedule=glob(*)`) need its config loader.
+    """
     if not multirun:
         return [overrides]
-    parsed = OverridesParser.create().parse_overrides(overrides)
+    parsed = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(overrides)
     first = []
     sweeps: list[tuple[int, list[str]]] = []
     for i, o in enumerate(parsed):
@@ -77,10 +80,14 @@ def precheck(argv: list[str], config_name: str, validate: Callable[[DictConfig],
     multirun = any(a in ("-m", "--multirun") for a in argv)
     overrides = [a for a in argv if not a.startswith("-")]
     run_dir = next((a.split("=", 1)[1] for a in overrides if a.startswith("hydra.run.dir=")), None)
+    sweep_dir = next((a.split("=", 1)[1] for a in overrides if a.startswith("hydra.sweep.dir=")), None)
+    if sweep_dir and multirun:
+        check_fresh_sweep_dir(Path(sweep_dir))
     job_overrides = [a for a in overrides if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
+    register_configs()
     try:
-        variants = _override_variants(job_overrides, multirun)
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            variants = _override_variants(job_overrides, multirun)
             configs = [compose(config_name=config_name, overrides=variant) for variant in variants]
             for cfg in configs:
                 validate(cfg)
@@ -90,6 +97,14 @@ def precheck(argv: list[str], config_name: str, validate: Callable[[DictConfig],
         raise UserError(f"invalid config: {_one_line(exc)}") from None
     if run_dir and not multirun and check_run_dir is not None:
         check_run_dir(configs[0], Path(run_dir))
+
+
+def check_fresh_sweep_dir(sweep_dir: Path) -> None:
+    """A sweep never reuses a folder holding another sweep's results (its summary would mix the two)."""
+    found = [p for p in (sweep_dir / "summary.csv", *sweep_dir.glob("*/metrics.json")) if p.exists()]
+    if found:
+        raise UserError(f"sweep folder {sweep_dir} already holds results ({found[0].relative_to(sweep_dir)}); "
+                        "choose another hydra.sweep.dir")
 
 
 def _log_to_file(message: str) -> None:
@@ -118,6 +133,7 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig, Path], dict], metric_key
         else:
             log.error("internal error:\n%s", traceback.format_exc())
         if not (run_dir / "metrics.json").exists():
+            from lora_cls import reports
             from lora_cls.pipeline import failed_metrics
 
             reports.write_json(run_dir / "metrics.json", failed_metrics(cfg if "trainer" in cfg else None, message))
