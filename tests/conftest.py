@@ -1,0 +1,116 @@
+"""Shared fixtures for the config and end-to-end tests: tiny settings, one finished run, console scripts."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+from lora_cls.config import register_configs
+
+CONFIG_MODULE = "lora_cls.conf"
+
+# ResNet34 (random init) + LoRA r8 preset on 80 synthetic 32 px images, one epoch: a few seconds on a CPU.
+TINY = [
+    "experiment=demo",
+    "dataset.image_size=32",
+    "dataset.synthetic.num_per_class=40",
+    "trainer.epochs=1",
+    "trainer.batch_size=16",
+    "trainer.progress=false",
+]
+
+
+def path_value(path: str | os.PathLike) -> str:
+    """A path as a Hydra override value, quoted when it holds characters the override grammar treats specially."""
+    text = os.fspath(path)
+    return text if re.fullmatch(r"[\w/.\-]+", text) else "'" + text.replace("'", "\\'") + "'"
+
+
+def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose `train` or `eval` from the packaged config tree, exactly as the CLIs do (no Hydra run)."""
+    register_configs()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def path_override() -> Callable[[str, str | os.PathLike], str]:
+    """path_override("hydra.run.dir", path) -> "hydra.run.dir=<path, quoted if needed>"."""
+    return lambda key, path: f"{key}={path_value(path)}"
+
+
+@pytest.fixture(scope="session")
+def compose_cfg() -> Callable[..., DictConfig]:
+    """compose_cfg(*overrides, config_name="train") -> the composed config."""
+
+    def _compose(*overrides: str, config_name: str = "train") -> DictConfig:
+        return compose_config(config_name, list(overrides))
+
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """The tiny synthetic set, generated once per session (its parameters come from the tiny config)."""
+    from lora_cls.data import prepare_splits
+
+    root = tmp_path_factory.mktemp("data") / "synthetic"
+    prepare_splits(compose_config("train", [*TINY, f"dataset.root={path_value(root)}"]).dataset)
+    assert (root / ".synthetic.json").is_file()
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(synthetic_root) -> list[str]:
+    """The tiny training settings on the session's synthetic set (append hydra.run.dir/sweep.dir yourself)."""
+    return [*TINY, f"dataset.root={path_value(synthetic_root)}"]
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    run_dir: Path
+    cfg: DictConfig
+    metrics: dict  # what `train` returned
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_overrides) -> FinishedRun:
+    """One finished in-process training run (two epochs, so history has more than one row), shared read-only."""
+    from lora_cls.pipeline import train
+
+    cfg = compose_config("train", [*tiny_overrides, "trainer.epochs=2"])
+    run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
+    metrics = train(cfg, run_dir)
+    return FinishedRun(run_dir, cfg, metrics)
+
+
+def console_script(name: str) -> Path:
+    """A console script of the environment running the tests (the venv's bin/ beside its python)."""
+    path = Path(sys.executable).parent / name
+    assert path.is_file(), f"{name} is not installed next to {sys.executable}; install the package (make install)"
+    return path
+
+
+@pytest.fixture(scope="session")
+def run_cli() -> Callable[..., subprocess.CompletedProcess]:
+    """run_cli("lora-train", *args, cwd=folder, timeout=300): run a console script, capture stdout/stderr as text.
+
+    `cwd` is required: tests run the CLIs from a folder outside the repository (their tmp_path).
+    """
+
+    def _run(name: str, *args: str, cwd: str | os.PathLike, timeout: float = 300) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+        env.setdefault("PYTHONIOENCODING", "utf-8")
+        return subprocess.run([str(console_script(name)), *args], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return _run

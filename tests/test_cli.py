@@ -1,0 +1,315 @@
+"""End to end: a tiny training run writes the run folder of DESIGN.md §6, lora-eval reproduces it, the CLIs
+report user mistakes as one `error:` line with exit status 2, and sweeps summarise every job (DESIGN.md §6–§8)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lora_cls.errors import UserError
+from lora_cls.pipeline import evaluate_checkpoint, train
+
+TINY_COUNTS = {"train": 56, "val": 12, "test": 12}  # the tiny set: 40 images per class, split 28/6/6
+RESNET34_PER_RANK = 57_984  # LoRA A/B parameters of the resnet34 preset per unit of rank (DESIGN.md §4)
+HEAD_2_CLASSES = 512 * 2 + 2
+
+
+def resnet34_trainable(rank: int) -> int:
+    return RESNET34_PER_RANK * rank + HEAD_2_CLASSES
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+TRAIN_FILES = [
+    "splits.json", "history.csv", "metrics.json", "plots/curves.png",
+    "checkpoints/adapter.safetensors", "checkpoints/last.pt",
+    *(f"reports/{split}/{name}" for split in ("val", "test") for name in (
+        "classification_report.txt", "classification_report.json", "confusion_matrix.csv", "confusion_matrix.png")),
+]
+SPLIT_KEYS = {"loss", "accuracy", "balanced_accuracy", "macro_f1", "per_class", "roc_auc"}
+
+
+# -- one in-process run ------------------------------------------------------------------------------------
+
+def test_train_writes_every_run_file(tiny_run):
+    missing = [name for name in TRAIN_FILES if not (tiny_run.run_dir / name).is_file()]
+    assert missing == []
+    for name in TRAIN_FILES:
+        if name.endswith(".png"):
+            assert (tiny_run.run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    leftovers = [p.name for p in tiny_run.run_dir.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []  # atomic writes leave no temp files behind
+
+
+def test_metrics_json_has_every_documented_key(tiny_run):
+    metrics = read_json(tiny_run.run_dir / "metrics.json")
+    assert metrics == json.loads(json.dumps(tiny_run.metrics))  # the file is what train returned
+    assert metrics["status"] == "ok"
+    assert metrics["error"] is None
+    assert (metrics["finetune"], metrics["dataset"], metrics["model"]) == ("lora", "synthetic", "resnet34")
+    params = metrics["params"]
+    assert params["trainable"] == resnet34_trainable(8) == 464_898
+    assert params["total"] == 21_749_570
+    assert params["trainable_pct"] == pytest.approx(100 * 464_898 / 21_749_570, abs=1e-4)
+    assert metrics["epochs_run"] == 2
+    assert metrics["best_epoch"] in (1, 2)
+    classes = ["parasitized", "uninfected"]
+    for split in ("val", "test"):
+        block = metrics[split]
+        assert SPLIT_KEYS <= set(block), split
+        assert sorted(block["per_class"]) == classes
+        assert sum(c["support"] for c in block["per_class"].values()) == TINY_COUNTS[split]
+        for key in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc"):
+            assert 0.0 <= block[key] <= 1.0, (split, key)
+        assert block["loss"] > 0
+    assert metrics["timing"]["train_seconds"] > 0
+    assert metrics["timing"]["train_images_per_second"] > 0
+    assert metrics["device"] == "cpu" or metrics["device"].startswith("cuda")
+    assert metrics["precision"] in ("32", "bf16", "16")
+
+
+def test_split_reports_agree_with_metrics(tiny_run):
+    metrics = read_json(tiny_run.run_dir / "metrics.json")
+    for split in ("val", "test"):
+        folder = tiny_run.run_dir / "reports" / split
+        report = read_json(folder / "classification_report.json")
+        assert report["accuracy"] == pytest.approx(metrics[split]["accuracy"])
+        rows = list(csv.reader((folder / "confusion_matrix.csv").read_text(encoding="utf-8").splitlines()))
+        assert rows[0] == ["true\\pred", "parasitized", "uninfected"]
+        counts = [[int(v) for v in row[1:]] for row in rows[1:]]
+        assert sum(map(sum, counts)) == TINY_COUNTS[split]
+        assert (counts[0][0] + counts[1][1]) / TINY_COUNTS[split] == pytest.approx(metrics[split]["accuracy"])
+        assert "parasitized" in (folder / "classification_report.txt").read_text(encoding="utf-8")
+
+
+def test_history_has_one_row_per_epoch_with_lr_and_d(tiny_run):
+    rows = read_csv(tiny_run.run_dir / "history.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    lrs = [float(r["lr"]) for r in rows]
+    assert 0 < lrs[-1] < lrs[0] <= tiny_run.cfg.optimizer.lr  # warm-up then cosine decay
+    assert [float(r["d"]) for r in rows] == [1.0, 1.0]  # schedule=none: d stays 1
+    steps = [int(r["step"]) for r in rows]
+    assert steps[1] == 2 * steps[0] > 0
+    assert all(0.0 <= float(r["val_accuracy"]) <= 1.0 for r in rows)
+
+
+def test_splits_json_lists_the_data_on_disk(tiny_run, synthetic_root):
+    splits = read_json(tiny_run.run_dir / "splits.json")
+    assert Path(splits["root"]) == synthetic_root.resolve()
+    assert splits["classes"] == ["parasitized", "uninfected"]
+    listed = []
+    for split, count in TINY_COUNTS.items():
+        paths = splits[split]
+        assert len(paths) == len(splits["labels"][split]) == count
+        assert all(not Path(p).is_absolute() and (synthetic_root / p).is_file() for p in paths)
+        listed += paths
+    assert len(set(listed)) == len(listed)  # no image in two splits
+    on_disk = {p.relative_to(synthetic_root).as_posix() for p in synthetic_root.rglob("*.png")}
+    assert set(listed) == on_disk
+
+
+def test_checkpoints_are_small_and_safe_to_load(tiny_run):
+    adapter = tiny_run.run_dir / "checkpoints" / "adapter.safetensors"
+    assert adapter.stat().st_size < 3 * 2**20
+    with safe_open(str(adapter), framework="pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+        trainable = sum(f.get_tensor(k).numel() for k in keys if k.endswith(("lora_A", "lora_B")) or
+                        k.startswith("fc."))
+    assert trainable == resnet34_trainable(8)
+    assert json.loads(meta["classes"]) == ["parasitized", "uninfected"]
+    assert json.loads(meta["config"])["lora"]["rank"] == 8
+
+    last = torch.load(tiny_run.run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 2
+    assert len(last["history"]) == 2
+    assert set(last["trainable"]) == set(keys)
+    assert {"optimizer", "lr_scheduler", "rng", "global_step"} <= set(last)
+
+
+@pytest.mark.parametrize("split, ckpt_form", [("test", "file"), ("val", "file"), ("test", "run folder")])
+def test_evaluate_checkpoint_reproduces_the_run(tiny_run, compose_cfg, path_override, tmp_path, split, ckpt_form):
+    ckpt = tiny_run.run_dir / "checkpoints" / "adapter.safetensors" if ckpt_form == "file" else tiny_run.run_dir
+    cfg = compose_cfg(path_override("ckpt", ckpt), f"split={split}", "progress=false", config_name="eval")
+    result = evaluate_checkpoint(cfg, tmp_path / "eval")
+
+    written = read_json(tmp_path / "eval" / "metrics.json")
+    trained = read_json(tiny_run.run_dir / "metrics.json")
+    assert written[split] == trained[split]
+    assert written["status"] == "ok"
+    assert written["split"] == split
+    assert written["images"] == TINY_COUNTS[split]
+    assert json.loads(json.dumps(result)) == written
+    for name in ("confusion_matrix.csv", "classification_report.txt"):
+        assert (tmp_path / "eval" / "reports" / split / name).read_text(encoding="utf-8") == (
+            tiny_run.run_dir / "reports" / split / name).read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("resume", ["auto", "never"])
+def test_train_refuses_a_folder_holding_a_finished_run(tiny_run, compose_cfg, tiny_overrides, resume):
+    before = {p: p.read_bytes() for p in tiny_run.run_dir.rglob("*") if p.is_file()}
+    cfg = compose_cfg(*tiny_overrides, "trainer.epochs=2", f"trainer.resume={resume}")
+    with pytest.raises(UserError) as info:
+        train(cfg, tiny_run.run_dir)
+    assert str(tiny_run.run_dir) in str(info.value)
+    assert {p: p.read_bytes() for p in tiny_run.run_dir.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_demo_experiment_learns(compose_cfg, path_override, tmp_path):
+    # Its own data folder: the demo's 300 images per class would regenerate the session's tiny set.
+    cfg = compose_cfg("experiment=demo", path_override("dataset.root", tmp_path / "data"), "trainer.progress=false")
+    assert (cfg.trainer.epochs, cfg.dataset.synthetic.num_per_class) == (6, 300)  # the README's demo, unshrunk
+    metrics = train(cfg, tmp_path / "run")
+    assert metrics["epochs_run"] == 6
+    assert metrics["val"]["accuracy"] >= 0.9
+    assert metrics["test"]["accuracy"] >= 0.85
+
+
+# -- the console scripts -------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_help_lists_config_groups(run_cli, tmp_path):
+    proc = run_cli("lora-train", "--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "lora-train" in out
+    for line in ("dataset: folder, malaria, smoking, synthetic", "experiment: demo, malaria_vgg16, smoking_resnet34",
+                 "model: resnet34, vgg16", "optimizer: adamw, sgd", "schedule: decay, decay_noise, none"):
+        assert line in out
+
+
+@pytest.mark.slow
+def test_train_and_eval_from_another_directory(run_cli, tiny_overrides, path_override, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("lora-train", *tiny_overrides, "lora.rank=4", path_override("hydra.run.dir", run_dir), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "train.log", *TRAIN_FILES):
+        assert (run_dir / name).is_file(), name
+    assert "lora.rank=4" in (run_dir / ".hydra" / "overrides.yaml").read_text(encoding="utf-8")
+    assert "done: val accuracy" in (run_dir / "train.log").read_text(encoding="utf-8")
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["status"] == "ok"
+    assert metrics["params"]["trainable"] == resnet34_trainable(4)
+
+    eval_dir = tmp_path / "eval"
+    proc = run_cli("lora-eval", path_override("ckpt", run_dir), "progress=false",
+                   path_override("hydra.run.dir", eval_dir), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_json(eval_dir / "metrics.json")["test"] == metrics["test"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "run"]  # nothing else written into the cwd
+
+
+USER_ERRORS = [  # (script, arguments, text of the `error:` line, fails inside the job so a run folder exists)
+    pytest.param("lora-train", ["lora.rank=0"], "lora.rank", False, id="bad-value"),
+    pytest.param("lora-train", ["lora.targets=[layer9]"], "target pattern 'layer9'", True, id="bad-target"),
+    pytest.param("lora-eval", ["ckpt=/nonexistent/run"], "/nonexistent/run", True, id="missing-ckpt"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, args, needle, makes_folder", USER_ERRORS)
+def test_user_errors_end_with_one_error_line(run_cli, tiny_overrides, path_override, tmp_path, script, args, needle,
+                                            makes_folder):
+    run_dir = tmp_path / "run"
+    config = tiny_overrides if script == "lora-train" else ["progress=false"]
+    proc = run_cli(script, *config, *args, path_override("hydra.run.dir", run_dir), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    line = last_line(proc.stderr)
+    assert line.startswith("error: ")
+    assert needle in line
+    if makes_folder:  # failed inside the job: the run folder records it
+        metrics = read_json(run_dir / "metrics.json")
+        assert metrics["status"] == "failed"
+        assert needle in metrics["error"]
+    else:  # refused before Hydra started: no folder at all
+        assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_train_refuses_an_existing_run_folder_from_the_cli(run_cli, tiny_run, tiny_overrides, path_override, tmp_path):
+    before = (tiny_run.run_dir / "metrics.json").read_bytes()
+    proc = run_cli("lora-train", *tiny_overrides, path_override("hydra.run.dir", tiny_run.run_dir), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert last_line(proc.stderr).startswith("error: ")
+    assert str(tiny_run.run_dir) in last_line(proc.stderr)
+    assert (tiny_run.run_dir / "metrics.json").read_bytes() == before
+
+
+# -- sweeps ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def rank_sweep(tmp_path_factory, run_cli, tiny_overrides, path_override):
+    """lora-train -m ... lora.rank=2,4 into a fresh sweep folder: (completed process, sweep folder)."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    sweep_dir = cwd / "ranks"
+    proc = run_cli("lora-train", "-m", *tiny_overrides, "lora.rank=2,4", path_override("hydra.sweep.dir", sweep_dir),
+                   cwd=cwd)
+    return proc, sweep_dir
+
+
+@pytest.mark.slow
+def test_rank_sweep_writes_a_summary(rank_sweep):
+    proc, sweep_dir = rank_sweep
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("summary.csv", "summary.md", "summary.png"):
+        assert (sweep_dir / name).is_file(), name
+    rows = read_csv(sweep_dir / "summary.csv")
+    assert [(r["status"], int(r["lora.rank"]), int(r["trainable"])) for r in rows] == [
+        ("ok", 2, resnet34_trainable(2)), ("ok", 4, resnet34_trainable(4))]
+    for row in rows:
+        metrics = read_json(sweep_dir / row["job"] / "metrics.json")
+        assert float(row["test_accuracy"]) == pytest.approx(metrics["test"]["accuracy"])
+    assert "2 ok, 0 failed" in (sweep_dir / "summary.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_second_sweep_into_the_same_folder_is_refused(run_cli, rank_sweep, tiny_overrides, path_override):
+    first, sweep_dir = rank_sweep
+    assert first.returncode == 0
+    before = (sweep_dir / "summary.csv").read_bytes()
+    proc = run_cli("lora-train", "-m", *tiny_overrides, "lora.rank=8,16", path_override("hydra.sweep.dir", sweep_dir),
+                   cwd=sweep_dir.parent)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert last_line(proc.stderr).startswith(f"error: sweep folder {sweep_dir} already holds results")
+    assert (sweep_dir / "summary.csv").read_bytes() == before
+    rows = read_csv(sweep_dir / "summary.csv")
+    assert all(int(r["trainable"]) == resnet34_trainable(int(r["lora.rank"])) for r in rows)
+
+
+@pytest.mark.slow
+def test_sweep_with_a_failing_job_still_summarises(run_cli, tiny_overrides, path_override, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    missing = tmp_path / "missing.pth"
+    weights = path_override("model.weights", missing).replace("model.weights=", "model.weights=null,", 1)
+    proc = run_cli("lora-train", "-m", *tiny_overrides, weights, path_override("hydra.sweep.dir", sweep_dir),
+                   cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert last_line(proc.stderr).startswith("error: 1 of 2 sweep jobs failed")
+    rows = read_csv(sweep_dir / "summary.csv")
+    assert [r["status"] for r in rows] == ["ok", "failed"]
+    assert rows[0]["trainable"] == str(resnet34_trainable(8))
+    assert str(missing) in rows[1]["error"]
+    assert (sweep_dir / "summary.md").is_file() and (sweep_dir / "summary.png").is_file()
+    failed = read_json(sweep_dir / rows[1]["job"] / "metrics.json")
+    assert failed["status"] == "failed"
+    assert str(missing) in failed["error"]

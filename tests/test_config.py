@@ -1,0 +1,287 @@
+"""The config tree composes to the documented values; bad values fail early, naming their key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import initialize_config_module
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import lora_cls.conf
+from lora_cls.cli.common import _override_variants, precheck
+from lora_cls.config import register_configs, validate, validate_eval
+from lora_cls.errors import UserError
+
+RESNET34_PRESET = ["layer3.*.conv1", "layer3.*.conv2", "layer4.*.conv1", "layer4.*.conv2"]
+
+
+def select(cfg, key: str):
+    return OmegaConf.select(cfg, key, throw_on_missing=True)
+
+
+# (group, option, {dotted key: value after `group=option`}); every option of every group is here.
+GROUP_CASES = [
+    ("dataset", "synthetic", {"dataset.name": "synthetic", "dataset.root": "data/synthetic",
+                              "dataset.image_size": 64, "dataset.synthetic.num_per_class": 300,
+                              "dataset.synthetic.source_size": 64, "dataset.positive_class": None}),
+    ("dataset", "folder", {"dataset.name": "folder", "dataset.image_size": 224, "dataset.val_fraction": 0.15,
+                           "dataset.augment.color_jitter": 0.2}),
+    ("dataset", "smoking", {"dataset.name": "smoking", "dataset.root": "data/smoking", "dataset.image_size": 224,
+                            "dataset.positive_class": "smoking", "dataset.augment.color_jitter": 0.2}),
+    ("dataset", "malaria", {"dataset.name": "malaria", "dataset.root": "data/malaria", "dataset.image_size": 128,
+                            "dataset.val_fraction": 0.1, "dataset.test_fraction": 0.1,
+                            "dataset.positive_class": "Parasitized"}),
+    ("model", "resnet34", {"model.name": "resnet34", "model.weights": "imagenet"}),
+    ("model", "vgg16", {"model.name": "vgg16", "model.weights": "imagenet"}),
+    ("lora", "default", {"lora.rank": 8, "lora.alpha": 8.0, "lora.dropout": 0.0, "lora.rslora": False,
+                         "lora.init": "kaiming", "lora.targets": None, "lora.bn": "train"}),
+    ("schedule", "none", {"schedule.kind": "none", "schedule.start": 0.1, "schedule.end": 0.9,
+                          "schedule.d_min": 0.0, "schedule.noise_cutoff": 0.3}),
+    ("schedule", "decay", {"schedule.kind": "decay", "schedule.start": 0.1, "schedule.end": 0.9,
+                           "schedule.d_min": 0.0}),
+    ("schedule", "decay_noise", {"schedule.kind": "decay_noise", "schedule.noise_cutoff": 0.3,
+                                 "schedule.noise_per_channel": False}),
+    ("optimizer", "adamw", {"optimizer.name": "adamw", "optimizer.lr": 1e-3, "optimizer.weight_decay": 1e-4,
+                            "optimizer.betas": [0.9, 0.999], "optimizer.warmup_fraction": 0.05}),
+    ("optimizer", "sgd", {"optimizer.name": "sgd", "optimizer.lr": 1e-2, "optimizer.momentum": 0.9,
+                          "optimizer.nesterov": True}),
+    ("trainer", "default", {"trainer.epochs": 10, "trainer.batch_size": 32, "trainer.eval_batch_size": None,
+                            "trainer.precision": "auto", "trainer.device": "auto", "trainer.seed": 0,
+                            "trainer.early_stopping.monitor": "val_accuracy", "trainer.early_stopping.patience": 5,
+                            "trainer.resume": "auto"}),
+    ("experiment", "demo", {"dataset.name": "synthetic", "dataset.image_size": 32, "model.name": "resnet34",
+                            "model.weights": None, "trainer.epochs": 6, "trainer.batch_size": 32,
+                            "optimizer.lr": 3e-3, "lora.rank": 8, "lora.targets": None, "schedule.kind": "none"}),
+    ("experiment", "smoking_resnet34", {"dataset.name": "smoking", "dataset.image_size": 224, "model.name": "resnet34",
+                                        "model.weights": "imagenet", "optimizer.name": "adamw", "optimizer.lr": 1e-4,
+                                        "optimizer.weight_decay": 1e-4, "trainer.epochs": 15,
+                                        "trainer.batch_size": 32, "trainer.early_stopping.patience": 15,
+                                        "lora.rank": 8, "lora.alpha": 8.0, "lora.targets": RESNET34_PRESET,
+                                        "dataset.augment.rotation": 10.0, "dataset.augment.color_jitter": 0.2}),
+    ("experiment", "malaria_vgg16", {"dataset.name": "malaria", "dataset.image_size": 128, "model.name": "vgg16",
+                                     "model.weights": "imagenet", "optimizer.lr": 1e-4, "trainer.epochs": 10,
+                                     "lora.rank": 5, "lora.alpha": 5.0,
+                                     "lora.targets": ["features.24", "features.26", "features.28"]}),
+]
+
+
+@pytest.mark.parametrize("group, option, expected", GROUP_CASES, ids=[f"{g}={o}" for g, o, _ in GROUP_CASES])
+def test_every_group_option_composes_to_its_values(compose_cfg, group, option, expected):
+    # dataset=folder is complete only with the user's root (tested on its own below)
+    extra = ["dataset.root=/data/pets"] if (group, option) == ("dataset", "folder") else []
+    cfg = compose_cfg(f"{group}={option}", *extra)
+    got = {key: select(cfg, key) for key in expected}
+    got = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in got.items()}
+    assert got == expected
+    validate(cfg)  # every shipped option is a valid config
+
+
+def test_group_cases_cover_every_option_of_every_group():
+    conf = Path(lora_cls.conf.__file__).parent
+    on_disk = {(d.name, f.stem) for d in conf.iterdir() if d.is_dir() and not d.name.startswith("_")
+               for f in d.glob("*.yaml")}
+    assert on_disk == {(g, o) for g, o, _ in GROUP_CASES}
+
+
+def test_defaults_are_the_offline_synthetic_resnet34_lora_run(compose_cfg):
+    cfg = compose_cfg()
+    assert (cfg.dataset.name, cfg.model.name, cfg.schedule.kind, cfg.optimizer.name) == (
+        "synthetic", "resnet34", "none", "adamw")
+    assert cfg.finetune == "lora"
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets) == (8, 8.0, None)
+    validate(cfg)
+
+
+def test_command_line_overrides_win_over_the_experiment(compose_cfg):
+    cfg = compose_cfg("experiment=smoking_resnet34", "trainer.epochs=3", "lora.rank=4", "optimizer=sgd")
+    assert cfg.trainer.epochs == 3
+    assert cfg.lora.rank == 4
+    assert cfg.optimizer.name == "sgd"
+    assert cfg.optimizer.lr == 1e-4  # the experiment's lr still applies on top of the chosen optimizer
+    assert cfg.dataset.name == "smoking"
+
+
+@pytest.mark.parametrize("overrides, alpha", [
+    ([], 8.0),
+    (["lora.rank=4"], 4.0),
+    (["lora.rank=16"], 16.0),
+    (["experiment=malaria_vgg16"], 5.0),
+    (["experiment=malaria_vgg16", "lora.rank=2"], 2.0),
+    (["lora.rank=4", "lora.alpha=16"], 16.0),
+])
+def test_alpha_follows_rank_unless_set(compose_cfg, overrides, alpha):
+    cfg = compose_cfg(*overrides)
+    assert cfg.lora.alpha == alpha
+    assert isinstance(cfg.lora.alpha, float)
+
+
+def test_folder_dataset_requires_a_root(compose_cfg):
+    cfg = compose_cfg("dataset=folder")
+    with pytest.raises(UserError, match=r"dataset\.root: is required for dataset=folder"):
+        validate(cfg)
+
+
+# -- type errors: at composition, naming the key ------------------------------------------------------------
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.batch_size=abc", "trainer.batch_size"),
+    ("trainer.epochs=2.5", "trainer.epochs"),
+    ("lora.rank=eight", "lora.rank"),
+    ("lora.rslora=maybe", "lora.rslora"),
+    ("optimizer.lr=fast", "optimizer.lr"),
+    ("lora.rnak=4", "lora.rnak"),
+    ("trainer.early_stoping.patience=3", "trainer.early_stoping"),
+])
+def test_type_errors_fail_at_composition_naming_the_key(compose_cfg, override, key):
+    with pytest.raises((HydraException, OmegaConfBaseException)) as info:
+        compose_cfg(override)
+    chain = []
+    exc: BaseException | None = info.value
+    while exc is not None:
+        chain.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    assert key in " ".join(chain)
+
+
+def test_unknown_group_option_fails_at_composition(compose_cfg):
+    with pytest.raises(HydraException, match="dataset/imagenet"):
+        compose_cfg("dataset=imagenet")
+
+
+# -- value errors: in validate, message starts with the key --------------------------------------------------
+
+@pytest.mark.parametrize("override, key", [
+    ("lora.rank=0", "lora.rank"),
+    ("lora.rank=-3", "lora.rank"),
+    ("lora.alpha=0", "lora.alpha"),
+    ("lora.dropout=1.0", "lora.dropout"),
+    ("lora.dropout=-0.1", "lora.dropout"),
+    ("lora.init=zeros", "lora.init"),
+    ("lora.bn=eval", "lora.bn"),
+    ("lora.targets=[]", "lora.targets"),
+    ("optimizer.lr=-1", "optimizer.lr"),
+    ("optimizer.lr=0", "optimizer.lr"),
+    ("optimizer.name=lion", "optimizer.name"),
+    ("optimizer.weight_decay=-1e-4", "optimizer.weight_decay"),
+    ("trainer.precision=fp8", "trainer.precision"),
+    ("trainer.epochs=0", "trainer.epochs"),
+    ("trainer.batch_size=0", "trainer.batch_size"),
+    ("trainer.device=tpu", "trainer.device"),
+    ("trainer.early_stopping.monitor=foo", "trainer.early_stopping.monitor"),
+    ("trainer.early_stopping.patience=0", "trainer.early_stopping.patience"),
+    ("dataset.val_fraction=1.5", "dataset.val_fraction"),
+    ("dataset.test_fraction=-0.1", "dataset.test_fraction"),
+    ("dataset.image_size=8", "dataset.image_size"),
+    ("dataset.name=imagenet", "dataset.name"),
+    ("finetune=partial", "finetune"),
+    ("schedule.kind=linear", "schedule.kind"),
+    ("schedule.d_min=1.5", "schedule.d_min"),
+])
+def test_bad_values_fail_validation_naming_the_key(compose_cfg, override, key):
+    cfg = compose_cfg(override)  # the type is right, so composition succeeds
+    with pytest.raises(UserError) as info:
+        validate(cfg)
+    assert str(info.value).startswith(f"{key}:")
+
+
+def test_fractions_that_leave_no_training_data_are_rejected(compose_cfg):
+    with pytest.raises(UserError, match=r"^dataset\.val_fraction"):
+        validate(compose_cfg("dataset.val_fraction=0.5", "dataset.test_fraction=0.5"))
+
+
+@pytest.mark.parametrize("override, key", [("split=train2", "split"), ("precision=fp8", "precision"),
+                                           ("batch_size=0", "batch_size")])
+def test_eval_config_bad_values_name_the_key(compose_cfg, override, key):
+    cfg = compose_cfg("ckpt=run", override, config_name="eval")
+    with pytest.raises(UserError) as info:
+        validate_eval(cfg)
+    assert str(info.value).startswith(f"{key}:")
+
+
+# -- the CLI's precheck --------------------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _schemas_registered():
+    register_configs()  # main_with_errors does this before precheck; these tests call precheck directly
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["trainer.batch_size=abc"], "trainer.batch_size"),
+    (["lora.rnak=4"], "lora.rnak"),
+    (["-m", "lora.rank=2,x"], "lora.rank"),
+    (["dataset=imagenet"], "dataset"),
+])
+def test_precheck_turns_composition_errors_into_user_errors(argv, key):
+    with pytest.raises(UserError) as info:
+        precheck(argv, "train", validate)
+    message = str(info.value)
+    assert message.startswith("invalid config: ")
+    assert key in message
+    assert "\n" not in message  # one line on stderr
+
+
+@pytest.mark.parametrize("argv", [["lora.rank=0"], ["-m", "lora.rank=4,0"], ["--multirun", "lora.rank=0,4"],
+                                  ["-m", "trainer.epochs=3", "lora.rank=4,8", "lora.dropout=0.1,1.0"]])
+def test_precheck_validates_every_value_of_a_sweep(argv):
+    with pytest.raises(UserError, match=r"^lora\.(rank|dropout):"):
+        precheck(argv, "train", validate)
+
+
+def test_precheck_accepts_good_overrides_and_skips_help():
+    precheck(["lora.rank=4", "schedule=decay_noise", "hydra.run.dir=/nonexistent/x"], "train", validate)
+    precheck(["-m", "lora.rank=2,4,8", "optimizer=adamw,sgd"], "train", validate)
+    precheck(["--help", "lora.rank=0"], "train", validate)
+    precheck(["--cfg", "job", "lora.rank=0"], "train", validate)
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_precheck_refuses_a_run_dir_that_holds_a_run(tmp_path, finished):
+    from lora_cls.pipeline import prepare_run_dir  # what lora-train passes as check_run_dir
+
+    (tmp_path / "metrics.json").write_text('{"status": "ok"}' if finished else "{}")
+    if finished:
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
+    with pytest.raises(UserError) as info:
+        precheck([f"hydra.run.dir={tmp_path}"], "train", validate, check_run_dir=prepare_run_dir)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_precheck_checks_eval_config():
+    with pytest.raises(UserError, match=r"^split:"):
+        precheck(["ckpt=x", "split=dev"], "eval", validate_eval)
+
+
+@pytest.mark.parametrize("overrides, values", [
+    (["lora.rank=2,4,8"], {"lora.rank": {"2", "4", "8"}}),
+    (["lora.rank=range(2,5)"], {"lora.rank": {"2", "3", "4"}}),
+    (["trainer.epochs=1", "lora.rank=2,4,8", "optimizer=adamw,sgd"],
+     {"lora.rank": {"2", "4", "8"}, "optimizer": {"adamw", "sgd"}, "trainer.epochs": {"1"}}),
+])
+def test_override_variants_cover_every_sweep_value(overrides, values):
+    with initialize_config_module(config_module="lora_cls.conf", version_base="1.3"):
+        variants = _override_variants(overrides, multirun=True)
+    seen: dict[str, set[str]] = {}
+    for variant in variants:
+        assert len(variant) == len(overrides)
+        for item in variant:
+            key, _, value = item.partition("=")
+            assert "," not in value and "(" not in value  # each variant is a single run's overrides
+            seen.setdefault(key, set()).add(value)
+    assert seen == values
+
+
+def test_override_variants_leave_a_single_run_alone():
+    assert _override_variants(["lora.rank=2,4,8"], multirun=False) == [["lora.rank=2,4,8"]]
+
+
+def test_glob_sweeps_are_expanded_and_checked():
+    with initialize_config_module(config_module="lora_cls.conf", version_base="1.3"):
+        variants = _override_variants(["schedule=glob(*)"], multirun=True)
+    assert sorted(v[0] for v in variants) == ["schedule=decay", "schedule=decay_noise", "schedule=none"]
+    precheck(["-m", "schedule=glob(*)", "model.weights=null"], "train", validate)
+    with pytest.raises(UserError, match="lora.rank"):
+        precheck(["-m", "lora.rank=4,0"], "train", validate)
