@@ -362,7 +362,8 @@ def _read_smoking(cfg: Any, root: Path) -> _Layout:
         if folder is None:
             raise UserError(f"smoking dataset: no images in {root / dirname / dirname} (nor in {root / dirname}); "
                             "expected the Kaggle layout Training/Training, Validation/Validation, Testing/Testing. "
-                            "Download the Kaggle 'smoking' archive and unzip it there (see data/README.md), or fix dataset.root")
+                            "Download the Kaggle 'smoking' archive and unzip it there (python scripts/download_smoking.py does both; "
+                            "see data/README.md), or fix dataset.root")
         files, n_ignored = _list_images(folder, root, recursive=False)
         ignored += n_ignored
         samples = []
@@ -407,7 +408,7 @@ def _read_malaria(cfg: Any, root: Path) -> _Layout:
     if base is None:
         raise UserError(f"malaria dataset: {root} holds neither cell_images/Parasitized + cell_images/Uninfected "
                         "nor Parasitized + Uninfected. Download cell_images.zip and unzip it there "
-                        "(see data/README.md), or fix dataset.root")
+                        "(python scripts/download_malaria.py does both; see data/README.md), or fix dataset.root")
     samples: list[Sample] = []
     ignored = 0
     for label, name in enumerate(MALARIA_CLASSES):
@@ -436,10 +437,10 @@ LAYOUTS: dict[str, Callable[[Any, Path], _Layout]] = {
 }
 _HOW_TO_GET = {
     "folder": "set dataset.root to a folder laid out as root/<class>/* or root/{train,val,test}/<class>/*",
-    "smoking": ("download the Kaggle 'smoking' archive and unzip it there (see data/README.md), "
-                "or set dataset.root"),
-    "malaria": ("download https://data.lhncbc.nlm.nih.gov/public/Malaria/cell_images.zip and unzip it there "
+    "smoking": ("download the Kaggle 'smoking' archive and unzip it there with python scripts/download_smoking.py "
                 "(see data/README.md), or set dataset.root"),
+    "malaria": ("download https://data.lhncbc.nlm.nih.gov/public/Malaria/cell_images.zip and unzip it there "
+                "with python scripts/download_malaria.py (see data/README.md), or set dataset.root"),
 }
 
 

@@ -1,0 +1,24 @@
+"""lora-predict: a thin Hydra entry point around lora_cls.predict.run_predict."""
+
+import hydra
+from omegaconf import DictConfig
+
+from lora_cls.cli.common import main_with_errors, run_job
+from lora_cls.config import register_configs
+from lora_cls.predict import register_predict_config, run_predict, validate_predict
+
+register_configs()
+register_predict_config()
+
+
+@hydra.main(config_path="pkg://lora_cls.conf", config_name="predict", version_base="1.3")
+def _hydra_main(cfg: DictConfig):
+    return run_job(cfg, run_predict)
+
+
+def main() -> None:
+    main_with_errors(_hydra_main, "predict", validate_predict)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""The data check behind `lora-data check` (DESIGN.md §5): what a dataset holds and what would spoil a run.
+
+`check_dataset(cfg)` reads the split exactly as lora-train would (or the split a run recorded in its
+splits.json), opens every image, and returns a plain-JSON report: counts per split and class, image size
+statistics, undecodable files by path, identical files (sha256 of the bytes) in more than one split or under
+two labels, and patients in more than one split (malaria). `run_check(cfg, run_dir)` also prints it as tables
+and writes `datacheck.json`. Problems are reported, never fixed: nothing on disk is changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from hydra.core.config_store import ConfigStore
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from lora_cls import reports
+from lora_cls.config import DATASETS, DatasetConfig
+from lora_cls.data import (
+    SPLIT_NAMES,
+    DatasetSplits,
+    UnreadableImage,
+    decode_image,
+    malaria_patient,
+    prepare_splits,
+    read_splits_json,
+)
+from lora_cls.errors import UserError
+
+REPORT_NAME = "datacheck.json"
+MALARIA_NAME_MARK = "_IMG_"  # NIH malaria file names: <patient>_IMG_<date>_<time>_cell_<n>.png
+
+
+@dataclass
+class DataCheckConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    splits: str | None = None  # a run folder or splits.json: check the split that run used
+    patients: bool | None = None  # null: on for dataset=malaria and for file names all carrying _IMG_
+    show: int = 20  # rows per problem table on the console (datacheck.json lists everything)
+    progress: bool = True
+
+
+def register_datacheck_config() -> None:
+    ConfigStore.instance().store(name="datacheck_schema", node=DataCheckConfig)
+
+
+def validate_datacheck(cfg: Any) -> None:
+    """Value checks that need no data: each failure names its key. Runs before a run folder is made."""
+    d = cfg.dataset
+    if cfg.splits is None:
+        if d.name not in DATASETS:
+            raise UserError(f"dataset.name: unknown dataset {d.name!r}; choose one of {', '.join(DATASETS)}")
+        for key in ("val_fraction", "test_fraction"):
+            value = getattr(d, key)
+            if not 0.0 <= value < 1.0:
+                raise UserError(f"dataset.{key}: must be in [0, 1), got {value}")
+        if d.name != "synthetic" and not Path(str(d.root)).expanduser().is_dir():
+            raise UserError(f"dataset.root: {d.root} is not a folder; point dataset.root at the {d.name} data "
+                            "(see data/README.md)")
+    elif not _splits_file(cfg.splits).is_file():
+        raise UserError(f"splits: {cfg.splits} is neither a splits.json nor a run folder holding one")
+    if cfg.show < 0:
+        raise UserError(f"show: must be >= 0, got {cfg.show}")
+
+
+def _splits_file(spec: str) -> Path:
+    path = Path(spec).expanduser()
+    return path / "splits.json" if path.is_dir() else path
+
+
+class FileInfo(NamedTuple):
+    sha256: str | None
+    width: int | None
+    height: int | None
+    reason: str | None  # why it is not a usable image; None when it decodes
+
+
+def inspect_file(path: Path) -> FileInfo:
+    """Read a file once: sha256 of its bytes, its stored width and height, and whether it decodes the way
+    training decodes it (`decode_image`: EXIF orientation, any mode to RGB, resize)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return FileInfo(None, None, None, f"cannot read: {exc.strerror or exc}")
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        decode_image(io.BytesIO(data), 8)  # type: ignore[arg-type]  (PIL opens file objects too)
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except UnreadableImage as exc:
+        return FileInfo(digest, None, None, exc.reason)
+    return FileInfo(digest, width, height, None)
+
+
+def _threads() -> int:
+    # PIL releases the GIL while decoding, so threads scale with cores (as lora_cls.data does).
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _stats(values: Sequence[int]) -> dict[str, float | int | None]:
+    if not values:
+        return {"min": None, "median": None, "max": None}
+    arr = np.asarray(values)
+    median = float(np.median(arr))
+    return {"min": int(arr.min()), "median": int(median) if median.is_integer() else median, "max": int(arr.max())}
+
+
+def _load_split(cfg: Any) -> tuple[DatasetSplits, str, str | None, list[str]]:
+    """The split to check, a description of where it came from, the dataset name if known, and warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if cfg.splits is not None:
+            path = _splits_file(cfg.splits)
+            splits = read_splits_json(path)
+            source, name = f"splits recorded in {path}", None
+        else:
+            splits = prepare_splits(cfg.dataset)
+            source, name = f"dataset={cfg.dataset.name} (split as lora-train makes it)", str(cfg.dataset.name)
+    return splits, source, name, [str(w.message) for w in caught]
+
+
+def check_dataset(cfg: Any) -> dict[str, Any]:
+    """Check the data that `cfg` (a DataCheckConfig) names and return the report (plain JSON types).
+
+    The report's `problems` lists what makes a run untrustworthy: undecodable files, identical files in two
+    splits or under two labels, patients in two splits. `ok` is true when it is empty. `warnings` (counts
+    that differ from the published set, for one) do not count as problems.
+    """
+    validate_datacheck(cfg)
+    splits, source, name, notes = _load_split(cfg)
+    if not splits.root.is_dir():
+        raise UserError(f"dataset root {splits.root} (from {source}) is not a folder")
+    classes = splits.classes
+    entries = [(split, path, label) for split in SPLIT_NAMES for path, label in splits.split(split)]
+    with ThreadPoolExecutor(_threads()) as pool:
+        infos = list(tqdm(pool.map(lambda e: inspect_file(splits.root / e[1]), entries), total=len(entries),
+                          desc=f"checking {len(entries)} files", unit="img", leave=False,
+                          disable=not cfg.progress or None))
+
+    counts = {split: {c: 0 for c in classes} for split in SPLIT_NAMES}
+    sizes: dict[str, tuple[list[int], list[int]]] = {split: ([], []) for split in (*SPLIT_NAMES, "all")}
+    bad, by_hash = [], defaultdict(list)
+    for (split, path, label), info in zip(entries, infos):
+        counts[split][classes[label]] += 1
+        if info.reason is not None:
+            bad.append({"path": path, "split": split, "class": classes[label], "reason": info.reason})
+            continue
+        for key in (split, "all"):
+            sizes[key][0].append(info.width)
+            sizes[key][1].append(info.height)
+        by_hash[info.sha256].append({"path": path, "split": split, "class": classes[label]})
+
+    duplicates, within = [], []
+    for digest, files in sorted(by_hash.items(), key=lambda kv: kv[1][0]["path"]):
+        if len(files) < 2:
+            continue
+        group = {"sha256": digest, "splits": sorted({f["split"] for f in files}, key=SPLIT_NAMES.index),
+                 "classes": sorted({f["class"] for f in files}), "files": files}
+        (duplicates if len(group["splits"]) > 1 or len(group["classes"]) > 1 else within).append(group)
+
+    patients = _patient_report(cfg, name, entries)
+    problems = []
+    if bad:
+        problems.append(f"{len(bad)} undecodable file(s)")
+    if across := [g for g in duplicates if len(g["splits"]) > 1]:
+        problems.append(f"{len(across)} set(s) of identical files in more than one split")
+    if conflicting := [g for g in duplicates if len(g["classes"]) > 1]:
+        problems.append(f"{len(conflicting)} set(s) of identical files under different labels")
+    if patients["overlap"]:
+        problems.append(f"{len(patients['overlap'])} patient(s) in more than one split")
+    totals = {split: sum(counts[split].values()) for split in SPLIT_NAMES}
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "warnings": notes,
+        "dataset": name,
+        "source": source,
+        "root": str(splits.root),
+        "classes": classes,
+        "positive_class": splits.positive_class,
+        "counts": {**{s: {**counts[s], "total": totals[s]} for s in SPLIT_NAMES},
+                   "all": {**{c: sum(counts[s][c] for s in SPLIT_NAMES) for c in classes},
+                           "total": sum(totals.values())}},
+        "ignored_files": splits.ignored,
+        "skipped_by_run": list(splits.skipped),
+        "image_sizes": {key: {"width": _stats(w), "height": _stats(h)} for key, (w, h) in sizes.items()},
+        "bad_files": bad,
+        "duplicates": duplicates,
+        "duplicates_within_split": within,
+        "patients": patients,
+    }
+
+
+def _patient_report(cfg: Any, name: str | None, entries: list[tuple[str, str, int]]) -> dict[str, Any]:
+    enabled = cfg.patients
+    if enabled is None:
+        names = [Path(path).name for _, path, _ in entries]
+        enabled = name == "malaria" or (bool(names) and all(MALARIA_NAME_MARK in n for n in names))
+    if not enabled:
+        return {"checked": False, "per_split": {}, "overlap": []}
+    where: dict[str, dict[str, int]] = defaultdict(lambda: {s: 0 for s in SPLIT_NAMES})
+    for split, path, _ in entries:
+        where[malaria_patient(path)][split] += 1
+    per_split = {s: sum(1 for counts in where.values() if counts[s]) for s in SPLIT_NAMES}
+    overlap = [{"patient": patient, "files": {s: n for s, n in counts.items() if n}}
+               for patient, counts in sorted(where.items()) if sum(1 for n in counts.values() if n) > 1]
+    return {"checked": True, "per_split": per_split, "overlap": overlap}
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+
+def run_check(cfg: Any, run_dir: str | Path, console: Console | None = None) -> dict[str, Any]:
+    """`check_dataset`, then print the report and write it to `run_dir/datacheck.json`."""
+    report = check_dataset(cfg)
+    path = Path(run_dir) / REPORT_NAME
+    reports.write_json(path, report)
+    print_report(report, int(cfg.show), console or Console())
+    (console or Console()).print(f"report: {path}")
+    return report
+
+
+def _fmt_size(stats: dict[str, Any]) -> str:
+    return " / ".join("–" if stats[k] is None else f"{stats[k]:g}" for k in ("min", "median", "max"))
+
+
+def print_report(report: dict[str, Any], show: int = 20, console: Console | None = None) -> None:
+    console = console or Console()
+    classes = report["classes"]
+    console.print(f"[bold]data check[/bold]: {report['source']}, root {report['root']}")
+
+    counts = Table(title="images per split and class", header_style="bold")
+    counts.add_column("class")
+    for split in (*SPLIT_NAMES, "all"):
+        counts.add_column(split, justify="right")
+    for c in (*classes, "total"):
+        counts.add_row(c, *(f"{report['counts'][s][c]:,}" for s in (*SPLIT_NAMES, "all")),
+                       end_section=c == classes[-1])
+    console.print(counts)
+    if report["ignored_files"]:
+        console.print(f"{report['ignored_files']} non-image file(s) ignored (Thumbs.db, hidden files, ...)")
+    if report["skipped_by_run"]:
+        console.print(f"{len(report['skipped_by_run'])} file(s) were skipped by the run (dataset.skip_bad=true)")
+
+    sizes = Table(title="image size in pixels, as stored", header_style="bold")
+    sizes.add_column("split")
+    sizes.add_column("width min / median / max", justify="right")
+    sizes.add_column("height min / median / max", justify="right")
+    for key in (*SPLIT_NAMES, "all"):
+        stats = report["image_sizes"][key]
+        sizes.add_row(key, _fmt_size(stats["width"]), _fmt_size(stats["height"]), end_section=key == "test")
+    console.print(sizes)
+
+    if report["bad_files"]:
+        table = Table(title=f"undecodable files ({len(report['bad_files'])})", header_style="bold red")
+        table.add_column("path", overflow="fold")
+        table.add_column("split")
+        table.add_column("reason", overflow="fold")
+        for row in report["bad_files"][:show]:
+            table.add_row(row["path"], row["split"], row["reason"])
+        console.print(table)
+        _more(console, len(report["bad_files"]), show)
+    if report["duplicates"]:
+        table = Table(title=f"identical files across splits or labels ({len(report['duplicates'])} set(s))",
+                      header_style="bold red")
+        table.add_column("sha256")
+        table.add_column("files (split, class)", overflow="fold")
+        for group in report["duplicates"][:show]:
+            table.add_row(group["sha256"][:12],
+                          "\n".join(f"{f['path']} ({f['split']}, {f['class']})" for f in group["files"]))
+        console.print(table)
+        _more(console, len(report["duplicates"]), show)
+    if report["duplicates_within_split"]:
+        n = len(report["duplicates_within_split"])
+        console.print(f"{n} set(s) of identical files within one split and class (not leakage; listed in the report)")
+
+    patients = report["patients"]
+    if patients["checked"]:
+        per_split = ", ".join(f"{s} {n}" for s, n in patients["per_split"].items())
+        if patients["overlap"]:
+            table = Table(title=f"patients in more than one split ({len(patients['overlap'])})",
+                          header_style="bold red")
+            table.add_column("patient")
+            for split in SPLIT_NAMES:
+                table.add_column(split, justify="right")
+            for row in patients["overlap"][:show]:
+                table.add_row(row["patient"], *(str(row["files"].get(s, "")) for s in SPLIT_NAMES))
+            console.print(table)
+            _more(console, len(patients["overlap"]), show)
+        console.print(f"patients per split: {per_split}")
+
+    for note in report["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {note}")
+    if report["ok"]:
+        console.print("[bold green]no problems found[/bold green]")
+    else:
+        console.print(f"[bold red]problems:[/bold red] {'; '.join(report['problems'])}")
+
+
+def _more(console: Console, total: int, shown: int) -> None:
+    if total > shown:
+        console.print(f"... and {total - shown} more (all listed in {REPORT_NAME})")

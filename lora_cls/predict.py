@@ -1,0 +1,240 @@
+"""lora-predict: class predictions for new images from a trained checkpoint.
+
+`predict(cfg, run_dir)` rebuilds the model from the adapter file alone (`load_model_from_checkpoint`), merges
+the adapters into plain layers (`merge_lora`: W' = d·W + s·BA, DESIGN.md §3) and classifies every image that
+`cfg.input` names (a file, a folder searched recursively, or a glob), decoded and normalised exactly as in
+training. It writes `predictions.csv` (path, predicted class, one probability column per class) and
+`predict.json` (a summary) into `run_dir`.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from tqdm.auto import tqdm
+
+from lora_cls import reports
+from lora_cls.augment import normalize
+from lora_cls.config import PRECISIONS
+from lora_cls.data import IMAGE_EXTENSIONS, UnreadableImage, decode_image, verify_image
+from lora_cls.engine import Precision, autocast, prepare_batch, resolve_device, resolve_precision
+from lora_cls.errors import UserError
+from lora_cls.lora import merge_lora
+from lora_cls.pipeline import load_model_from_checkpoint, resolve_checkpoint
+
+PREDICTIONS_NAME = "predictions.csv"
+SUMMARY_NAME = "predict.json"
+
+
+@dataclass
+class PredictConfig:
+    ckpt: str = MISSING  # a lora-train run folder or its checkpoints/adapter.safetensors
+    input: str = MISSING  # an image, a folder (searched recursively) or a glob
+    device: str = "auto"
+    precision: str | None = None  # null: the training run's precision
+    batch_size: int | None = None  # null: the training run's eval batch size
+    skip_bad: bool = False  # skip undecodable inputs (listed in predict.json) instead of stopping
+    show: int = 20  # rows of the console table
+    progress: bool = True
+
+
+def register_predict_config() -> None:
+    ConfigStore.instance().store(name="predict_schema", node=PredictConfig)
+
+
+def validate_predict(cfg: Any) -> None:
+    if cfg.precision is not None and str(cfg.precision) not in PRECISIONS:
+        raise UserError(f"precision: must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise UserError(f"batch_size: must be >= 1, got {cfg.batch_size}")
+    if cfg.show < 0:
+        raise UserError(f"show: must be >= 0, got {cfg.show}")
+    if not str(cfg.input).strip():
+        raise UserError("input: give an image, a folder or a glob such as 'photos/*.jpg'")
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def collect_inputs(spec: str) -> list[Path]:
+    """The images `spec` names, sorted: a file as is; a folder's image files, recursively (hidden files and
+    folders and `__MACOSX` passed over, as in training); a glob's image files (`**` recurses)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = []
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
+            found += [Path(dirpath) / name for name in filenames if _is_image(Path(name))]
+        if not found:
+            raise UserError(f"input {spec}: no image files in this folder or below (image files end in "
+                            f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+        return sorted(found)
+    if glob.has_magic(spec):
+        found = [Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)]
+        images = sorted(p for p in found if p.is_file() and _is_image(p))
+        if not images:
+            raise UserError(f"input {spec}: the pattern matches no image file ({len(found)} other matches)")
+        return images
+    raise UserError(f"input {spec} does not exist; give an image, a folder or a glob such as 'photos/*.jpg'")
+
+
+def _batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _decode(path: Path, size: int) -> torch.Tensor | str:
+    try:
+        return decode_image(path, size)
+    except UnreadableImage as exc:
+        return exc.reason or "undecodable"
+
+
+def _bad_inputs_error(bad: list[tuple[str, str]]) -> UserError:
+    shown = "\n".join(f"  {path}: {reason}" for path, reason in bad)
+    return UserError(f"{len(bad)} input file(s) are not decodable images; remove them from the input, or pass "
+                     f"skip_bad=true to skip them:\n{shown}")
+
+
+@torch.inference_mode()
+def classify(model: nn.Module, images: torch.Tensor, device: torch.device, precision: Precision,
+             channels_last: bool) -> torch.Tensor:
+    """uint8 (N, 3, S, S) → float32 class probabilities (N, K): normalise, forward under autocast, softmax."""
+    x = normalize(prepare_batch(images, device, channels_last))
+    with autocast(device, precision):
+        logits = model(x)
+    return logits.float().softmax(dim=1).cpu()
+
+
+def predict(cfg: Any, run_dir: str | Path) -> list[dict[str, Any]]:
+    """Classify the images of `cfg.input` with the checkpoint `cfg.ckpt`; write and return the predictions.
+
+    Each row: {"path", "predicted", "prob_<class>" for every class}, in sorted path order. Undecodable inputs
+    stop the command with one error listing them all, or with `skip_bad` are skipped and listed in predict.json.
+    """
+    return _predict(cfg, Path(run_dir))[0]
+
+
+def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    validate_predict(cfg)
+    path = resolve_checkpoint(cfg.ckpt)
+    files = collect_inputs(str(cfg.input))
+    model, train_cfg, meta = load_model_from_checkpoint(path)
+    classes = [str(c) for c in meta["classes"]]
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision or meta.get("precision", "auto"), device)
+    channels_last = bool(train_cfg.trainer.channels_last)
+    merged = merge_lora(model).eval()
+    del model
+    merged.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    size = int(train_cfg.dataset.image_size)
+    batch_size = int(cfg.batch_size or meta.get("eval_batch_size") or 2 * int(train_cfg.trainer.batch_size))
+
+    progress = None if cfg.progress else True  # tqdm's disable: None = only on a terminal
+    with ThreadPoolExecutor(_threads()) as pool:
+        # A cheap pass first (PIL open + verify), so a broken input stops the command before the long part.
+        reasons = list(tqdm(pool.map(verify_image, files), total=len(files), desc=f"checking {len(files)} images",
+                            unit="img", leave=False, disable=progress))
+    bad = [(str(f), r) for f, r in zip(files, reasons) if r is not None]
+    if bad and not cfg.skip_bad:
+        raise _bad_inputs_error(bad)
+    todo = [f for f, r in zip(files, reasons) if r is None]
+
+    rows: list[dict[str, Any]] = []
+    with ThreadPoolExecutor(_threads()) as pool, tqdm(total=len(todo), desc="predicting", unit="img",
+                                                      leave=False, disable=progress) as bar:
+        for chunk in _batches(todo, batch_size):
+            decoded = list(pool.map(lambda f: _decode(f, size), chunk))
+            good = [(f, t) for f, t in zip(chunk, decoded) if isinstance(t, torch.Tensor)]
+            bad += [(str(f), t) for f, t in zip(chunk, decoded) if isinstance(t, str)]
+            if good:
+                probs = classify(merged, torch.stack([t for _, t in good]), device, precision, channels_last)
+                for (f, _), p in zip(good, probs.tolist()):
+                    best = max(range(len(classes)), key=p.__getitem__)  # first maximum, as argmax
+                    rows.append({"path": str(f), "predicted": classes[best],
+                                 **{f"prob_{c}": round(v, 6) for c, v in zip(classes, p)}})
+            bar.update(len(chunk))
+    if bad and not cfg.skip_bad:
+        raise _bad_inputs_error(bad)  # damage that only decoding finds
+    if not rows:
+        raise UserError(f"input {cfg.input}: none of the {len(files)} file(s) could be decoded")
+
+    write_predictions(run_dir / PREDICTIONS_NAME, rows, classes)
+    summary = {"status": "ok", "checkpoint": str(path), "input": str(cfg.input), "classes": classes,
+               "images": len(rows), "class_counts": class_counts(rows, classes),
+               "skipped": [{"path": p, "reason": r} for p, r in bad], "image_size": size,
+               "device": str(device), "precision": precision.name}
+    reports.write_json(run_dir / SUMMARY_NAME, summary)
+    return rows, summary
+
+
+def class_counts(rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> dict[str, int]:
+    counts = Counter(row["predicted"] for row in rows)
+    return {c: counts.get(c, 0) for c in classes}
+
+
+def write_predictions(path: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> None:
+    fields = ["path", "predicted", *(f"prob_{c}" for c in classes)]
+    with reports.atomic_open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def print_predictions(rows: Sequence[dict[str, Any]], classes: Sequence[str], show: int = 20,
+                      console: Console | None = None) -> None:
+    """The first `show` rows and the number of images predicted per class."""
+    console = console or Console()
+    shown = rows[:show]
+    # Paths relative to the folder they share keep the table narrow; the CSV keeps them whole.
+    base = os.path.commonpath([os.path.dirname(r["path"]) for r in shown]) if len(shown) > 1 else ""
+    title = f"predictions ({len(shown)} of {len(rows)})" + (f", paths under {base}" if base else "")
+    table = Table(title=title, header_style="bold")
+    table.add_column("path", overflow="fold")
+    table.add_column("predicted")
+    for c in classes:
+        table.add_column(f"p({c})", justify="right")
+    for row in shown:
+        table.add_row(os.path.relpath(row["path"], base) if base else row["path"], row["predicted"],
+                      *(f"{row[f'prob_{c}']:.4f}" for c in classes))
+    console.print(table)
+    counts = Table(title="predicted classes", header_style="bold")
+    counts.add_column("class")
+    counts.add_column("images", justify="right")
+    for c, n in class_counts(rows, classes).items():
+        counts.add_row(c, f"{n:,}")
+    console.print(counts)
+
+
+def run_predict(cfg: Any, run_dir: str | Path, console: Console | None = None) -> dict[str, Any]:
+    """`predict`, then print the table; returns predict.json's content (the CLI's job function)."""
+    rows, summary = _predict(cfg, Path(run_dir))
+    console = console or Console()
+    print_predictions(rows, summary["classes"], int(cfg.show), console)
+    skipped = summary["skipped"]
+    if skipped:
+        console.print(f"[yellow]skipped {len(skipped)} undecodable file(s)[/yellow] (skip_bad=true): "
+                      + ", ".join(s["path"] for s in skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    console.print(f"predictions: {Path(run_dir) / PREDICTIONS_NAME}")
+    return summary

@@ -1,0 +1,136 @@
+"""lora-predict: the merged model on new images gives lora-eval's predictions; inputs as file, folder or glob;
+undecodable inputs are listed (or skipped with skip_bad); the CLI keeps the error contract."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lora_cls.data import ImageDataset, read_splits_json
+from lora_cls.errors import UserError
+from lora_cls.predict import collect_inputs, predict, register_predict_config
+
+register_predict_config()
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def predict_cfg(tiny_run, compose_cfg, path_override):
+    def _cfg(input_spec, *overrides: str):
+        return compose_cfg(path_override("ckpt", tiny_run.run_dir), path_override("input", input_spec),
+                           "progress=false", *overrides, config_name="predict")
+
+    return _cfg
+
+
+def test_predict_on_the_test_folder_matches_lora_eval(tiny_run, synthetic_root, predict_cfg, compose_cfg,
+                                                      path_override, tmp_path):
+    from lora_cls.augment import BatchAugment
+    from lora_cls.engine import evaluate, resolve_device, resolve_precision
+    from lora_cls.pipeline import eval_loader, evaluate_checkpoint, load_model_from_checkpoint
+
+    rows = predict(predict_cfg(synthetic_root / "test"), tmp_path / "predict")
+    written = read_csv(tmp_path / "predict" / "predictions.csv")
+    assert list(written[0]) == ["path", "predicted", "prob_parasitized", "prob_uninfected"]
+    assert [r["path"] for r in written] == [r["path"] for r in rows]
+    assert len(rows) == 12
+    for row in written:
+        p = [float(row["prob_parasitized"]), float(row["prob_uninfected"])]
+        assert sum(p) == pytest.approx(1.0, abs=1e-5)
+        assert row["predicted"] == ("parasitized" if p[0] > p[1] else "uninfected")
+
+    # lora-eval on the run's test split (the same 12 files): identical (true, predicted) counts.
+    eval_cfg = compose_cfg(path_override("ckpt", tiny_run.run_dir), "split=test", "progress=false",
+                           config_name="eval")
+    evaluate_checkpoint(eval_cfg, tmp_path / "eval")
+    with open(tmp_path / "eval" / "reports" / "test" / "confusion_matrix.csv", encoding="utf-8", newline="") as f:
+        matrix = list(csv.reader(f))
+    classes = matrix[0][1:]
+    eval_counts = {(r[0], classes[j]): int(v) for r in matrix[1:] for j, v in enumerate(r[1:])}
+    pred_counts = Counter((Path(r["path"]).parent.name, r["predicted"]) for r in rows)
+    assert {k: pred_counts.get(k, 0) for k in eval_counts} == eval_counts
+
+    # And image by image: the unmerged model through lora-eval's evaluation loop predicts the same classes.
+    splits = read_splits_json(tiny_run.run_dir / "splits.json")
+    model, train_cfg, meta = load_model_from_checkpoint(tiny_run.run_dir / "checkpoints" / "adapter.safetensors")
+    dataset = ImageDataset(splits.root, splits.test, int(train_cfg.dataset.image_size))
+    device = resolve_device("auto")
+    out = evaluate(model.to(device), eval_loader(dataset, int(meta["eval_batch_size"])),
+                   BatchAugment(False, 0.0, 0.0).to(device), device, resolve_precision(meta["precision"], device),
+                   progress=False)
+    assert [str(splits.root / p) for p, _ in splits.test] == [r["path"] for r in rows]
+    assert [splits.classes[i] for i in out.y_pred] == [r["predicted"] for r in rows]
+    probs = np.array([[r["prob_parasitized"], r["prob_uninfected"]] for r in rows])
+    np.testing.assert_allclose(probs, out.probs, atol=2e-3)
+
+
+def test_inputs_as_file_folder_or_glob(synthetic_root, tmp_path):
+    test = synthetic_root / "test"
+    everything = collect_inputs(str(test))
+    assert len(everything) == 12 and everything == sorted(everything)
+    assert collect_inputs(str(everything[0])) == [everything[0]]
+    assert collect_inputs(str(test / "*" / "*.png")) == everything
+    assert collect_inputs(str(synthetic_root / "**" / "uninfected" / "*.png")) == sorted(
+        p for p in synthetic_root.rglob("*.png") if p.parent.name == "uninfected")
+    folder = tmp_path / "photos"
+    (folder / ".hidden").mkdir(parents=True)
+    shutil.copy(everything[0], folder / "a.PNG")
+    shutil.copy(everything[1], folder / ".hidden" / "b.png")
+    (folder / "Thumbs.db").write_bytes(b"x")
+    (folder / "._a.png").write_bytes(b"x")  # a macOS resource fork
+    assert collect_inputs(str(folder)) == [folder / "a.PNG"]
+    for spec, message in ((tmp_path / "missing", "does not exist"), (tmp_path / "photos" / ".hidden" / "*.txt",
+                                                                     "matches no image")):
+        with pytest.raises(UserError, match=message):
+            collect_inputs(str(spec))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no image files"):
+        collect_inputs(str(tmp_path / "empty"))
+
+
+def test_undecodable_inputs_are_listed_or_skipped(synthetic_root, predict_cfg, tmp_path):
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for source in sorted((synthetic_root / "test" / "parasitized").glob("*.png"))[:3]:
+        shutil.copy(source, folder / source.name)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(UserError, match=r"1 input file\(s\) are not decodable.*skip_bad=true") as info:
+        predict(predict_cfg(folder), tmp_path / "refused")
+    assert str(folder / "broken.png") in str(info.value)
+    assert not (tmp_path / "refused" / "predictions.csv").exists()
+
+    rows = predict(predict_cfg(folder, "skip_bad=true"), tmp_path / "skipped")
+    assert [Path(r["path"]).name for r in rows] == sorted(p.name for p in folder.glob("0*.png"))
+    summary = json.loads((tmp_path / "skipped" / "predict.json").read_text(encoding="utf-8"))
+    assert [s["path"] for s in summary["skipped"]] == [str(folder / "broken.png")]
+    assert summary["images"] == 3 and sum(summary["class_counts"].values()) == 3
+
+
+@pytest.mark.slow
+def test_lora_predict_cli_writes_predictions_and_reports_errors(run_cli, tiny_run, synthetic_root, path_override,
+                                                               tmp_path):
+    out_dir = tmp_path / "pred"
+    proc = run_cli("lora-predict", path_override("ckpt", tiny_run.run_dir),
+                   path_override("input", synthetic_root / "test"), "progress=false",
+                   path_override("hydra.run.dir", out_dir), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(read_csv(out_dir / "predictions.csv")) == 12
+    assert "predicted classes" in proc.stdout and "predictions (12 of 12)" in proc.stdout
+
+    proc = run_cli("lora-predict", path_override("ckpt", tiny_run.run_dir),
+                   path_override("input", tmp_path / "nothing_here"), "progress=false",
+                   path_override("hydra.run.dir", tmp_path / "err"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: input ") and "does not exist" in last
