@@ -212,8 +212,13 @@ class Trainer:
                  device: torch.device, precision: Precision, epochs: int, steps_per_epoch: int,
                  bn: str = "train", channels_last: bool = True, monitor: str = "val_accuracy",
                  patience: int = 5, progress: bool = True, metrics_fn: Callable[[EvalOutput], dict] | None = None,
-                 bn_loader: Iterable | None = None):
+                 bn_loader: Iterable | None = None, validate_fn: Callable[[], EvalOutput] | None = None,
+                 reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.model, self.train_loader, self.val_loader = model, train_loader, val_loader
+        # `model` may be a DistributedDataParallel wrapper: steps go through it, everything else uses the module.
+        self.base_model: nn.Module = getattr(model, "module", model)
+        self.validate_fn = validate_fn  # None: evaluate val_loader here; a distributed run shards and gathers
+        self.reduce_fn = reduce_fn  # sums a tensor over processes (identity for one process)
         self.preprocess, self.optimizer, self.schedule = preprocess, optimizer, schedule
         self.device, self.precision, self.epochs = device, precision, epochs
         self.steps_per_epoch = steps_per_epoch
@@ -226,7 +231,7 @@ class Trainer:
         self.bn_loader = bn_loader if (schedule.kind != "none" and bn == "train") else None
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
-        self.decay = get_decay_state(model)
+        self.decay = get_decay_state(self.base_model)
         self.state = FitState()
 
     @property
@@ -239,7 +244,7 @@ class Trainer:
 
     def train_epoch(self) -> dict:
         model = self.model
-        set_train_mode(model, True, self.bn)
+        set_train_mode(self.base_model, True, self.bn)
         self.preprocess.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
@@ -271,8 +276,8 @@ class Trainer:
             if step % 10 == 0 or step + 1 == self.steps_per_epoch:
                 # one host sync every few steps: catches a diverged loss early without stalling the GPU queue
                 mean_loss = loss_sum.item() / seen
-                if not math.isfinite(mean_loss):
-                    raise NonFiniteLoss(self.state.global_step)
+                if not math.isfinite(mean_loss) and self.reduce_fn is None:
+                    raise NonFiniteLoss(self.state.global_step)  # (processes decide together, at epoch end)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{correct.item() / seen:.3f}",
                                 img_s=f"{seen / (time.perf_counter() - start):.1f}", d=f"{self.d:.3f}")
             bar.update(1)
@@ -280,6 +285,10 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         bar.close()
+        if self.reduce_fn is not None:
+            totals = self.reduce_fn(torch.stack([loss_sum.double(), correct.double(),
+                                                 torch.tensor(float(seen), device=self.device, dtype=torch.double)]))
+            loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
         mean_loss = loss_sum.item() / max(1, seen)
         if not math.isfinite(mean_loss):
             raise NonFiniteLoss(self.state.global_step)
@@ -294,10 +303,11 @@ class Trainer:
         while self.state.epoch < self.epochs and self.state.epochs_without_improvement < self.patience:
             row = self.train_epoch()
             if self.bn_loader is not None:
-                recalibrate_batchnorm(self.model, self.bn_loader, self.preprocess, self.device, self.precision,
+                recalibrate_batchnorm(self.base_model, self.bn_loader, self.preprocess, self.device, self.precision,
                                       self.channels_last)
-            val = evaluate(self.model, self.val_loader, self.preprocess, self.device, self.precision,
-                           self.channels_last, desc="val", progress=self.progress)
+            val = self.validate_fn() if self.validate_fn is not None else evaluate(
+                self.base_model, self.val_loader, self.preprocess, self.device, self.precision,
+                self.channels_last, desc="val", progress=self.progress)
             metrics = self.metrics_fn(val) if self.metrics_fn else {"loss": val.loss,
                                                                      "accuracy": float((val.y_pred == val.y_true).mean())}
             row.update({f"val_{k}": metrics.get(k) for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1")})

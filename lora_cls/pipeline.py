@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import random
 import time
@@ -18,10 +19,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Subset
 
 from lora_cls import checkpoint as ckpt
-from lora_cls import reports
+from lora_cls import distributed, reports
 from lora_cls.augment import BatchAugment
 from lora_cls.config import to_container, validate, validate_eval
 from lora_cls.data import (
@@ -140,30 +142,42 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     validate(cfg)
     resume_from = prepare_run_dir(cfg, run_dir)
     tr = cfg.trainer
-    device = resolve_device(tr.device)
+    info = distributed.init_distributed()
+    main_process = info.is_main
+    device = distributed.device_for(info, resolve_device(tr.device))
     seed_everything(int(tr.seed), bool(tr.deterministic), device)
     precision = resolve_precision(tr.precision, device)
+    progress = bool(tr.progress) and main_process
 
     splits = prepare_splits(cfg.dataset)
-    loaders = build_loaders(splits, cfg.dataset, int(tr.batch_size), int(tr.num_workers), int(tr.seed),
+    workers = int(tr.num_workers)
+    if workers and multiprocessing.current_process().daemon:
+        # A launcher's worker process (joblib) is daemonic and may not start DataLoader workers.
+        log.info("running inside a daemonic launcher process: loading data without DataLoader workers")
+        workers = 0
+    loaders = build_loaders(splits, cfg.dataset, int(tr.batch_size), workers, int(tr.seed),
                             pin_memory=device.type == "cuda")
-    write_splits_json(splits, run_dir / "splits.json")
+    if main_process:
+        write_splits_json(splits, run_dir / "splits.json")
     log.info("data: %s at %s, classes %s, train/val/test = %d/%d/%d", cfg.dataset.name, splits.root,
              splits.classes, len(splits.train), len(splits.val), len(splits.test))
 
     model, adapted, identity = build_classifier(cfg, len(splits.classes))
     params = parameter_report(model)
-    if tr.progress:
+    if progress:
         print_parameter_report(params, f"{cfg.model.name} · finetune={cfg.finetune}", console=console)
     log.info("params: total %d, trainable %d (%.4f%%), %d adapted layers", params["total"], params["trainable"],
              params["trainable_pct"], len(adapted))
     channels_last = bool(tr.channels_last)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     run_model: nn.Module = torch.compile(model) if tr.compile else model
+    if info.enabled:
+        # Gradients of the trainable parameters only are averaged: frozen weights never enter DDP's buckets.
+        run_model = DistributedDataParallel(run_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     aug = cfg.dataset.augment
     preprocess = BatchAugment(aug.hflip, aug.rotation, aug.color_jitter).to(device)
-    train_loader = loaders["train"]
+    train_loader = rank_train_loader(loaders["train"], int(tr.seed), info)
     steps_per_epoch = len(train_loader)
     if tr.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, int(tr.max_steps_per_epoch))
@@ -171,13 +185,19 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     optimizer = build_optimizer(model.parameters(), op.name, op.lr, op.weight_decay, tuple(op.betas), op.momentum,
                                 op.nesterov, device)
     total_steps = steps_per_epoch * int(tr.epochs)
-    trainer = Trainer(run_model, train_loader, eval_loader(loaders["val"].dataset, _eval_batch_size(cfg)),
-                      preprocess, optimizer, warmup_cosine(total_steps, op.warmup_fraction, op.min_lr_ratio),
+    def evaluate_split(split: str) -> EvalOutput:
+        return sharded_evaluate(model, loaders[split].dataset, _eval_batch_size(cfg), preprocess, device, precision,
+                                channels_last, split, progress, info, len(splits.classes))
+
+    trainer = Trainer(run_model, train_loader, None, preprocess, optimizer,
+                      warmup_cosine(total_steps, op.warmup_fraction, op.min_lr_ratio),
                       schedule_from(cfg), device, precision, int(tr.epochs), steps_per_epoch, bn=cfg.lora.bn,
                       channels_last=channels_last, monitor=tr.early_stopping.monitor,
-                      patience=int(tr.early_stopping.patience), progress=bool(tr.progress),
+                      patience=int(tr.early_stopping.patience), progress=progress,
                       metrics_fn=lambda out: split_metrics(out, splits),
-                      bn_loader=eval_loader(train_loader.dataset, _eval_batch_size(cfg)))
+                      bn_loader=eval_loader(loaders["train"].dataset, _eval_batch_size(cfg)),
+                      validate_fn=lambda: evaluate_split("val"),
+                      reduce_fn=(lambda t: distributed.all_reduce_sum(t, info)) if info.enabled else None)
 
     metadata = {"config": to_container(cfg), "classes": splits.classes, "positive_class": splits.positive_class,
                 "base_weights": identity, "eval_batch_size": _eval_batch_size(cfg), "precision": precision.name}
@@ -190,13 +210,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                  tr.epochs, trainer.state.global_step)
         if resume_from != last_path:  # continuing another folder's run: carry its best adapter over
             ckpt.save_adapter(adapter_path, best_state, {**metadata, "best_epoch": trainer.state.best_epoch})
-    else:
+    elif main_process:
         ckpt.save_last(last_path, _resume_state(cfg, model, trainer, best_state))
 
     def on_epoch_end(row: dict, improved: bool) -> None:
         if improved:
             best_state.clear()
             best_state.update(ckpt.adapter_state(model, cfg.lora.bn))
+        if not main_process:  # every process keeps the best state; only the first writes files
+            return
+        if improved:
             ckpt.save_adapter(adapter_path, best_state, {**metadata, "best_epoch": row["epoch"], "d": row["d"]})
         ckpt.save_last(last_path, _resume_state(cfg, model, trainer, best_state))
         reports.write_history(run_dir / "history.csv", trainer.state.history)
@@ -209,9 +232,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     title = f"{cfg.model.name} {cfg.finetune} on {cfg.dataset.name}"
     results = {}
     for split in ("val", "test"):
-        out = evaluate(model, eval_loader(loaders[split].dataset, _eval_batch_size(cfg)), preprocess, device,
-                       precision, channels_last, desc=split, progress=bool(tr.progress))
-        results[split] = write_split_outputs(run_dir, split, out, splits, title)
+        out = evaluate_split(split)
+        results[split] = (write_split_outputs(run_dir, split, out, splits, title) if main_process
+                          else split_metrics(out, splits))
     metrics = {**_base_metrics(cfg),
                "params": {k: params[k] for k in ("total", "trainable", "trainable_pct")},
                "best_epoch": state.best_epoch, "epochs_run": state.epoch, "val": results["val"],
@@ -219,14 +242,49 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                "timing": {"train_seconds": round(state.train_seconds, 3),
                           "train_images_per_second": round(state.train_images / max(state.train_seconds, 1e-9), 3)},
                "device": str(device), "precision": precision.name, "adapted_layers": len(adapted),
-               "skipped_images": splits.skipped}
+               "processes": info.world_size, "skipped_images": splits.skipped}
+    if not main_process:
+        return metrics
     reports.write_json(run_dir / "metrics.json", metrics)
-    if tr.progress:
+    if progress:
         reports.print_metrics(results["test"], f"test ({len(splits.test)} images, best epoch {state.best_epoch})",
                               console=console)
     log.info("done: val accuracy %.4f, test accuracy %.4f; run folder %s", results["val"]["accuracy"],
              results["test"]["accuracy"], run_dir)
     return metrics
+
+
+def rank_train_loader(loader: DataLoader, seed: int, info: distributed.DistInfo) -> DataLoader:
+    """For N processes: the same global batches as one process would draw, each rank taking its slice."""
+    if not info.enabled:
+        return loader
+    global_batch = int(loader.batch_size)
+    distributed.per_rank_batch(global_batch, info)
+    # Seeded exactly as the single-process loader (data.build_loaders: train generator = seed + 0), and shared
+    # by loader and sampler in the same order, so the shuffles are those of a 1-process run.
+    generator = torch.Generator().manual_seed(seed)
+    batches = BatchSampler(RandomSampler(loader.dataset, generator=generator), global_batch, loader.drop_last)
+    return DataLoader(loader.dataset, batch_sampler=distributed.RankSliceBatchSampler(batches, info),
+                      generator=generator, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                      worker_init_fn=loader.worker_init_fn, persistent_workers=loader.persistent_workers)
+
+
+def sharded_evaluate(model: nn.Module, dataset, batch_size: int, preprocess: nn.Module, device: torch.device,
+                     precision, channels_last: bool, desc: str, progress: bool, info: distributed.DistInfo,
+                     num_classes: int) -> EvalOutput:
+    """Evaluate this process's unpadded shard and gather every shard: each sample is counted exactly once."""
+    if not info.enabled:
+        return evaluate(model, eval_loader(dataset, batch_size), preprocess, device, precision, channels_last,
+                        desc=desc, progress=progress)
+    indices = distributed.shard(len(dataset), info)
+    if len(indices):
+        out = evaluate(model, eval_loader(Subset(dataset, indices), batch_size), preprocess, device, precision,
+                       channels_last, desc=desc, progress=progress)
+    else:
+        out = EvalOutput(0.0, np.zeros(0, dtype=np.int64), np.zeros((0, num_classes), np.float32), 0.0)
+    loss_sum = np.array([out.loss * len(out.y_true)])
+    y_true, probs, losses = distributed.gather_arrays([out.y_true, out.probs, loss_sum], info)
+    return EvalOutput(loss=float(losses.sum() / len(y_true)), y_true=y_true, probs=probs, seconds=out.seconds)
 
 
 def _eval_batch_size(cfg: DictConfig) -> int:

@@ -65,6 +65,8 @@ GROUP_CASES = [
                                      "model.weights": "imagenet", "optimizer.lr": 1e-4, "trainer.epochs": 10,
                                      "lora.rank": 5, "lora.alpha": 5.0,
                                      "lora.targets": ["features.24", "features.26", "features.28"]}),
+    # sweep=rank only sets hydra.sweeper.params (tested in test_scaleout.py); the job config is the default
+    ("sweep", "rank", {"lora.rank": 8, "model.name": "resnet34"}),
 ]
 
 

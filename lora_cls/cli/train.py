@@ -1,11 +1,13 @@
 """lora-train: a thin Hydra entry point around lora_cls.pipeline.train."""
 
+import sys
+from datetime import datetime
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from lora_cls.cli.common import main_with_errors, run_job
+from lora_cls.cli.common import fail, main_with_errors, run_job
 from lora_cls.config import register_configs, validate
 
 register_configs()
@@ -29,8 +31,34 @@ def _hydra_main(cfg: DictConfig):
     return run_job(cfg, _train, metric_key="accuracy")
 
 
+def _torchrun_argv(argv: list[str]) -> bool:
+    """Under torchrun: one run folder for all processes (rank 0's timestamp); only rank 0 writes Hydra's files.
+
+    Returns whether this process is the one that checks and writes the run folder.
+    """
+    from lora_cls import distributed
+
+    if not distributed.launched_by_torchrun():
+        return True
+    if any(a in ("-m", "--multirun") for a in argv):
+        fail("torchrun runs one training job; sweep with `lora-train -m` without torchrun, or a Hydra launcher")
+    info = distributed.init_distributed()
+    if not any(a.startswith("hydra.run.dir=") for a in argv):
+        stamp = distributed.broadcast(datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f"), info)
+        sys.argv.append(f"hydra.run.dir=outputs/train/{stamp}")
+    if not info.is_main:
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    return info.is_main
+
+
 def main() -> None:
-    main_with_errors(_hydra_main, "train", validate, check_run_dir=_check_run_dir)
+    checks_run_dir = _torchrun_argv(sys.argv[1:])
+    try:
+        main_with_errors(_hydra_main, "train", validate, check_run_dir=_check_run_dir if checks_run_dir else None)
+    finally:
+        from lora_cls import distributed
+
+        distributed.shutdown()
 
 
 if __name__ == "__main__":
