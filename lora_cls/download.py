@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import urllib.error
 import urllib.request
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path, PurePosixPath
@@ -289,6 +291,25 @@ def describe_splits(name: str, splits: DatasetSplits) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- kaggle
+
+
+def report_layout(name: str, dest: Path) -> None:
+    """Read the unpacked data as lora-train will; print its splits, any warnings and the next step."""
+    splits, notes = check_layout(name, dest)
+    print("\n".join(describe_splits(name, splits)))
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    print(f"done. Check every image with: lora-data check dataset={name} dataset.root={dest}")
+
+
+def script_entry(main: Callable[[], None]) -> None:
+    """Run a download script under the `error:` / exit 2 contract of lora_cls.cli.common.fail, without
+    importing the CLI stack (which pulls in torch: --help would take seconds)."""
+    try:
+        main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def kaggle_credentials() -> str | None:

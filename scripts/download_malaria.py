@@ -12,18 +12,16 @@ and exit status 2.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from lora_cls.download import (
     MALARIA_ARCHIVE,
-    check_layout,
-    describe_splits,
     download,
     extract_zip,
+    report_layout,
+    script_entry,
     verify_file,
 )
-from lora_cls.errors import UserError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,11 +55,7 @@ def run(args: argparse.Namespace) -> None:
         extract_zip(archive, dest, progress=progress)
         if args.archive is None and not args.keep_archive:
             archive.unlink()
-    splits, notes = check_layout("malaria", dest)
-    print("\n".join(describe_splits("malaria", splits)))
-    for note in notes:
-        print(f"warning: {note}", file=sys.stderr)
-    print(f"done. Check every image with: lora-data check dataset=malaria dataset.root={dest}")
+    report_layout("malaria", dest)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,8 +64,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as exc:  # the contract of lora_cls.cli.common.fail, without importing the CLI stack
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    script_entry(main)

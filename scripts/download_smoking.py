@@ -20,11 +20,11 @@ from pathlib import Path
 from lora_cls.download import (
     SMOKING_KAGGLE_SLUG,
     SMOKING_PAGE,
-    check_layout,
-    describe_splits,
     extract_zip,
     kaggle_credentials,
     kaggle_download,
+    report_layout,
+    script_entry,
     zip_prefix,
 )
 from lora_cls.errors import UserError
@@ -87,11 +87,7 @@ def run(args: argparse.Namespace) -> None:
         archive = kaggle_download(args.slug, download_dir)
         unpack(archive, dest, progress)
         shutil.rmtree(download_dir, ignore_errors=True)
-    splits, notes = check_layout("smoking", dest)
-    print("\n".join(describe_splits("smoking", splits)))
-    for note in notes:
-        print(f"warning: {note}", file=sys.stderr)
-    print(f"done. Check every image with: lora-data check dataset=smoking dataset.root={dest}")
+    report_layout("smoking", dest)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,8 +96,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as exc:  # the contract of lora_cls.cli.common.fail, without importing the CLI stack
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    script_entry(main)
