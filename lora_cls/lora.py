@@ -29,6 +29,8 @@ from torch import nn
 
 from lora_cls.errors import UserError
 
+# torch.compiler.is_compiling came with torch 2.3; older versions never take the compile-friendly eval branch.
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 DECAY_ATTR = "lora_decay"  # registered on the first adapted layer only, so d is saved exactly once
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
@@ -179,6 +181,10 @@ class LoRALayer(nn.Module):
     def _bias_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
 
+    def _scaled_B(self) -> torch.Tensor:
+        """s·B: the small factor is scaled, not the output; B itself when s = 1 (the presets' alpha = r)."""
+        return self.lora_B if self.scaling == 1.0 else self.lora_B * self.scaling
+
     # -- noise -------------------------------------------------------------------------------------------
     def noise_active(self) -> bool:
         d = self.decay.value
@@ -220,13 +226,21 @@ class LoRALayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and self.merge_on_eval and not torch.is_grad_enabled():
+            if _is_compiling():
+                # Under torch.compile the merge is traced into the graph: the cache's data-pointer keys would
+                # break the graph and fail its guards after every optimizer step (a recompile per evaluation).
+                return self._base_op(x, self.merged_weight(), self.merged_bias())
             return self._base_op(x, *self._merged_for_eval())
         d = self.decay.value
         weight = self.weight if d == 1.0 else d * self.weight
         bias = self.bias if (self.bias is None or d == 1.0) else d * self.bias
         if self.noise_active():
             weight = weight + self.sample_noise()
-        y = self._base_op(x, weight, bias) + self._adapter_op(x)
+        y = self._base_op(x, weight, bias)
+        delta = self._adapter_op(x)
+        # The frozen path's backward does not read its output, so the adapter accumulates into it in place:
+        # one activation-sized buffer fewer per layer and step (same values as y + delta).
+        y = y.add_(delta) if y.dtype == delta.dtype else y + delta
         if self.lora_C is not None:
             y = y + self.lora_C.view(self._bias_shape())
         return y
@@ -294,7 +308,7 @@ class LoRAConv2d(LoRALayer):
     def _adapter_op(self, x):
         x, padding = self._pad(self.lora_dropout(x))
         h = F.conv2d(x, self.lora_A, None, self.stride, padding, self.dilation)
-        return F.conv2d(h, self.lora_B * self.scaling)
+        return F.conv2d(h, self._scaled_B())
 
     def to_merged(self) -> nn.Conv2d:
         w, b = self._merged_for_eval()
@@ -326,7 +340,7 @@ class LoRALinear(LoRALayer):
         return F.linear(x, weight, bias)
 
     def _adapter_op(self, x):
-        return F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B * self.scaling)
+        return F.linear(F.linear(self.lora_dropout(x), self.lora_A), self._scaled_B())
 
     def to_merged(self) -> nn.Linear:
         w, b = self._merged_for_eval()

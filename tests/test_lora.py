@@ -259,3 +259,29 @@ def test_dropout_acts_on_adapter_input_only_in_training():
     layer.eval()
     with torch.no_grad():
         assert torch.equal(layer(x), layer(x))
+
+
+def test_compiled_merged_eval_matches_eager_across_optimizer_steps():
+    """Under torch.compile, evaluation merges inside the graph (no cache keyed on data pointers): no graph break
+    (fullgraph), and the compiled output follows the adapters after every optimizer step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 2))
+    inject_lora(model, ["0", "3"], rank=2, alpha=4)
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if "lora" in n], lr=0.1)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x = torch.randn(4, 3, 6, 6)
+    outputs = []
+    try:
+        for _ in range(2):
+            model.train()
+            compiled(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            model.eval()
+            with torch.inference_mode():
+                got, want = compiled(x), model(x)
+            torch.testing.assert_close(got, want)
+            outputs.append(got)
+    finally:
+        torch._dynamo.reset()
+    assert not torch.equal(outputs[0], outputs[1])  # the second evaluation saw the updated adapters
