@@ -168,9 +168,10 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, preprocess: nn.Mod
                           precision: Precision, channels_last: bool = True) -> None:
     """Recompute BatchNorm running statistics as the cumulative average over `loader`, at the model's current d.
 
-    Under a decay schedule d changes every step, so the exponential running averages mix activations of many
-    different networks and no longer describe the one being evaluated (on the demo: val accuracy 0.50 before,
-    0.96 after). Only BN layers run in training mode here; adapters run merged, without noise or dropout.
+    The weights change every step (and under a decay schedule so does d), so the exponential running averages
+    mix the activations of many different networks and need not describe the one being evaluated. On the demo
+    (random init) they held val accuracy at 0.50-0.61 while train accuracy was 0.94; recomputed: 0.96.
+    Only BN layers run in training mode here; adapters run merged, without noise or dropout.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
@@ -234,9 +235,9 @@ class Trainer:
         self.bn, self.channels_last, self.monitor, self.patience = bn, channels_last, monitor, patience
         self.progress = progress
         self.metrics_fn = metrics_fn
-        # With a decay schedule and training BN statistics, recompute them at each epoch's final d (see
+        # With training BN statistics, recompute them for the weights at each epoch's end (see
         # recalibrate_batchnorm); None = keep the running averages as they are.
-        self.bn_loader = bn_loader if (schedule.kind != "none" and bn == "train") else None
+        self.bn_loader = bn_loader if bn == "train" else None
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
         self.decay = get_decay_state(self.base_model)

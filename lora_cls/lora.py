@@ -245,6 +245,13 @@ class LoRALayer(nn.Module):
             y = y + self.lora_C.view(self._bias_shape())
         return y
 
+    def train(self, mode: bool = True):  # type: ignore[override]
+        # Fused optimizers (torch.optim's fused AdamW/SGD, on CPU and CUDA) update parameters without bumping
+        # their version counters, so the version key alone could keep a stale merged weight across an optimizer
+        # step. Steps happen in training mode: every switch between modes starts the eval cache afresh.
+        self._merged_cache = None
+        return super().train(mode)
+
     def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
         # Moving or casting the layer invalidates the caches (their tensors live on the old device/dtype).
         self._merged_cache = None

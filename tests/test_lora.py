@@ -285,3 +285,26 @@ def test_compiled_merged_eval_matches_eager_across_optimizer_steps():
     finally:
         torch._dynamo.reset()
     assert not torch.equal(outputs[0], outputs[1])  # the second evaluation saw the updated adapters
+
+
+@pytest.mark.parametrize("kind", [{"fused": True}, {"foreach": True}])
+def test_eval_after_an_optimizer_step_uses_the_updated_adapters(kind):
+    """Fused optimizers do not bump parameter versions: the merged-weight cache must still follow each step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 6 * 6, 2))
+    inject_lora(model, ["0", "2"], rank=2, alpha=2)
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora" in n], lr=0.1, **kind)
+    x = torch.randn(4, 3, 6, 6)
+    for _ in range(2):
+        model.train()
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        model.eval()
+        with torch.inference_mode():
+            merged = model(x)
+        set_merge_on_eval(model, False)
+        with torch.inference_mode():
+            unmerged = model(x)
+        set_merge_on_eval(model, True)
+        torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
