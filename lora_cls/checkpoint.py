@@ -1,45 +1,30 @@
 """Checkpoints (DESIGN.md §7): adapter.safetensors (small, no pickle) and last.pt (resume state, plain containers).
 
-Both are written to a temporary file in the same folder and renamed, so a killed run never leaves half a file.
+Both are written through reports.atomic_open (temporary file, then rename), so a killed run never leaves half
+a file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from lora_cls.errors import UserError
 from lora_cls.lora import DECAY_ATTR
+from lora_cls.reports import atomic_open
 
 FORMAT = "lora-cls/1"
 ADAPTER_NAME = "adapter.safetensors"
 LAST_NAME = "last.pt"
-
-
-def _atomic_target(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return tmp
-
-
-def _replace(tmp: str, path: Path) -> None:
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def base_fingerprint(model: nn.Module, exclude_prefix: str) -> str:
@@ -68,16 +53,10 @@ def adapter_state(model: nn.Module, bn: str) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-    path = Path(path)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     meta["format"] = FORMAT
-    tmp = _atomic_target(path)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        f.write(save(tensors, metadata=meta))
 
 
 def load_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -148,14 +127,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_last(path: str | Path, state: dict[str, Any]) -> None:
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
-        torch.save(state, tmp)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
 
 
 def load_last(path: str | Path) -> dict[str, Any]:
