@@ -64,6 +64,12 @@ def resolve_precision(spec: str, device: torch.device) -> Precision:
     if spec == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError("trainer.precision=bf16 but this GPU has no bf16; use trainer.precision=16 or 32")
+        if device.type == "cpu" and not cpu_supports_bf16():
+            # Valid (lora-eval reuses a bf16 run's precision to reproduce its metrics), but oneDNN has no fast
+            # bf16 kernels here: on an AVX2-only CPU a ResNet34 LoRA training step took 26x, an evaluation
+            # 9x as long as in fp32 (docs/BENCHMARKS.md).
+            log.warning("precision bf16 on a CPU without native bf16 (no AVX-512 BF16 or AMX) is emulated: "
+                        "about 10-30x slower than fp32 here; precision 32 (or auto) is faster on this machine")
         return Precision("bf16", torch.bfloat16, False)
     if spec == "16":
         if device.type != "cuda":

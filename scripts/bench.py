@@ -39,7 +39,14 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from lora_cls.engine import autocast, build_optimizer, cpu_supports_bf16, resolve_device, resolve_precision
+from lora_cls.engine import (
+    Precision,
+    autocast,
+    build_optimizer,
+    cpu_supports_bf16,
+    resolve_device,
+    resolve_precision,
+)
 from lora_cls.lora import LoRALayer, merge_lora, select_targets, set_merge_on_eval
 from lora_cls.models import build_model, model_spec, prepare_finetune
 
@@ -248,11 +255,11 @@ def randomize_adapters(model: nn.Module, seed: int) -> None:
 
 
 def build_variants(args: argparse.Namespace, device: torch.device, x: torch.Tensor, y: torch.Tensor,
-                   xe: torch.Tensor) -> list[Variant]:
+                   xe: torch.Tensor, fast: Precision | None = None) -> list[Variant]:
     spec = model_spec(args.model)
     rank = spec.rank if args.rank is None else args.rank
     alpha = float(rank) if args.alpha is None else args.alpha
-    fast = resolve_precision(args.precision, device)
+    fast = fast or resolve_precision(args.precision, device)
     fp32 = resolve_precision("32", device)
     torch.manual_seed(args.seed)
     base = build_model(args.model, args.weights, args.classes)
@@ -709,7 +716,8 @@ def main(argv: list[str] | None = None) -> dict:
     xe = x if eval_batch == args.batch else torch.randn(eval_batch, 3, args.image_size, args.image_size,
                                                         generator=g).to(device)
 
-    variants = build_variants(args, device, x, y, xe)
+    fast = resolve_precision(args.precision, device)  # once: it warns where bf16 is only emulated
+    variants = build_variants(args, device, x, y, xe, fast)
     log(f"{len(variants)} variants on {device}: {', '.join(v.name for v in variants)}")
     compile_seconds = None
     warm_up(variants, args.warmup, device)
@@ -737,7 +745,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "alpha": args.alpha or float(args.rank or spec.rank),
                      "targets": args.targets or list(spec.targets), "classes": args.classes,
                      "batch": args.batch, "eval_batch": eval_batch, "image_size": args.image_size,
-                     "device": str(device), "fast_precision": resolve_precision(args.precision, device).name,
+                     "device": str(device), "fast_precision": fast.name,
                      "threads": args.threads, "clock": args.clock, "rounds": args.rounds,
                      "steps_per_round": args.steps, "warmup": args.warmup, "quick": args.quick,
                      "optimizer": "AdamW (lora_cls.engine.build_optimizer)"},

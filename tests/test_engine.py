@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
 from torch import nn
 
+from lora_cls import engine
 from lora_cls.engine import Precision, is_better, recalibrate_batchnorm, resolve_precision, warmup_cosine
 from lora_cls.errors import UserError
 from lora_cls.lora import inject_lora, set_decay
@@ -23,13 +25,28 @@ def test_warmup_then_cosine_to_min_ratio():
     assert warmup_cosine(10, 0.0, 0.0)(0) == pytest.approx(1.0)
 
 
-def test_precision_choice_and_refusals():
+def test_precision_choice_and_refusals(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_precision("32", cpu) == Precision("32", None, False)
-    assert resolve_precision("bf16", cpu) == Precision("bf16", torch.bfloat16, False)
-    assert resolve_precision("auto", cpu).name in ("bf16", "32")
+    for native, auto in ((True, "bf16"), (False, "32")):
+        monkeypatch.setattr(engine, "cpu_supports_bf16", lambda native=native: native)
+        assert resolve_precision("auto", cpu).name == auto
+        assert resolve_precision("bf16", cpu) == Precision("bf16", torch.bfloat16, False)
     with pytest.raises(UserError, match="needs a CUDA device"):
         resolve_precision("16", cpu)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_forced_bf16_warns_only_on_a_cpu_without_native_bf16(monkeypatch, caplog, native):
+    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="lora_cls.engine"):
+        resolve_precision("bf16", torch.device("cpu"))
+        resolve_precision("32", torch.device("cpu"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if native:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and "without native bf16" in warnings[0]
 
 
 def test_monitor_direction():
