@@ -36,6 +36,7 @@ Sample = tuple[str, int]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 SPLIT_NAMES = ("train", "val", "test")
+MISSING = "file not found"  # the reason given for a listed image that does not exist
 
 SYNTHETIC_MARKER = ".synthetic.json"
 # Bump when the picture generator changes, so existing data/synthetic folders are regenerated.
@@ -687,7 +688,7 @@ def decode_image(path: str | Path, size: int) -> torch.Tensor:
                 rgb = rgb.resize((size, size), Image.BILINEAR)
             pixels = np.array(rgb, dtype=np.uint8)
     except FileNotFoundError:
-        raise UnreadableImage(path, "file not found") from None
+        raise UnreadableImage(path, MISSING) from None
     except _DECODE_ERRORS as e:
         raise UnreadableImage(path, f"{type(e).__name__}: {e}") from e
     if pixels.shape != (size, size, 3):
@@ -701,21 +702,34 @@ def verify_image(path: str | Path) -> str | None:
         with Image.open(path) as image:
             image.verify()
     except FileNotFoundError:
-        return "file not found"
+        return MISSING
     except _DECODE_ERRORS as e:
         return f"{type(e).__name__}: {e}"
     return None
 
 
 class UndecodableImages(UserError):
-    """Several files that are not decodable images; `.bad` holds (relative path, reason) pairs."""
+    """Several files that are not decodable images; `.bad` holds (relative path, reason) pairs (all of them;
+    the message lists the first LISTED)."""
+
+    LISTED = 20
 
     def __init__(self, bad: Sequence[tuple[str, str]], root: str | Path) -> None:
         self.bad = list(bad)
         self.root = Path(root)
-        lines = "\n".join(f"  {path}: {reason}" for path, reason in self.bad)
-        super().__init__(f"{len(self.bad)} undecodable image file(s) under {self.root}; replace or remove "
-                         f"them, or set dataset.skip_bad=true to skip them:\n{lines}")
+        n, missing = len(self.bad), sum(reason == MISSING for _, reason in self.bad)
+        lines = [f"  {path}: {reason}" for path, reason in self.bad[:self.LISTED]]
+        if n > self.LISTED:
+            lines.append(f"  ... and {n - self.LISTED} more")
+        if missing == n:
+            # Typically a run evaluated after its data moved (splits.json names files relative to the root).
+            head = (f"{n} image file(s) of the split are missing under {self.root}; if the data moved, point "
+                    "dataset.root at it, or set dataset.skip_bad=true to skip them")
+        else:
+            what = f" ({missing} missing, {n - missing} not decodable)" if missing else ""
+            head = (f"{n} undecodable image file(s){what} under {self.root}; replace or remove them, or set "
+                    "dataset.skip_bad=true to skip them")
+        super().__init__(head + ":\n" + "\n".join(lines))
 
 
 def _decode_threads() -> int:

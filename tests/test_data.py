@@ -515,6 +515,22 @@ def test_broken_images_raise_one_error_listing_all(tmp_path, cache):
 
 
 @pytest.mark.parametrize("cache", [True, False])
+def test_missing_images_are_called_missing_and_point_at_dataset_root(tmp_path, cache):
+    samples = make_samples(tmp_path, n=2) + [(f"gone/{i}.png", 0) for i in range(25)]
+    with pytest.raises(UserError) as info:
+        ImageDataset(tmp_path, samples[2:], 16, cache=cache)
+    head, *listed = str(info.value).splitlines()
+    assert head.startswith(f"25 image file(s) of the split are missing under {tmp_path}")
+    assert "dataset.root" in head and "undecodable" not in head
+    assert listed[:2] == ["  gone/0.png: file not found", "  gone/1.png: file not found"]
+    assert len(listed) == 21 and listed[-1] == "  ... and 5 more"  # 20 named, the rest counted
+    assert len(info.value.bad) == 25  # the exception still holds every file
+    (tmp_path / "junk.png").write_bytes(b"junk")
+    with pytest.raises(UserError, match=r"^2 undecodable image file\(s\) \(1 missing, 1 not decodable\)"):
+        ImageDataset(tmp_path, samples[:2] + [("junk.png", 1), ("gone/0.png", 0)], 16, cache=cache)
+
+
+@pytest.mark.parametrize("cache", [True, False])
 def test_skip_bad_drops_and_reports_broken_images(tmp_path, cache):
     samples = make_samples(tmp_path)
     (tmp_path / "bad.png").write_bytes(b"junk")
