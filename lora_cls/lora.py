@@ -26,12 +26,30 @@ from fnmatch import fnmatchcase
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lora_cls.errors import UserError
 
 # torch.compiler.is_compiling came with torch 2.3; older versions never take the compile-friendly eval branch.
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 DECAY_ATTR = "lora_decay"  # registered on the first adapted layer only, so d is saved exactly once
+
+
+class _StepCounter:
+    """Optimizer steps taken in this process (any torch.optim optimizer).
+
+    Fused optimizers (torch.optim's fused AdamW/SGD, on CPU and CUDA) update parameters without bumping their
+    version counters, so the merged-weight cache is keyed on this count as well as on the versions.
+    """
+
+    count = 0
+
+    @classmethod
+    def bump(cls, *_) -> None:
+        cls.count += 1
+
+
+register_optimizer_step_post_hook(_StepCounter.bump)
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 
@@ -66,7 +84,8 @@ class LoRAOptions:
 
     rank, alpha: r and alpha of s = alpha/r (or alpha/sqrt(r) with rslora).
     dropout: probability of dropping adapter-input elements (training only).
-    init: "kaiming" (A kaiming-uniform with a=sqrt(5), as nn.Conv2d/nn.Linear) or "gaussian" (A ~ N(0, 1/r)).
+    init: "kaiming" (A kaiming-uniform with a=sqrt(5), as nn.Conv2d/nn.Linear) or "gaussian" (A normal with
+        std 1/r, as PEFT's init_lora_weights="gaussian").
     noise: add the variance-preserving weight noise N while training and d >= noise_cutoff.
     noise_per_channel: use per-output-channel mean/std of W for N instead of the whole tensor's.
     bias_comp: add the learnable compensating bias C.
@@ -151,10 +170,15 @@ class LoRALayer(nn.Module):
 
     # -- the one place the low-rank product is formed -------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
-        """s · (B.view(out, r) @ A.view(r, -1)), reshaped to W's shape."""
+        """s · (B.view(out, r) @ A.view(r, -1)), reshaped to W's shape, in the parameters' own dtype.
+
+        Autocast is off here: a merge inside a bf16 autocast region would otherwise round B·A to bf16 before it
+        is added to W (and the eval cache would keep that rounded weight for a later fp32 evaluation).
+        """
         b = self.lora_B.reshape(self.out_features, self.rank)
         a = self.lora_A.reshape(self.rank, -1)
-        return (self.scaling * (b @ a)).reshape(self.weight.shape)
+        with torch.autocast(self.weight.device.type, enabled=False):
+            return (self.scaling * (b @ a)).reshape(self.weight.shape)
 
     def merged_weight(self) -> torch.Tensor:
         """W' = d·W + delta_weight() (DESIGN.md §3)."""
@@ -214,7 +238,8 @@ class LoRALayer(nn.Module):
     # -- forward ------------------------------------------------------------------------------------------
     def _merged_for_eval(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         params = [p for p in (self.weight, self.bias, self.lora_A, self.lora_B, self.lora_C) if p is not None]
-        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params) + (self.decay.value,)
+        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params) + (
+            self.decay.value, _StepCounter.count)
         if self._merged_cache is None or self._merged_cache[0] != key:
             with torch.no_grad():
                 self._merged_cache = (key, self.merged_weight().detach(), self._detached(self.merged_bias()))
@@ -246,9 +271,8 @@ class LoRALayer(nn.Module):
         return y
 
     def train(self, mode: bool = True):  # type: ignore[override]
-        # Fused optimizers (torch.optim's fused AdamW/SGD, on CPU and CUDA) update parameters without bumping
-        # their version counters, so the version key alone could keep a stale merged weight across an optimizer
-        # step. Steps happen in training mode: every switch between modes starts the eval cache afresh.
+        # Every switch between modes also starts the eval cache afresh (cheap, and it covers writes through
+        # `.data`, which bypass version counters, made between training and evaluation).
         self._merged_cache = None
         return super().train(mode)
 

@@ -308,3 +308,43 @@ def test_eval_after_an_optimizer_step_uses_the_updated_adapters(kind):
             unmerged = model(x)
         set_merge_on_eval(model, True)
         torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", [{"fused": True}, {"foreach": True}])
+def test_optimizer_step_taken_in_eval_mode_refreshes_the_merged_weight(kind):
+    """No train/eval switch between the step and the evaluation: the step counter alone must expire the cache."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 6 * 6, 2)).double()
+    inject_lora(model, ["0", "2"], rank=2, alpha=2)
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora" in n], lr=0.1, **kind)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)  # fills the cache
+    model(x).sum().backward()  # grad enabled: the unmerged path, still in eval mode
+    opt.step()
+    with torch.no_grad():
+        merged = model(x)
+    set_merge_on_eval(model, False)
+    with torch.no_grad():
+        unmerged = model(x)
+    assert not torch.equal(merged, before)
+    torch.testing.assert_close(merged, unmerged, atol=1e-10, rtol=0)
+
+
+def test_merge_under_bf16_autocast_keeps_the_exact_fp32_weight():
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1))
+    inject_lora(layer, ["0"], rank=2, alpha=2)
+    adapted = layer[0]
+    with torch.no_grad():
+        adapted.lora_B.normal_()
+    exact = adapted.weight + (adapted.lora_B.view(6, 2) @ adapted.lora_A.view(2, -1)).view_as(adapted.weight)
+    layer.eval()
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)  # the first merge happens under autocast
+        assert adapted.delta_weight().dtype == torch.float32
+    merged, _ = adapted._merged_for_eval()
+    assert merged.dtype == torch.float32
+    torch.testing.assert_close(merged, exact, atol=1e-6, rtol=0)  # bf16 rounding of B·A would be ~1e-2
