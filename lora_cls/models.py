@@ -110,7 +110,10 @@ def load_base_weights(model: nn.Module, name: str, weights: str | None) -> None:
     head = model_spec(name).head
     own = model.state_dict()
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    missing = [k for k in own if k not in state and not k.startswith(head + ".")]
+    # State dicts saved before PyTorch 0.4.1 have no BatchNorm num_batches_tracked; torch's own loader accepts
+    # them too (the counter only matters for momentum=None).
+    missing = [k for k in own if k not in state and not k.startswith(head + ".")
+               and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
                   if k in state and state[k].shape != v.shape and not k.startswith(head + ".")]

@@ -154,6 +154,19 @@ def test_weights_path_loads_and_mismatch_is_an_error(tmp_path):
         build_model("resnet34", str(junk), 2)
 
 
+def test_state_dict_without_num_batches_tracked_loads_as_torchvision_does(tmp_path):
+    source = build_model("resnet34", None, 1000)
+    legacy = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(legacy, tmp_path / "legacy.pth")
+    model = build_model("resnet34", str(tmp_path / "legacy.pth"), 2)
+    assert torch.equal(model.layer4[2].bn2.running_var, source.layer4[2].bn2.running_var)
+    assert torch.equal(model.layer1[0].conv1.weight, source.layer1[0].conv1.weight)
+    del legacy["layer1.0.bn1.running_mean"]  # a real missing buffer is still an error
+    torch.save(legacy, tmp_path / "broken.pth")
+    with pytest.raises(UserError, match=r"missing 1 \(e.g. layer1.0.bn1.running_mean\)"):
+        build_model("resnet34", str(tmp_path / "broken.pth"), 2)
+
+
 def test_bn_policy_frozen_keeps_running_stats():
     model = build_model("resnet34", None, 2)
     prepare_finetune(model, "resnet34", "lora", rank=2, alpha=2)
