@@ -6,6 +6,7 @@ a wrong value (rank 0, negative lr, unknown precision) fails in `validate` with 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +134,7 @@ class TrainConfig:
 class EvalDatasetConfig:
     root: str | None = None
     name: str | None = None
+    skip_bad: bool | None = None  # null: the training run's dataset.skip_bad
 
 
 @dataclass
@@ -200,11 +202,22 @@ def validate(cfg: DictConfig | Any) -> None:
            f"must be one of {', '.join(MONITORS)}, got {tr.early_stopping.monitor!r}")
     _check(tr.early_stopping.patience >= 1, "trainer.early_stopping.patience", "must be >= 1")
     _check(tr.max_steps_per_epoch is None or tr.max_steps_per_epoch >= 1, "trainer.max_steps_per_epoch", "must be >= 1")
-    _check(tr.device == "auto" or tr.device == "cpu" or str(tr.device).startswith("cuda"), "trainer.device",
-           f"must be auto, cpu, cuda or cuda:N, got {tr.device!r}")
+    check_device(tr.device, "trainer.device")
+
+
+def check_device(value: Any, key: str) -> None:
+    _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(value)) is not None, key,
+           f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+
+def check_required(cfg: DictConfig | Any, key: str, example: str) -> None:
+    """A mandatory value (`???` in the YAML) that the command line did not give."""
+    _check(not OmegaConf.is_missing(cfg, key), key, f"is required, e.g. {example}")
 
 
 def validate_eval(cfg: DictConfig | Any) -> None:
+    check_required(cfg, "ckpt", "lora-eval ckpt=outputs/train/<run>")
+    check_device(cfg.device, "device")
     _check(cfg.split in ("train", "val", "test"), "split", f"must be val or test (or train), got {cfg.split!r}")
     _check(cfg.precision is None or str(cfg.precision) in PRECISIONS, "precision",
            f"must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")

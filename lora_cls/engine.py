@@ -29,11 +29,12 @@ log = logging.getLogger(__name__)
 
 # -- device and precision ---------------------------------------------------------------------------------
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, key: str = "trainer.device") -> torch.device:
+    """`key` is the config key the value came from (lora-eval and lora-predict call it `device`)."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"trainer.device={spec} but no CUDA device is available; use trainer.device=cpu or auto")
+        raise UserError(f"{key}={spec} but no CUDA device is available; use {key}=cpu or auto")
     return torch.device(spec)
 
 

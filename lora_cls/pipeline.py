@@ -57,7 +57,8 @@ from lora_cls.schedule import DecaySchedule
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
 
-RUN_MARKERS = ("metrics.json", "history.csv", "checkpoints")
+# Files that mark a folder as holding results: training's, lora-predict's and lora-data check's.
+RUN_MARKERS = ("metrics.json", "history.csv", "checkpoints", "predictions.csv", "predict.json", "datacheck.json")
 
 
 def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
@@ -140,7 +141,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train per `cfg`, write the run folder (DESIGN.md §6), and return metrics.json's content."""
     run_dir = Path(run_dir)
     validate(cfg)
-    resume_from = prepare_run_dir(cfg, run_dir)
+    resume = prepare_run_dir(cfg, run_dir)
+    resume_from = None if resume is None else resume[0]
     tr = cfg.trainer
     info = distributed.init_distributed()
     main_process = info.is_main
@@ -204,8 +206,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     adapter_path = run_dir / "checkpoints" / ckpt.ADAPTER_NAME
     last_path = run_dir / "checkpoints" / ckpt.LAST_NAME
     best_state: dict[str, torch.Tensor] = {}
-    if resume_from is not None:
-        best_state.update(restore_resume_state(ckpt.load_last(resume_from), cfg, model, trainer))
+    if resume is not None:
+        best_state.update(restore_resume_state(resume[1], model, trainer))
         log.info("resuming from %s: %d of %d epochs done (global step %d)", resume_from, trainer.state.epoch,
                  tr.epochs, trainer.state.global_step)
         if resume_from != last_path:  # continuing another folder's run: carry its best adapter over
@@ -320,7 +322,7 @@ def _resume_state(cfg: DictConfig, model: nn.Module, trainer: Trainer, best: dic
 
 def resume_source(resume: str, run_dir: Path) -> Path | None:
     """The last.pt to continue from: `auto` = the run folder's own, if it holds an unfinished run."""
-    if resume in ("never", "none", "null", "false"):
+    if resume.lower() in ("never", "none", "null", "false", "no"):
         return None
     if resume == "auto":
         last = run_dir / "checkpoints" / ckpt.LAST_NAME
@@ -344,18 +346,19 @@ def resume_source(resume: str, run_dir: Path) -> Path | None:
     return path
 
 
-def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """A training run's folder is new, or an unfinished run to resume (returns its last.pt)."""
+def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict] | None:
+    """A training run's folder is new, or holds an unfinished run to resume: then (its last.pt, the loaded state).
+
+    Everything that can refuse a resume is checked here, before anything is written: lora-train calls this
+    before Hydra writes .hydra/ into the folder, so a refused resume leaves the interrupted run as it was.
+    """
     resume_from = resume_source(str(cfg.trainer.resume), Path(run_dir))
     if resume_from is None:
         check_fresh_run_dir(Path(run_dir))
-    return resume_from
-
-
-def restore_resume_state(state: dict, cfg: DictConfig, model: nn.Module, trainer: Trainer) -> dict:
-    """Put a last.pt back into model, optimizer, schedulers, trainer state and RNGs; return the best state."""
+        return None
+    state = ckpt.load_last(resume_from)
     if not isinstance(state, dict) or state.get("format") != ckpt.FORMAT:
-        raise UserError("the resume state is not a lora-cls last.pt")
+        raise UserError(f"{resume_from} is not a lora-cls last.pt")
     saved = state.get("config", {})
     now = _flat(to_container(cfg))
     changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k))
@@ -363,6 +366,12 @@ def restore_resume_state(state: dict, cfg: DictConfig, model: nn.Module, trainer
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
         raise UserError(f"cannot resume: the config differs from the interrupted run's ({detail}); resume with the "
                         "same overrides")
+    return resume_from, state
+
+
+def restore_resume_state(state: dict, model: nn.Module, trainer: Trainer) -> dict:
+    """Put a last.pt (checked by prepare_run_dir) back into model, optimizer, schedulers, trainer state and RNGs;
+    return the best state."""
     ckpt.apply_adapter(model, state["trainable"], "resume state")
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scaler.load_state_dict(state["scaler"])
@@ -412,6 +421,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     """lora-eval: evaluate a checkpoint on its run's split (or another dataset.root) and write reports."""
     run_dir = Path(run_dir)
     validate_eval(cfg)
+    check_fresh_run_dir(run_dir)
     path = resolve_checkpoint(cfg.ckpt)
     model, train_cfg, meta = load_model_from_checkpoint(path)
     classes = list(meta["classes"])
@@ -423,17 +433,23 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
         if splits.classes != classes:
             raise UserError(f"dataset.root={cfg.dataset.root} has classes {splits.classes}, but the checkpoint was "
                             f"trained on {classes}; evaluate on data with the same classes")
+        # The run's positive class, not the layout's default (synthetic read as a folder would flip it).
+        splits.positive_class = meta.get("positive_class", splits.positive_class)
     else:
         splits_path = path.parent.parent / "splits.json"
         if not splits_path.is_file():
             raise UserError(f"no splits.json beside the checkpoint (looked for {splits_path}); pass dataset.root=")
         splits = read_splits_json(splits_path)
     samples = splits.split(cfg.split)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "device")
     precision = resolve_precision(cfg.precision or meta.get("precision", "auto"), device)
     ds = train_cfg.dataset
+    skip_bad = ds.skip_bad if cfg.dataset.skip_bad is None else cfg.dataset.skip_bad
     dataset = ImageDataset(splits.root, samples, int(ds.image_size), cache=bool(ds.cache.enabled),
-                           max_cache_bytes=int(float(ds.cache.max_gb) * 2**30), skip_bad=bool(ds.skip_bad))
+                           max_cache_bytes=int(float(ds.cache.max_gb) * 2**30), skip_bad=bool(skip_bad))
+    if dataset.skipped:
+        log.warning("skipped %d undecodable image(s) (dataset.skip_bad=true): %s", len(dataset.skipped),
+                    ", ".join(dataset.skipped[:5]) + (" ..." if len(dataset.skipped) > 5 else ""))
     channels_last = bool(train_cfg.trainer.channels_last)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     batch_size = int(cfg.batch_size or meta.get("eval_batch_size") or _eval_batch_size(train_cfg))
@@ -444,12 +460,12 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     split_result = write_split_outputs(run_dir, cfg.split, out, splits, title)
     metrics = {**_base_metrics(train_cfg), "checkpoint": str(path), "split": cfg.split,
                "data_root": str(splits.root), cfg.split: split_result, "device": str(device),
-               "precision": precision.name, "best_epoch": meta.get("best_epoch"), "images": len(samples),
+               "precision": precision.name, "best_epoch": meta.get("best_epoch"), "images": len(dataset),
                "skipped_images": dataset.skipped}
     reports.write_json(run_dir / "metrics.json", metrics)
     if cfg.progress:
-        reports.print_metrics(split_result, f"{cfg.split} ({len(samples)} images)", console=console)
-    log.info("%s accuracy %.4f on %d images; reports in %s", cfg.split, split_result["accuracy"], len(samples),
+        reports.print_metrics(split_result, f"{cfg.split} ({len(dataset)} images)", console=console)
+    log.info("%s accuracy %.4f on %d images; reports in %s", cfg.split, split_result["accuracy"], len(dataset),
              run_dir / "reports" / cfg.split)
     return metrics
 

@@ -29,12 +29,12 @@ from tqdm.auto import tqdm
 
 from lora_cls import reports
 from lora_cls.augment import normalize
-from lora_cls.config import PRECISIONS
+from lora_cls.config import PRECISIONS, check_device, check_required
 from lora_cls.data import IMAGE_EXTENSIONS, UnreadableImage, decode_image, verify_image
 from lora_cls.engine import Precision, autocast, prepare_batch, resolve_device, resolve_precision
 from lora_cls.errors import UserError
 from lora_cls.lora import merge_lora
-from lora_cls.pipeline import load_model_from_checkpoint, resolve_checkpoint
+from lora_cls.pipeline import check_fresh_run_dir, load_model_from_checkpoint, resolve_checkpoint
 
 PREDICTIONS_NAME = "predictions.csv"
 SUMMARY_NAME = "predict.json"
@@ -57,6 +57,9 @@ def register_predict_config() -> None:
 
 
 def validate_predict(cfg: Any) -> None:
+    check_required(cfg, "ckpt", "lora-predict ckpt=outputs/train/<run> input=photos/")
+    check_required(cfg, "input", "lora-predict ckpt=outputs/train/<run> input=photos/")
+    check_device(cfg.device, "device")
     if cfg.precision is not None and str(cfg.precision) not in PRECISIONS:
         raise UserError(f"precision: must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.batch_size is not None and cfg.batch_size < 1:
@@ -138,11 +141,12 @@ def predict(cfg: Any, run_dir: str | Path) -> list[dict[str, Any]]:
 
 def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     validate_predict(cfg)
+    check_fresh_run_dir(run_dir)
     path = resolve_checkpoint(cfg.ckpt)
     files = collect_inputs(str(cfg.input))
     model, train_cfg, meta = load_model_from_checkpoint(path)
     classes = [str(c) for c in meta["classes"]]
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "device")
     precision = resolve_precision(cfg.precision or meta.get("precision", "auto"), device)
     channels_last = bool(train_cfg.trainer.channels_last)
     merged = merge_lora(model).eval()

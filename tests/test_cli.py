@@ -162,6 +162,32 @@ def test_evaluate_checkpoint_reproduces_the_run(tiny_run, compose_cfg, path_over
             tiny_run.run_dir / "reports" / split / name).read_text(encoding="utf-8")
 
 
+def test_eval_on_a_copy_of_the_data_keeps_the_runs_positive_class_and_skips_bad_files(
+        tiny_run, synthetic_root, compose_cfg, path_override, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_root, copy)
+    broken = sorted((copy / "test" / "uninfected").iterdir())[0]
+    broken.write_bytes(b"not an image")
+    cfg = compose_cfg(path_override("ckpt", tiny_run.run_dir), path_override("dataset.root", copy),
+                      "dataset.skip_bad=true", "progress=false", config_name="eval")
+    written = evaluate_checkpoint(cfg, tmp_path / "eval")
+    trained = read_json(tiny_run.run_dir / "metrics.json")
+    assert written["test"]["positive_class"] == trained["test"]["positive_class"] == "parasitized"
+    assert written["images"] == TINY_COUNTS["test"] - 1  # what was evaluated, not what was listed
+    assert written["skipped_images"] == [f"test/uninfected/{broken.name}"]
+    assert sum(c["support"] for c in written["test"]["per_class"].values()) == TINY_COUNTS["test"] - 1
+
+
+def test_eval_refuses_a_folder_holding_results(tiny_run, compose_cfg, path_override):
+    before = {p: p.read_bytes() for p in tiny_run.run_dir.rglob("*") if p.is_file()}
+    cfg = compose_cfg(path_override("ckpt", tiny_run.run_dir), "progress=false", config_name="eval")
+    with pytest.raises(UserError, match="already holds a run"):
+        evaluate_checkpoint(cfg, tiny_run.run_dir)
+    assert {p: p.read_bytes() for p in tiny_run.run_dir.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.parametrize("resume", ["auto", "never"])
 def test_train_refuses_a_folder_holding_a_finished_run(tiny_run, compose_cfg, tiny_overrides, resume):
     before = {p: p.read_bytes() for p in tiny_run.run_dir.rglob("*") if p.is_file()}
@@ -221,6 +247,11 @@ USER_ERRORS = [  # (script, arguments, text of the `error:` line, fails inside t
     pytest.param("lora-train", ["lora.rank=0"], "lora.rank", False, id="bad-value"),
     pytest.param("lora-train", ["lora.targets=[layer9]"], "target pattern 'layer9'", True, id="bad-target"),
     pytest.param("lora-eval", ["ckpt=/nonexistent/run"], "/nonexistent/run", True, id="missing-ckpt"),
+    pytest.param("lora-eval", [], "ckpt: is required", False, id="eval-without-ckpt"),
+    pytest.param("lora-eval", ["ckpt=/nonexistent/run", "device=gpu"], "device: must be auto, cpu, cuda", False,
+                 id="eval-bad-device"),
+    pytest.param("lora-predict", ["input=."], "ckpt: is required", False, id="predict-without-ckpt"),
+    pytest.param("lora-train", ["hydra.run.dirr=elsewhere"], "hydra.run.dirr", False, id="hydra-key-typo"),
 ]
 
 
@@ -252,6 +283,27 @@ def test_train_refuses_an_existing_run_folder_from_the_cli(run_cli, tiny_run, ti
     assert last_line(proc.stderr).startswith("error: ")
     assert str(tiny_run.run_dir) in last_line(proc.stderr)
     assert (tiny_run.run_dir / "metrics.json").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_eval_predict_and_data_never_write_into_a_run_folder(run_cli, tiny_run, synthetic_root, path_override,
+                                                             tmp_path):
+    before = {p: p.read_bytes() for p in tiny_run.run_dir.rglob("*") if p.is_file()}
+    run = tiny_run.run_dir
+    attempts = [  # the last hydra.run.dir wins in Hydra, and `++` is an override like any other
+        ("lora-eval", [path_override("ckpt", run), path_override("hydra.run.dir", tmp_path / "new"),
+                       path_override("hydra.run.dir", run)]),
+        ("lora-eval", [path_override("ckpt", run), path_override("++hydra.run.dir", run)]),
+        ("lora-predict", [path_override("ckpt", run), path_override("input", synthetic_root / "test"),
+                          path_override("hydra.run.dir", run)]),
+        ("lora-data", ["check", path_override("dataset.root", synthetic_root), path_override("hydra.run.dir", run)]),
+    ]
+    for script, args in attempts:
+        proc = run_cli(script, *args, "progress=false", cwd=tmp_path)
+        assert proc.returncode == 2, (script, args, proc.stderr[-2000:])
+        assert last_line(proc.stderr).startswith(f"error: run folder {run} already holds"), proc.stderr[-2000:]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert not (run / ".hydra").exists() and not (tmp_path / "new").exists()
 
 
 # -- sweeps ------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import lora_cls.conf
-from lora_cls.cli.common import _override_variants, precheck
+from lora_cls.cli.common import _override_variants, interrupted, override_value, precheck
 from lora_cls.config import register_configs, validate, validate_eval
 from lora_cls.errors import UserError
 
@@ -250,6 +250,31 @@ def test_precheck_refuses_a_run_dir_that_holds_a_run(tmp_path, finished):
     with pytest.raises(UserError) as info:
         precheck([f"hydra.run.dir={tmp_path}"], "train", validate, check_run_dir=prepare_run_dir)
     assert str(tmp_path) in str(info.value)
+
+
+def test_the_run_dir_hydra_uses_is_the_last_override_with_or_without_plus():
+    assert override_value(["a=1", "hydra.run.dir=x", "++hydra.run.dir=y", "b=2"], "hydra.run.dir") == "y"
+    assert override_value(["+hydra.run.dir=z"], "hydra.run.dir") == "z"
+    assert override_value(["hydra.run.dirr=z", "hydra.run.dir"], "hydra.run.dir") is None
+
+
+@pytest.mark.parametrize("training, has_last, expected", [
+    (True, True, "resume with:"),
+    (True, False, "interrupted before the first checkpoint; nothing to resume"),
+    (False, False, "interrupted."),
+])
+def test_interrupt_message_promises_only_what_is_there(tmp_path, capsys, training, has_last, expected):
+    if has_last:
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        interrupted(tmp_path, ["lora.rank=4", "++hydra.run.dir=elsewhere"], training=training)
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert expected in err
+    assert ("last.pt" in err) == has_last
+    if has_last:  # the resume command names the folder once, the one that holds last.pt
+        assert err.strip().splitlines()[-1].strip() == f"lora-train lora.rank=4 hydra.run.dir={tmp_path}"
 
 
 def test_precheck_checks_eval_config():

@@ -97,6 +97,24 @@ def test_resume_refuses_a_finished_run_and_a_changed_config(reference, tmp_path)
     changed = _cfg(*TINY, f"dataset.root={cfg.dataset.root}", *NOISY, "lora.rank=4", f"trainer.resume={ref_dir}")
     with pytest.raises(UserError, match=r"config differs.*lora.rank: 8 -> 4"):
         pipeline.train(changed, tmp_path / "changed")
+    assert not (tmp_path / "changed").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_a_refused_resume_leaves_the_interrupted_run_as_it_was(reference, run_cli, tmp_path):
+    cfg, ref_dir, _ = reference
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(ref_dir, unfinished)
+    (unfinished / "metrics.json").unlink()  # what a killed run looks like: last.pt, no metrics.json
+    before = {p: p.read_bytes() for p in unfinished.rglob("*") if p.is_file()}
+    changed = [*TINY, f"dataset.root={cfg.dataset.root}", *NOISY, "dataset.split_seed=1"]
+    with pytest.raises(UserError, match=r"config differs.*dataset.split_seed: 0 -> 1"):
+        pipeline.train(_cfg(*changed), unfinished)  # trainer.resume=auto: the folder's own last.pt
+    proc = run_cli("lora-train", *changed, f"hydra.run.dir={unfinished}", cwd=tmp_path)
+    assert proc.returncode == 2 and "dataset.split_seed: 0 -> 1" in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
+    # neither splits.json nor a failed metrics.json, nor Hydra's .hydra/ files were written over the run
+    assert {p: p.read_bytes() for p in unfinished.rglob("*") if p.is_file()} == before
+    assert pipeline.resume_source("False", unfinished) is None  # `never` in any spelling YAML may produce
 
 
 @pytest.mark.slow

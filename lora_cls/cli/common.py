@@ -79,11 +79,12 @@ def precheck(argv: list[str], config_name: str, validate: Callable[[DictConfig],
         return
     multirun = any(a in ("-m", "--multirun") for a in argv)
     overrides = [a for a in argv if not a.startswith("-")]
-    run_dir = next((a.split("=", 1)[1] for a in overrides if a.startswith("hydra.run.dir=")), None)
-    sweep_dir = next((a.split("=", 1)[1] for a in overrides if a.startswith("hydra.sweep.dir=")), None)
+    run_dir = override_value(overrides, "hydra.run.dir")
+    sweep_dir = override_value(overrides, "hydra.sweep.dir")
     if sweep_dir and multirun:
         check_fresh_sweep_dir(Path(sweep_dir))
-    job_overrides = [a for a in overrides if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
+    job_overrides = [a for a in overrides if not a.startswith(("hydra.", "hydra/", "+hydra", "++hydra", "~hydra"))]
+    hydra_overrides = [a for a in overrides if a not in job_overrides]
     register_configs()
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
@@ -91,12 +92,32 @@ def precheck(argv: list[str], config_name: str, validate: Callable[[DictConfig],
             configs = [compose(config_name=config_name, overrides=variant) for variant in variants]
             for cfg in configs:
                 validate(cfg)
+            if hydra_overrides:  # a misspelt hydra.* key or launcher: Hydra's own message, as an `error:` line
+                for variant in _override_variants(hydra_overrides, multirun):
+                    compose(config_name=config_name, overrides=variant, return_hydra_config=True)
     except UserError:
         raise
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise UserError(f"invalid config: {_one_line(exc)}") from None
     if run_dir and not multirun and check_run_dir is not None:
         check_run_dir(configs[0], Path(run_dir))
+
+
+def override_value(overrides: list[str], key: str) -> str | None:
+    """The value Hydra will use for `key`: the last `key=`, `+key=` or `++key=` on the command line."""
+    value = None
+    for override in overrides:
+        name, sep, rest = override.lstrip("+").partition("=")
+        if sep and name == key:
+            value = rest
+    return value
+
+
+def check_fresh_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """check_run_dir for the commands that only ever write a new folder (lora-eval, lora-predict, lora-data)."""
+    from lora_cls.pipeline import check_fresh_run_dir as check
+
+    check(run_dir)
 
 
 def check_fresh_sweep_dir(sweep_dir: Path) -> None:
@@ -122,7 +143,7 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig, Path], dict], metric_key
     try:
         metrics = job(cfg, run_dir)
     except KeyboardInterrupt:
-        interrupted(run_dir, list(hc.overrides.task))
+        interrupted(run_dir, list(hc.overrides.task), training=hc.job.config_name == "train")
     except Exception as exc:
         user = isinstance(exc, UserError)
         message = str(exc) if user else f"{type(exc).__name__}: {exc}"
@@ -147,12 +168,18 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig, Path], dict], metric_key
     return None
 
 
-def interrupted(run_dir: Path, overrides: list[str]) -> None:
-    """Ctrl-C: last.pt (written at every epoch end) already holds the last completed epoch; say how to go on."""
+def interrupted(run_dir: Path, overrides: list[str], training: bool = True) -> None:
+    """Ctrl-C: a training run's last.pt (written at every epoch end) holds the last completed epoch; say how to
+    go on. Other commands, and a training run stopped before its first checkpoint, have nothing to resume."""
     last = run_dir / "checkpoints" / "last.pt"
-    print(f"\ninterrupted: the epoch in progress is lost; {last} holds the last completed epoch.", file=sys.stderr)
-    if last.is_file():
-        kept = [o for o in overrides if not o.startswith("hydra.run.dir=")]
+    if not training:
+        print("\ninterrupted.", file=sys.stderr)
+    elif not last.is_file():
+        print(f"\ninterrupted before the first checkpoint; nothing to resume in {run_dir}.", file=sys.stderr)
+    else:
+        print(f"\ninterrupted: the epoch in progress is lost; {last} holds the last completed epoch.",
+              file=sys.stderr)
+        kept = [o for o in overrides if o.lstrip("+").partition("=")[0] != "hydra.run.dir"]
         command = " ".join(["lora-train", *[shlex.quote(o) for o in kept], shlex.quote(f"hydra.run.dir={run_dir}")])
         print(f"resume with:\n  {command}", file=sys.stderr)
     sys.exit(130)

@@ -9,7 +9,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from lora_cls.cli.common import fail, main_with_errors, run_job
+from lora_cls.cli.common import check_fresh_run_dir, fail, main_with_errors, run_job
 from lora_cls.config import register_configs
 from lora_cls.datacheck import register_datacheck_config, run_check, validate_datacheck
 
@@ -43,7 +43,7 @@ def main() -> None:
         fail(f"{got}; {USAGE}")
     sys.argv = [sys.argv[0], *args[1:]]
     _last_report.clear()
-    main_with_errors(_hydra_main, "data", validate_datacheck)
+    main_with_errors(_hydra_main, "data", validate_datacheck, check_run_dir=check_fresh_run_dir)
     if _last_report and not _last_report["ok"]:
         sys.exit(1)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from lora_cls.cli.common import main_with_errors, run_job
+from lora_cls.cli.common import check_fresh_run_dir, main_with_errors, run_job
 from lora_cls.config import register_configs, validate_eval
 
 register_configs()
@@ -17,19 +17,13 @@ def _evaluate(cfg: DictConfig, run_dir: Path) -> dict:
     return evaluate_checkpoint(cfg, run_dir)
 
 
-def _check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
-    from lora_cls.pipeline import check_fresh_run_dir
-
-    check_fresh_run_dir(run_dir)
-
-
 @hydra.main(config_path="pkg://lora_cls.conf", config_name="eval", version_base="1.3")
 def _hydra_main(cfg: DictConfig):
     return run_job(cfg, _evaluate)
 
 
 def main() -> None:
-    main_with_errors(_hydra_main, "eval", validate_eval, check_run_dir=_check_run_dir)
+    main_with_errors(_hydra_main, "eval", validate_eval, check_run_dir=check_fresh_run_dir)
 
 
 if __name__ == "__main__":

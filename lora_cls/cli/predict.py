@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from lora_cls.cli.common import main_with_errors, run_job
+from lora_cls.cli.common import check_fresh_run_dir, main_with_errors, run_job
 from lora_cls.config import register_configs
 from lora_cls.predict import register_predict_config, run_predict, validate_predict
 
@@ -17,7 +17,7 @@ def _hydra_main(cfg: DictConfig):
 
 
 def main() -> None:
-    main_with_errors(_hydra_main, "predict", validate_predict)
+    main_with_errors(_hydra_main, "predict", validate_predict, check_run_dir=check_fresh_run_dir)
 
 
 if __name__ == "__main__":
