@@ -287,47 +287,50 @@ def test_compiled_merged_eval_matches_eager_across_optimizer_steps():
     assert not torch.equal(outputs[0], outputs[1])  # the second evaluation saw the updated adapters
 
 
+def _toy_model_and_optimizer(kind: dict, dtype: torch.dtype):
+    """A conv + linear model with adapters on both, an AdamW over the adapters, and an input."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 6 * 6, 2)).to(dtype)
+    inject_lora(model, ["0", "2"], rank=2, alpha=2)
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora" in n], lr=0.1, **kind)
+    return model, opt, torch.randn(4, 3, 6, 6, dtype=dtype)
+
+
+def _merged_and_unmerged(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode outputs through the merged-weight cache and through the two-conv path."""
+    outputs = []
+    for merge in (True, False):
+        set_merge_on_eval(model, merge)
+        with torch.inference_mode():
+            outputs.append(model(x))
+    set_merge_on_eval(model, True)
+    return outputs[0], outputs[1]
+
+
 @pytest.mark.parametrize("kind", [{"fused": True}, {"foreach": True}])
 def test_eval_after_an_optimizer_step_uses_the_updated_adapters(kind):
     """Fused optimizers do not bump parameter versions: the merged-weight cache must still follow each step."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 6 * 6, 2))
-    inject_lora(model, ["0", "2"], rank=2, alpha=2)
-    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora" in n], lr=0.1, **kind)
-    x = torch.randn(4, 3, 6, 6)
+    model, opt, x = _toy_model_and_optimizer(kind, torch.float32)
     for _ in range(2):
         model.train()
         model(x).sum().backward()
         opt.step()
         opt.zero_grad()
         model.eval()
-        with torch.inference_mode():
-            merged = model(x)
-        set_merge_on_eval(model, False)
-        with torch.inference_mode():
-            unmerged = model(x)
-        set_merge_on_eval(model, True)
+        merged, unmerged = _merged_and_unmerged(model, x)
         torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", [{"fused": True}, {"foreach": True}])
 def test_optimizer_step_taken_in_eval_mode_refreshes_the_merged_weight(kind):
     """No train/eval switch between the step and the evaluation: the step counter alone must expire the cache."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 6 * 6, 2)).double()
-    inject_lora(model, ["0", "2"], rank=2, alpha=2)
-    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora" in n], lr=0.1, **kind)
-    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    model, opt, x = _toy_model_and_optimizer(kind, torch.float64)
     model.eval()
     with torch.no_grad():
         before = model(x)  # fills the cache
     model(x).sum().backward()  # grad enabled: the unmerged path, still in eval mode
     opt.step()
-    with torch.no_grad():
-        merged = model(x)
-    set_merge_on_eval(model, False)
-    with torch.no_grad():
-        unmerged = model(x)
+    merged, unmerged = _merged_and_unmerged(model, x)
     assert not torch.equal(merged, before)
     torch.testing.assert_close(merged, unmerged, atol=1e-10, rtol=0)
 
