@@ -225,9 +225,7 @@ def _patient_report(cfg: Any, name: str | None, entries: list[tuple[str, str, in
 
 def run_check(cfg: Any, run_dir: str | Path, console: Console | None = None) -> dict[str, Any]:
     """`check_dataset`, then print the report and write it to `run_dir/datacheck.json` (a new folder)."""
-    from lora_cls.pipeline import check_fresh_run_dir  # the training stack, only when a check writes a report
-
-    check_fresh_run_dir(Path(run_dir))
+    reports.check_fresh_run_dir(Path(run_dir))
     report = check_dataset(cfg)
     path = Path(run_dir) / REPORT_NAME
     reports.write_json(path, report)

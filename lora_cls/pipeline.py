@@ -57,8 +57,6 @@ from lora_cls.schedule import DecaySchedule
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
 
-# Files that mark a folder as holding results: training's, lora-predict's and lora-data check's.
-RUN_MARKERS = ("metrics.json", "history.csv", "checkpoints", "predictions.csv", "predict.json", "datacheck.json")
 
 
 def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
@@ -117,14 +115,6 @@ def write_split_outputs(run_dir: Path, split: str, out: EvalOutput, splits: Data
 
 def eval_loader(dataset: ImageDataset, batch_size: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-
-
-def check_fresh_run_dir(run_dir: Path) -> None:
-    """Runs never write into a folder that already holds another run's results."""
-    found = [m for m in RUN_MARKERS if (run_dir / m).exists()]
-    if found:
-        raise UserError(f"run folder {run_dir} already holds a run ({', '.join(found)}); choose another "
-                        "hydra.run.dir (runs never overwrite each other)")
 
 
 def _base_metrics(cfg: DictConfig) -> dict:
@@ -354,7 +344,7 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict] | None:
     """
     resume_from = resume_source(str(cfg.trainer.resume), Path(run_dir))
     if resume_from is None:
-        check_fresh_run_dir(Path(run_dir))
+        reports.check_fresh_run_dir(Path(run_dir))
         return None
     state = ckpt.load_last(resume_from)
     if not isinstance(state, dict) or state.get("format") != ckpt.FORMAT:
@@ -421,7 +411,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     """lora-eval: evaluate a checkpoint on its run's split (or another dataset.root) and write reports."""
     run_dir = Path(run_dir)
     validate_eval(cfg)
-    check_fresh_run_dir(run_dir)
+    reports.check_fresh_run_dir(run_dir)
     path = resolve_checkpoint(cfg.ckpt)
     model, train_cfg, meta = load_model_from_checkpoint(path)
     classes = list(meta["classes"])

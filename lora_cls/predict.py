@@ -34,7 +34,7 @@ from lora_cls.data import IMAGE_EXTENSIONS, UnreadableImage, decode_image, verif
 from lora_cls.engine import Precision, autocast, prepare_batch, resolve_device, resolve_precision
 from lora_cls.errors import UserError
 from lora_cls.lora import merge_lora
-from lora_cls.pipeline import check_fresh_run_dir, load_model_from_checkpoint, resolve_checkpoint
+from lora_cls.pipeline import load_model_from_checkpoint, resolve_checkpoint
 
 PREDICTIONS_NAME = "predictions.csv"
 SUMMARY_NAME = "predict.json"
@@ -141,7 +141,7 @@ def predict(cfg: Any, run_dir: str | Path) -> list[dict[str, Any]]:
 
 def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     validate_predict(cfg)
-    check_fresh_run_dir(run_dir)
+    reports.check_fresh_run_dir(run_dir)
     path = resolve_checkpoint(cfg.ckpt)
     files = collect_inputs(str(cfg.input))
     model, train_cfg, meta = load_model_from_checkpoint(path)

@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from sklearn.metrics import classification_report
 
+from lora_cls.errors import UserError
 from lora_cls.metrics import confusion, resolve_positive_class
 
 HISTORY_FIELDS = [
@@ -60,6 +61,20 @@ SUMMARY_FIELDS = [
 ]
 
 _PNG_DPI = 120
+
+
+# ----------------------------------------------------------------------------------------------- run folders
+
+# Files that mark a folder as holding results: training's, lora-predict's and lora-data check's.
+RUN_MARKERS = ("metrics.json", "history.csv", "checkpoints", "predictions.csv", "predict.json", "datacheck.json")
+
+
+def check_fresh_run_dir(run_dir: Path) -> None:
+    """Runs never write into a folder that already holds another run's results."""
+    found = [m for m in RUN_MARKERS if (run_dir / m).exists()]
+    if found:
+        raise UserError(f"run folder {run_dir} already holds a run ({', '.join(found)}); choose another "
+                        "hydra.run.dir (runs never overwrite each other)")
 
 
 # ----------------------------------------------------------------------------------------------- atomic

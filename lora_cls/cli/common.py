@@ -103,21 +103,23 @@ def precheck(argv: list[str], config_name: str, validate: Callable[[DictConfig],
         check_run_dir(configs[0], Path(run_dir))
 
 
+def _split_override(override: str) -> tuple[str, str | None]:
+    """`key=value`, `+key=value` or `++key=value` -> (key, value); value None without `=`."""
+    key, sep, value = override.lstrip("+").partition("=")
+    return key, (value if sep else None)
+
+
 def override_value(overrides: list[str], key: str) -> str | None:
     """The value Hydra will use for `key`: the last `key=`, `+key=` or `++key=` on the command line."""
-    value = None
-    for override in overrides:
-        name, sep, rest = override.lstrip("+").partition("=")
-        if sep and name == key:
-            value = rest
-    return value
+    values = [value for name, value in map(_split_override, overrides) if name == key and value is not None]
+    return values[-1] if values else None
 
 
 def check_fresh_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     """check_run_dir for the commands that only ever write a new folder (lora-eval, lora-predict, lora-data)."""
-    from lora_cls.pipeline import check_fresh_run_dir as check
+    from lora_cls import reports  # imported here: matplotlib and scikit-learn would slow every --help
 
-    check(run_dir)
+    reports.check_fresh_run_dir(run_dir)
 
 
 def check_fresh_sweep_dir(sweep_dir: Path) -> None:
@@ -179,7 +181,7 @@ def interrupted(run_dir: Path, overrides: list[str], training: bool = True) -> N
     else:
         print(f"\ninterrupted: the epoch in progress is lost; {last} holds the last completed epoch.",
               file=sys.stderr)
-        kept = [o for o in overrides if o.lstrip("+").partition("=")[0] != "hydra.run.dir"]
+        kept = [o for o in overrides if _split_override(o)[0] != "hydra.run.dir"]
         command = " ".join(["lora-train", *[shlex.quote(o) for o in kept], shlex.quote(f"hydra.run.dir={run_dir}")])
         print(f"resume with:\n  {command}", file=sys.stderr)
     sys.exit(130)
