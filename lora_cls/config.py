@@ -12,6 +12,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 from lora_cls.errors import UserError
 
@@ -222,6 +223,35 @@ def validate_eval(cfg: DictConfig | Any) -> None:
     _check(cfg.precision is None or str(cfg.precision) in PRECISIONS, "precision",
            f"must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     _check(cfg.batch_size is None or cfg.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+def stored_train_config(stored: Any, source: str) -> DictConfig:
+    """A training config read back from a checkpoint, on today's schema.
+
+    Keys added to the schema since the file was written take their schema defaults (an older checkpoint stays
+    readable); a key the schema does not know, or a value of the wrong type, is a UserError naming the key.
+    """
+    try:
+        return OmegaConf.merge(OmegaConf.structured(TrainConfig), stored)  # type: ignore[return-value]
+    except (ConfigKeyError, ValidationError) as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise UserError(f"{source} holds a config this lora-cls cannot read (key {key}: "
+                        f"{str(exc).splitlines()[0]}); it was written by another lora-cls version") from None
+
+
+def schema_defaults() -> dict[str, Any]:
+    """The training schema's defaults as flat dotted keys (what a key absent from an older file meant)."""
+    return flatten(to_container(OmegaConf.structured(TrainConfig)))
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict of dotted keys (lists stay values)."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -25,7 +25,14 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Subset
 from lora_cls import checkpoint as ckpt
 from lora_cls import distributed, reports
 from lora_cls.augment import BatchAugment
-from lora_cls.config import to_container, validate, validate_eval
+from lora_cls.config import (
+    flatten,
+    schema_defaults,
+    stored_train_config,
+    to_container,
+    validate,
+    validate_eval,
+)
 from lora_cls.data import (
     DatasetSplits,
     ImageDataset,
@@ -177,6 +184,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     optimizer = build_optimizer(model.parameters(), op.name, op.lr, op.weight_decay, tuple(op.betas), op.momentum,
                                 op.nesterov, device)
     total_steps = steps_per_epoch * int(tr.epochs)
+    if (unreached := schedule_from(cfg).unreached(total_steps)) is not None:
+        log.warning(unreached)
+
     def evaluate_split(split: str) -> EvalOutput:
         return sharded_evaluate(model, loaders[split].dataset, _eval_batch_size(cfg), preprocess, device, precision,
                                 channels_last, split, progress, info, len(splits.classes))
@@ -287,20 +297,11 @@ def _eval_batch_size(cfg: DictConfig) -> int:
 RESUME_FREE_KEYS = {"trainer.resume", "trainer.progress", "trainer.num_workers", "dataset.root"}
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
 def _resume_state(cfg: DictConfig, model: nn.Module, trainer: Trainer, best: dict) -> dict[str, Any]:
     """last.pt: everything needed to continue (plain containers and tensors, readable with weights_only=True)."""
     s = trainer.state
     loader_rng = trainer.train_loader.generator
-    return {"format": ckpt.FORMAT, "config": _flat(to_container(cfg)),
+    return {"format": ckpt.FORMAT, "config": flatten(to_container(cfg)),
             "trainable": ckpt.adapter_state(model, cfg.lora.bn), "best_state": dict(best),
             "optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict(),
             "lr_scheduler": trainer.lr_scheduler.state_dict(), "epoch": s.epoch, "global_step": s.global_step,
@@ -349,8 +350,9 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict] | None:
     state = ckpt.load_last(resume_from)
     if not isinstance(state, dict) or state.get("format") != ckpt.FORMAT:
         raise UserError(f"{resume_from} is not a lora-cls last.pt")
-    saved = state.get("config", {})
-    now = _flat(to_container(cfg))
+    # A key the interrupted run's lora-cls did not have yet meant its schema default.
+    saved = {**schema_defaults(), **state.get("config", {})}
+    now = flatten(to_container(cfg))
     changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k))
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
@@ -394,11 +396,10 @@ def load_model_from_checkpoint(path: str | Path) -> tuple[nn.Module, DictConfig,
     """Rebuild the trained model from an adapter file alone (its metadata holds config, classes, base identity)."""
     tensors, meta = ckpt.load_adapter(path)
     try:
-        train_cfg = OmegaConf.create(meta["config"])
-        classes = list(meta["classes"])
-        identity = meta["base_weights"]
+        stored, classes, identity = meta["config"], list(meta["classes"]), meta["base_weights"]
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"checkpoint {path} lacks lora-cls metadata ({exc})") from None
+    train_cfg = stored_train_config(stored, f"checkpoint {path}")
     model, _, got_identity = build_classifier(train_cfg, len(classes))
     if got_identity["sha256"] != identity.get("sha256"):
         raise UserError(f"checkpoint {path} was trained on other base weights (model.weights={identity.get('weights')}); "

@@ -60,3 +60,18 @@ class DecaySchedule:
         if self.kind == "none":
             return 1.0
         return decay_factor(step, total, self.start, self.end, self.d_min)
+
+    def unreached(self, total: int) -> str | None:
+        """Why d stays above d_min at the last of `total` steps (end too close to 1, or too few steps), or None.
+
+        The run then ends, and is evaluated, with the frozen weight still contributing d(T-1)·W, so the adapted
+        layers cannot be exported as pure low-rank factors even when d_min = 0.
+        """
+        last = self.factor(total - 1, total)
+        if self.kind == "none" or total < 1 or last <= self.d_min:
+            return None
+        t1 = round(self.end * total)
+        return (f"schedule: d reaches only {last:.3g} at the last step ({total - 1} of {total}), not "
+                f"d_min={self.d_min:g} (reached at step {t1}); set schedule.end to {(total - 1) / total:.3g} or less, "
+                "or train for more steps")
+

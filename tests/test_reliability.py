@@ -193,6 +193,39 @@ def test_checkpoint_for_another_class_set_or_model_is_refused(reference, tmp_pat
         pipeline.load_model_from_checkpoint(tmp_path / "vgg.safetensors")
 
 
+def test_a_checkpoint_from_an_older_schema_still_loads_and_a_foreign_key_is_refused(reference, tmp_path):
+    _, run, _ = reference
+    tensors, meta = ckpt.load_adapter(run / "checkpoints" / "adapter.safetensors")
+    expected, _, _ = pipeline.load_model_from_checkpoint(run / "checkpoints" / "adapter.safetensors")
+    # A file written before trainer.compile and dataset.skip_bad existed: they take the schema's defaults.
+    del meta["config"]["trainer"]["compile"], meta["config"]["dataset"]["skip_bad"]
+    ckpt.save_adapter(tmp_path / "older.safetensors", tensors, meta)
+    model, train_cfg, _ = pipeline.load_model_from_checkpoint(tmp_path / "older.safetensors")
+    assert train_cfg.trainer.compile is False and train_cfg.dataset.skip_bad is False
+    assert train_cfg.lora.rank == 8 and train_cfg.schedule.kind == "decay_noise"  # the stored values are kept
+    torch.testing.assert_close(model.state_dict(), expected.state_dict(), rtol=0, atol=0)
+    # A key this version does not know (a newer lora-cls, or a hand-edited file) is named, not a traceback.
+    meta["config"]["lora"]["magic"] = 1
+    ckpt.save_adapter(tmp_path / "newer.safetensors", tensors, meta)
+    with pytest.raises(UserError, match=r"cannot read \(key lora.magic.*another lora-cls version"):
+        pipeline.load_model_from_checkpoint(tmp_path / "newer.safetensors")
+
+
+@pytest.mark.slow
+def test_resume_from_an_older_last_pt_treats_a_new_key_as_its_default(reference, tmp_path):
+    cfg, ref_dir, _ = reference
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(ref_dir, unfinished)
+    (unfinished / "metrics.json").unlink()
+    state = ckpt.load_last(unfinished / "checkpoints" / "last.pt")
+    del state["config"]["trainer.compile"]
+    ckpt.save_last(unfinished / "checkpoints" / "last.pt", state)
+    assert pipeline.prepare_run_dir(cfg, unfinished)[0] == unfinished / "checkpoints" / "last.pt"
+    compiled = _cfg(*TINY, f"dataset.root={cfg.dataset.root}", *NOISY, "trainer.compile=true")
+    with pytest.raises(UserError, match=r"trainer.compile: False -> True"):
+        pipeline.prepare_run_dir(compiled, unfinished)
+
+
 def test_eval_on_data_with_other_classes_is_refused(reference, tmp_path):
     _, run, _ = reference
     for cls in ("cats", "dogs", "birds"):

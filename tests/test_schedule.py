@@ -53,6 +53,20 @@ def test_schedule_kinds():
         DecaySchedule("decay", start=0.9, end=0.1)
 
 
+def test_a_schedule_that_does_not_reach_d_min_by_the_last_step_is_named():
+    # end=1.0 over 100 steps: t0 = 10, t1 = 100, so the last step (99) runs at d = 1/90, not 0.
+    message = DecaySchedule("decay", end=1.0).unreached(100)
+    assert message is not None and "reaches only 0.0111 at the last step (99 of 100)" in message
+    assert "(reached at step 100); set schedule.end to 0.99 or less" in message
+    assert DecaySchedule("decay", end=0.99).unreached(100) is None  # ...and that advice is right
+    # 4 steps at the defaults: t0 = 0, t1 = round(3.6) = 4: the last step runs at d = 1 - 3/4.
+    assert "reaches only 0.25 " in DecaySchedule("decay_noise").unreached(4)
+    assert DecaySchedule("decay").unreached(5) is None  # t1 = round(4.5) = 4: the last step is at d_min
+    assert DecaySchedule("decay", end=1.0, d_min=0.5).unreached(100) is not None
+    assert DecaySchedule("decay").unreached(100) is None
+    assert DecaySchedule("none", end=1.0).unreached(100) is None  # plain LoRA has no d_min to reach
+
+
 @pytest.mark.parametrize("d", [0.9, 0.5, 0.3])
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_effective_weight_keeps_mean_and_std(d, per_channel):
