@@ -39,7 +39,7 @@ SPLIT_NAMES = ("train", "val", "test")
 MISSING = "file not found"  # the reason given for a listed image that does not exist
 
 SYNTHETIC_MARKER = ".synthetic.json"
-# Bump when the picture generator changes, so existing data/synthetic folders are regenerated.
+# Bump when the picture generator changes: an existing set of another version is then refused, never replaced.
 SYNTHETIC_VERSION = 1
 SYNTHETIC_CLASSES = ("parasitized", "uninfected")
 SMOKING_CLASSES = ["notsmoking", "smoking"]
@@ -596,33 +596,46 @@ def _synthetic_marker(root: Path) -> dict[str, Any] | None:
 
 
 def ensure_synthetic(root: str | Path, num_per_class: int, source_size: int, seed: int) -> bool:
-    """Make `root` hold the synthetic set for these parameters; True when it was (re)generated.
+    """Make `root` hold the synthetic set for these parameters; True when it was generated.
 
-    Regenerates only a folder that carries our marker (or an empty one); a folder with other content and no
-    marker is the user's and raises UserError. Generation goes into a sibling temp folder that is renamed
-    into place, so an interrupted run never leaves a half-written set that looks complete.
+    An existing set is never replaced: earlier runs' splits.json name its files, and lora-eval of those runs
+    would silently measure other images. A set made with other parameters (or by another generator version),
+    and a folder with other content and no marker, raise UserError. Generation goes into a sibling temp folder
+    that is renamed into place, so an interrupted run never leaves a half-written set that looks complete.
     """
     root = Path(root)
     wanted = {"version": SYNTHETIC_VERSION, "num_per_class": num_per_class, "source_size": source_size,
               "seed": seed}
-    if root.exists():
+
+    def existing() -> bool:  # True: the wanted set is there; False: nothing (or an empty folder) is there
+        if not root.exists():
+            return False
         if not root.is_dir():
             raise UserError(f"dataset root {root} is a file; the synthetic set needs a folder there")
         marker = _synthetic_marker(root)
-        if marker is not None and all(marker.get(k) == v for k, v in wanted.items()):
+        if marker is None:
+            if any(root.iterdir()):
+                raise UserError(f"{root} is not empty and is not a synthetic set (no {SYNTHETIC_MARKER}); "
+                                "set dataset.root to an empty or new folder for the synthetic data")
             return False
-        if marker is None and any(root.iterdir()):
-            raise UserError(f"{root} is not empty and is not a synthetic set (no {SYNTHETIC_MARKER}); "
-                            "set dataset.root to an empty or new folder for the synthetic data")
+        if all(marker.get(k) == v for k, v in wanted.items()):
+            return True
+        have = ", ".join(f"{k}={marker.get(k)}" for k in wanted)
+        asked = ", ".join(f"{k}={v}" for k, v in wanted.items())
+        raise UserError(f"{root} holds a synthetic set made with {have}, not {asked}; it is kept because runs "
+                        f"that used it refer to its files. Set dataset.root to a new folder for these settings "
+                        f"(e.g. dataset.root={root}_n{num_per_class}_s{source_size}_seed{seed}), or delete {root}")
+
+    if existing():
+        return False
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.generating."))
     try:
         generate_synthetic(tmp / "set", num_per_class, source_size, seed)
+        if existing():
+            return False  # a concurrent run (a sweep job) finished the same set first
         if root.exists():
-            marker = _synthetic_marker(root)
-            if marker is not None and all(marker.get(k) == v for k, v in wanted.items()):
-                return False  # a concurrent run (a sweep job) finished the same set first
-            shutil.rmtree(root)
+            root.rmdir()  # empty (checked by existing()); os.replace needs it gone
         os.replace(tmp / "set", root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

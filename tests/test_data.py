@@ -102,11 +102,16 @@ def test_synthetic_marker_prevents_regeneration(tmp_path):
     prepare_splits(cfg)
     assert probe.stat().st_mtime == 1_000_000
     assert ensure_synthetic(root, 5, 16, 0) is False
-    before = probe.read_bytes()
-    assert ensure_synthetic(root, 5, 16, 1) is True  # other parameters: our own folder is regenerated
-    assert probe.read_bytes() != before
-    assert json.loads((root / ".synthetic.json").read_text())["seed"] == 1
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    # Other parameters: the set is kept (earlier runs' splits.json name its files), and the error says what to do.
+    with pytest.raises(UserError, match=r"made with version=1, num_per_class=5, source_size=16, seed=0, not "
+                       r"version=1, num_per_class=5, source_size=16, seed=1.*dataset.root=.*synthetic_n5_s16_seed1"):
+        ensure_synthetic(root, 5, 16, 1)
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
     assert not [p for p in tmp_path.iterdir() if p.name != "synthetic"]  # no temp folder left behind
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert ensure_synthetic(empty, 3, 16, 0) is True and len(list(empty.rglob("*.png"))) == 6
 
 
 def test_synthetic_matching_marker_skips_generation(tmp_path, monkeypatch):
