@@ -6,15 +6,19 @@ a wrong value (rank 0, negative lr, unknown precision) fails in `validate` with 
 
 from __future__ import annotations
 
+import copy
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import OmegaConfBaseException
 
 from lora_cls.errors import UserError
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "32", "bf16", "16")
 DATASETS = ("synthetic", "folder", "smoking", "malaria")
@@ -162,6 +166,10 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 def validate(cfg: DictConfig | Any) -> None:
     """Value checks for a composed training config; each failure names its key."""
+    unknown = unknown_keys(OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg)
+    _check(not unknown, unknown[0] if unknown else "",
+           "is not a lora-cls setting, so it would be ignored (added with `+`?); check its spelling in "
+           "`lora-train --cfg job` and drop the `+`")
     d, lo, tr, op, sc = cfg.dataset, cfg.lora, cfg.trainer, cfg.optimizer, cfg.schedule
     _check(not OmegaConf.is_missing(d, "root"), "dataset.root",
            f"is required for dataset={d.name}; set dataset.root=<folder>")
@@ -182,6 +190,10 @@ def validate(cfg: DictConfig | Any) -> None:
     _check(lo.init in ("kaiming", "gaussian"), "lora.init", f"must be kaiming or gaussian, got {lo.init!r}")
     _check(lo.bn in ("train", "frozen"), "lora.bn", f"must be train or frozen, got {lo.bn!r}")
     _check(lo.targets is None or len(lo.targets) > 0, "lora.targets", "is empty; use null for the model's preset")
+    if lo.targets and cfg.finetune == "lora":
+        from lora_cls.models import check_targets
+
+        check_targets(cfg.model.name, list(lo.targets))
     _check(cfg.finetune in ("lora", "full", "linear"), "finetune",
            f"must be lora, full or linear, got {cfg.finetune!r}")
     _check(sc.kind in ("none", "decay", "decay_noise"), "schedule.kind",
@@ -225,18 +237,46 @@ def validate_eval(cfg: DictConfig | Any) -> None:
     _check(cfg.batch_size is None or cfg.batch_size >= 1, "batch_size", "must be >= 1")
 
 
+def unknown_keys(tree: Any, schema: dict | None = None, prefix: str = "") -> list[str]:
+    """Dotted keys of a (nested) mapping that the training schema does not have."""
+    schema = to_container(OmegaConf.structured(TrainConfig)) if schema is None else schema
+    found = []
+    for key, value in (tree.items() if isinstance(tree, (dict, DictConfig)) else []):
+        if key not in schema:
+            found.append(f"{prefix}{key}")
+        elif isinstance(schema[key], dict):
+            found += unknown_keys(value, schema[key], f"{prefix}{key}.")
+    return found
+
+
 def stored_train_config(stored: Any, source: str) -> DictConfig:
     """A training config read back from a checkpoint, on today's schema.
 
-    Keys added to the schema since the file was written take their schema defaults (an older checkpoint stays
-    readable); a key the schema does not know, or a value of the wrong type, is a UserError naming the key.
+    Keys added to the schema since the file was written take their schema defaults (so a new key's default in
+    the dataclasses must reproduce the behaviour from before it existed). A key the schema does not know was
+    never read by lora-cls (a `+key=` override before those were refused, or a hand edit): it is dropped with a
+    warning. A value of the wrong type, or anything that is not a config, is a UserError.
     """
+    if not isinstance(stored, dict):
+        raise UserError(f"{source} holds no lora-cls training config (got {type(stored).__name__})")
+    stored = copy.deepcopy(stored)
+    dropped = unknown_keys(stored)
+    for dotted in dropped:
+        *parents, leaf = dotted.split(".")
+        node = stored
+        for part in parents:
+            node = node[part]
+        del node[leaf]
+    if dropped:
+        log.warning("%s: ignoring config key(s) that lora-cls does not know: %s", source, ", ".join(dropped))
     try:
-        return OmegaConf.merge(OmegaConf.structured(TrainConfig), stored)  # type: ignore[return-value]
-    except (ConfigKeyError, ValidationError) as exc:
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), stored)
+        OmegaConf.resolve(cfg)
+    except (OmegaConfBaseException, ValueError, TypeError) as exc:
         key = getattr(exc, "full_key", None) or "?"
         raise UserError(f"{source} holds a config this lora-cls cannot read (key {key}: "
-                        f"{str(exc).splitlines()[0]}); it was written by another lora-cls version") from None
+                        f"{str(exc).splitlines()[0]})") from None
+    return cfg  # type: ignore[return-value]
 
 
 def schema_defaults() -> dict[str, Any]:

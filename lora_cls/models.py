@@ -18,7 +18,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from lora_cls.errors import UserError
-from lora_cls.lora import LoRALayer, inject_lora
+from lora_cls.lora import LoRALayer, inject_lora, select_targets
 
 FINETUNE_MODES = ("lora", "full", "linear")
 BN_POLICIES = ("train", "frozen")
@@ -146,6 +146,15 @@ def build_model(name: str, weights: str | None, num_classes: int) -> nn.Module:
     load_base_weights(model, name, weights)
     replace_head(model, spec.head, num_classes)
     return model
+
+
+def check_targets(name: str, patterns: Sequence[str]) -> list[str]:
+    """Resolve target patterns on a weightless copy of the model (meta device: no memory, no weights, fast),
+    so a bad `lora.targets` fails with the config checks, before any data or run folder is made."""
+    spec = model_spec(name)
+    with torch.device("meta"):
+        model = spec.builder(weights=None)
+    return select_targets(model, list(patterns), exclude=[spec.head])
 
 
 def prepare_finetune(model: nn.Module, name: str, finetune: str, targets: Sequence[str] | None = None,

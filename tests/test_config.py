@@ -153,6 +153,15 @@ def test_unknown_group_option_fails_at_composition(compose_cfg):
         compose_cfg("dataset=imagenet")
 
 
+@pytest.mark.parametrize("override, key", [("+lora.rnk=4", "lora.rnk"), ("++foo=1", "foo"),
+                                           ("+dataset.synthetic.sed=1", "dataset.synthetic.sed")])
+def test_a_key_added_with_plus_that_lora_cls_does_not_read_is_refused(compose_cfg, override, key):
+    cfg = compose_cfg(override)  # Hydra lets `+` add any key; training would silently ignore it
+    with pytest.raises(UserError, match=rf"^{key}: is not a lora-cls setting"):
+        validate(cfg)
+    validate(compose_cfg("++lora.rank=4"))  # `++` on a key that exists only sets it
+
+
 # -- value errors: in validate, message starts with the key --------------------------------------------------
 
 @pytest.mark.parametrize("override, key", [
@@ -230,6 +239,18 @@ def test_precheck_turns_composition_errors_into_user_errors(argv, key):
 def test_precheck_validates_every_value_of_a_sweep(argv):
     with pytest.raises(UserError, match=r"^lora\.(rank|dropout):"):
         precheck(argv, "train", validate)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["lora.targets=[layer9]"], r"target pattern 'layer9' matches no module; nearby valid names: layer4\.2\.conv2"),
+    (["lora.targets=[fc]"], r"selects fc, the new classification head"),
+    (["-m", "lora.targets=[layer4],[bn1]"], r"selects bn1 \(BatchNorm2d\), which holds no layer LoRA supports"),
+    (["model=vgg16", "lora.targets=[layer4]"], r"'layer4' matches no module; nearby valid names: classifier"),
+])
+def test_precheck_resolves_lora_targets_before_any_data_or_folder(argv, message):
+    with pytest.raises(UserError, match=message):
+        precheck(argv, "train", validate)
+    precheck(["finetune=full", "lora.targets=[layer9]"], "train", validate)  # targets unused without LoRA
 
 
 def test_precheck_accepts_good_overrides_and_skips_help():

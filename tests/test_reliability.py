@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import shutil
 import signal
 import subprocess
@@ -193,7 +194,7 @@ def test_checkpoint_for_another_class_set_or_model_is_refused(reference, tmp_pat
         pipeline.load_model_from_checkpoint(tmp_path / "vgg.safetensors")
 
 
-def test_a_checkpoint_from_an_older_schema_still_loads_and_a_foreign_key_is_refused(reference, tmp_path):
+def test_a_checkpoint_from_an_older_schema_still_loads_and_a_foreign_key_is_dropped(reference, tmp_path, caplog):
     _, run, _ = reference
     tensors, meta = ckpt.load_adapter(run / "checkpoints" / "adapter.safetensors")
     expected, _, _ = pipeline.load_model_from_checkpoint(run / "checkpoints" / "adapter.safetensors")
@@ -204,11 +205,21 @@ def test_a_checkpoint_from_an_older_schema_still_loads_and_a_foreign_key_is_refu
     assert train_cfg.trainer.compile is False and train_cfg.dataset.skip_bad is False
     assert train_cfg.lora.rank == 8 and train_cfg.schedule.kind == "decay_noise"  # the stored values are kept
     torch.testing.assert_close(model.state_dict(), expected.state_dict(), rtol=0, atol=0)
-    # A key this version does not know (a newer lora-cls, or a hand-edited file) is named, not a traceback.
-    meta["config"]["lora"]["magic"] = 1
-    ckpt.save_adapter(tmp_path / "newer.safetensors", tensors, meta)
-    with pytest.raises(UserError, match=r"cannot read \(key lora.magic.*another lora-cls version"):
-        pipeline.load_model_from_checkpoint(tmp_path / "newer.safetensors")
+    # A key lora-cls never read (a `+key=` override from before those were refused) is dropped, with a warning.
+    meta["config"]["lora"]["rnk"] = 4
+    ckpt.save_adapter(tmp_path / "plus.safetensors", tensors, meta)
+    with caplog.at_level(logging.WARNING):
+        _, plus_cfg, _ = pipeline.load_model_from_checkpoint(tmp_path / "plus.safetensors")
+    assert "ignoring config key(s) that lora-cls does not know: lora.rnk" in caplog.text
+    assert "rnk" not in plus_cfg.lora and plus_cfg.lora.rank == 8
+    # Anything else that is not a training config is an error naming the file, never a traceback.
+    for bad, message in [({**meta["config"], "lora": {**meta["config"]["lora"], "rank": "eight"}}, "key lora.rank"),
+                         ({**meta["config"], "dataset": 5}, "cannot read"),
+                         ({**meta["config"], "model": {"name": "${nope.x}"}}, "cannot read"),
+                         ("hello", "no lora-cls training config"), ([1, 2], "no lora-cls training config")]:
+        ckpt.save_adapter(tmp_path / "bad.safetensors", tensors, {**meta, "config": bad})
+        with pytest.raises(UserError, match=message):
+            pipeline.load_model_from_checkpoint(tmp_path / "bad.safetensors")
 
 
 @pytest.mark.slow
@@ -224,6 +235,10 @@ def test_resume_from_an_older_last_pt_treats_a_new_key_as_its_default(reference,
     compiled = _cfg(*TINY, f"dataset.root={cfg.dataset.root}", *NOISY, "trainer.compile=true")
     with pytest.raises(UserError, match=r"trainer.compile: False -> True"):
         pipeline.prepare_run_dir(compiled, unfinished)
+    state["config"] = None
+    ckpt.save_last(unfinished / "checkpoints" / "last.pt", state)
+    with pytest.raises(UserError, match=r"last.pt is not a lora-cls last.pt"):
+        pipeline.prepare_run_dir(cfg, unfinished)
 
 
 def test_eval_on_data_with_other_classes_is_refused(reference, tmp_path):
