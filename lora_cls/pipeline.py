@@ -239,7 +239,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                           else split_metrics(out, splits))
     metrics = {**_base_metrics(cfg),
                "params": {k: params[k] for k in ("total", "trainable", "trainable_pct")},
-               "best_epoch": state.best_epoch, "epochs_run": state.epoch, "val": results["val"],
+               "best_epoch": state.best_epoch, "d": _best_d(state.history, state.best_epoch),
+               "epochs_run": state.epoch, "val": results["val"],
                "test": results["test"],
                "timing": {"train_seconds": round(state.train_seconds, 3),
                           "train_images_per_second": round(state.train_images / max(state.train_seconds, 1e-9), 3)},
@@ -251,9 +252,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     if progress:
         reports.print_metrics(results["test"], f"test ({len(splits.test)} images, best epoch {state.best_epoch})",
                               console=console)
-    log.info("done: val accuracy %.4f, test accuracy %.4f; run folder %s", results["val"]["accuracy"],
-             results["test"]["accuracy"], run_dir)
+    log.info("done: best epoch %d (d %.3g), val accuracy %.4f, test accuracy %.4f; run folder %s", state.best_epoch,
+             metrics["d"], results["val"]["accuracy"], results["test"]["accuracy"], run_dir)
     return metrics
+
+
+def _best_d(history: list[dict], best_epoch: int) -> float:
+    """The decay factor the best epoch was validated, saved and evaluated at (1.0 without a decay schedule)."""
+    return next((float(row["d"]) for row in history if row["epoch"] == best_epoch), 1.0)
 
 
 def rank_train_loader(loader: DataLoader, seed: int, info: distributed.DistInfo) -> DataLoader:

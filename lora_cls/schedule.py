@@ -7,6 +7,7 @@ t1 = round(end·T). `none` is plain LoRA: d ≡ 1, no noise, no compensating bia
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lora_cls.errors import UserError
@@ -64,14 +65,16 @@ class DecaySchedule:
     def unreached(self, total: int) -> str | None:
         """Why d stays above d_min at the last of `total` steps (end too close to 1, or too few steps), or None.
 
-        The run then ends, and is evaluated, with the frozen weight still contributing d(T-1)·W, so the adapted
-        layers cannot be exported as pure low-rank factors even when d_min = 0.
+        Then no epoch ends at d_min, so the adapter that is saved and evaluated (the best epoch's, at that
+        epoch's d) still uses the frozen weight, and cannot be exported as pure low-rank factors.
         """
         last = self.factor(total - 1, total)
         if self.kind == "none" or total < 1 or last <= self.d_min:
             return None
         t1 = round(self.end * total)
+        # The largest end (4 decimals, rounded down) with round(end·T) <= T - 1: d_min by the last step.
+        end = math.floor((total - 1) / total * 10_000) / 10_000
+        advice = (f"set schedule.end to {end:g} or less" if end >= self.start else
+                  f"set schedule.start and schedule.end to {end:g} or less")
         return (f"schedule: d reaches only {last:.3g} at the last step ({total - 1} of {total}), not "
-                f"d_min={self.d_min:g} (reached at step {t1}); set schedule.end to {(total - 1) / total:.3g} or less, "
-                "or train for more steps")
-
+                f"d_min={self.d_min:g} (reached at step {t1}); {advice}, or train for more steps")

@@ -70,6 +70,7 @@ def test_metrics_json_has_every_documented_key(tiny_run):
     assert params["trainable_pct"] == pytest.approx(100 * 464_898 / 21_749_570, abs=1e-4)
     assert metrics["epochs_run"] == 2
     assert metrics["best_epoch"] in (1, 2)
+    assert metrics["d"] == 1.0  # schedule=none: the frozen weight always counts in full
     classes = ["parasitized", "uninfected"]
     for split in ("val", "test"):
         block = metrics[split]

@@ -194,6 +194,16 @@ def test_checkpoint_for_another_class_set_or_model_is_refused(reference, tmp_pat
         pipeline.load_model_from_checkpoint(tmp_path / "vgg.safetensors")
 
 
+def test_metrics_d_is_the_best_epochs_d_the_adapter_was_saved_at(reference):
+    _, run, metrics = reference
+    with open(run / "history.csv") as f:
+        d_by_epoch = {int(row["epoch"]): float(row["d"]) for row in csv.DictReader(f)}
+    assert len(set(d_by_epoch.values())) == 3  # decay_noise over 3 epochs: a different d each epoch
+    assert metrics["d"] == pytest.approx(d_by_epoch[metrics["best_epoch"]])
+    _, meta = ckpt.load_adapter(run / "checkpoints" / "adapter.safetensors")
+    assert meta["best_epoch"] == metrics["best_epoch"] and meta["d"] == pytest.approx(metrics["d"])
+
+
 def test_a_checkpoint_from_an_older_schema_still_loads_and_a_foreign_key_is_dropped(reference, tmp_path, caplog):
     _, run, _ = reference
     tensors, meta = ckpt.load_adapter(run / "checkpoints" / "adapter.safetensors")

@@ -59,6 +59,13 @@ def test_a_schedule_that_does_not_reach_d_min_by_the_last_step_is_named():
     assert message is not None and "reaches only 0.0111 at the last step (99 of 100)" in message
     assert "(reached at step 100); set schedule.end to 0.99 or less" in message
     assert DecaySchedule("decay", end=0.99).unreached(100) is None  # ...and that advice is right
+    # The advice stays exact for long runs, and moves start too when end alone cannot go low enough.
+    assert "set schedule.end to 0.9995 or less" in DecaySchedule("decay", end=1.0).unreached(2000)
+    assert DecaySchedule("decay", end=0.9995).unreached(2000) is None
+    assert "set schedule.start and schedule.end to 0.75 or less" in DecaySchedule(
+        "decay", start=1.0, end=1.0).unreached(4)
+    assert DecaySchedule("decay", start=0.75, end=0.75).unreached(4) is None
+    assert "set schedule.start and schedule.end to 0 or less" in DecaySchedule("decay").unreached(1)
     # 4 steps at the defaults: t0 = 0, t1 = round(3.6) = 4: the last step runs at d = 1 - 3/4.
     assert "reaches only 0.25 " in DecaySchedule("decay_noise").unreached(4)
     assert DecaySchedule("decay").unreached(5) is None  # t1 = round(4.5) = 4: the last step is at d_min
