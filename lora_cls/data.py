@@ -9,13 +9,13 @@ augmentation happen on the batch, on the training device (`lora_cls.augment`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
 import shutil
 import struct
 import tempfile
-import warnings
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from lora_cls.errors import UserError
+
+log = logging.getLogger(__name__)
 
 Sample = tuple[str, int]
 """(path relative to the dataset root, POSIX separators; label index into `classes`)."""
@@ -383,9 +385,8 @@ def _read_smoking(cfg: Any, root: Path) -> _Layout:
                         f"{shown}; rename or remove them (the label is the file-name prefix)")
     counts = {split: len(samples) for split, samples in splits.items()}
     if counts != SMOKING_PUBLISHED_COUNTS:
-        warnings.warn(f"smoking dataset at {root} has {counts} images per split, the published set has "
-                      f"{SMOKING_PUBLISHED_COUNTS}; results are not comparable with published numbers",
-                      stacklevel=3)
+        log.warning(f"smoking dataset at {root} has {counts} images per split, the published set has "
+                    f"{SMOKING_PUBLISHED_COUNTS}; results are not comparable with published numbers")
     return _Layout(list(SMOKING_CLASSES), splits["train"], splits["val"], splits["test"], ignored, "smoking")
 
 
@@ -863,16 +864,16 @@ def build_loaders(splits: DatasetSplits, cfg: Any, batch_size: int, num_workers:
         if dataset.skipped:
             setattr(splits, name, list(dataset.samples))
             splits.skipped = sorted(set(splits.skipped) | set(dataset.skipped))
-            warnings.warn(f"skipped {len(dataset.skipped)} undecodable image(s) in the {name} split "
-                          f"(dataset.skip_bad=true): {', '.join(dataset.skipped[:5])}"
-                          + (" ..." if len(dataset.skipped) > 5 else ""), stacklevel=2)
+            log.warning(f"skipped {len(dataset.skipped)} undecodable image(s) in the {name} split "
+                        f"(dataset.skip_bad=true): {', '.join(dataset.skipped[:5])}"
+                        + (" ..." if len(dataset.skipped) > 5 else ""))
         if len(dataset) == 0:
             raise UserError(f"the {name} split is empty after skipping undecodable images; fix the files")
 
     n_train = len(datasets["train"])
     if batch_size > n_train:
-        warnings.warn(f"batch_size={batch_size} is larger than the train set ({n_train} images); using "
-                      f"batch_size={n_train}", stacklevel=2)
+        log.warning(f"batch_size={batch_size} is larger than the train set ({n_train} images); using "
+                    f"batch_size={n_train}")
         batch_size = n_train
     workers = 0 if cache else int(num_workers)
     common: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -317,10 +317,11 @@ def make_smoking_tree(root: Path, counts=(6, 2, 2), flat: bool = False) -> None:
                 write_image(folder / f"{cls}_{i:04d}.jpg", size=(25, 25))
 
 
-def test_smoking_nested_layout_labels_and_published_split(tmp_path):
+def test_smoking_nested_layout_labels_and_published_split(tmp_path, caplog):
     make_smoking_tree(tmp_path)
-    with pytest.warns(UserWarning, match="716"):
+    with caplog.at_level(logging.WARNING, logger="lora_cls.data"):
         splits = prepare_splits(make_cfg("smoking", tmp_path))
+    assert "the published set has {'train': 716" in caplog.text
     assert splits.classes == ["notsmoking", "smoking"]
     assert splits.positive_class == "smoking"
     assert (len(splits.train), len(splits.val), len(splits.test)) == (12, 4, 4)
@@ -338,10 +339,11 @@ def test_smoking_badly_prefixed_file_is_named(tmp_path):
         prepare_splits(make_cfg("smoking", tmp_path))
 
 
-def test_smoking_flattened_layout_is_accepted(tmp_path):
+def test_smoking_flattened_layout_is_accepted(tmp_path, caplog):
     make_smoking_tree(tmp_path, flat=True)
-    with pytest.warns(UserWarning):
+    with caplog.at_level(logging.WARNING, logger="lora_cls.data"):
         splits = prepare_splits(make_cfg("smoking", tmp_path))
+    assert "not comparable with published numbers" in caplog.text
     assert ("Validation/smoking_0001.jpg", 1) in splits.val
     assert (len(splits.train), len(splits.val), len(splits.test)) == (12, 4, 4)
 
@@ -643,26 +645,26 @@ def test_damage_found_only_when_decoding_in_a_worker_is_a_one_line_user_error(fl
     assert "\n" not in str(info.value)
 
 
-def test_build_loaders_batch_larger_than_train_set_is_lowered(flat_splits):
+def test_build_loaders_batch_larger_than_train_set_is_lowered(flat_splits, caplog):
     splits, cfg = flat_splits
-    with pytest.warns(UserWarning, match="larger than the train set"):
+    with caplog.at_level(logging.WARNING, logger="lora_cls.data"):
         loaders = build_loaders(splits, cfg, batch_size=64, num_workers=0, seed=0)
+    assert "batch_size=64 is larger than the train set (20 images); using batch_size=20" in caplog.text
     assert loaders["train"].batch_size == len(splits.train) == 20
     assert len(loaders["train"]) == 1  # one full step per epoch instead of zero
     assert next(iter(loaders["train"]))[0].shape[0] == 20
 
 
-def test_build_loaders_skip_bad_records_skipped_files(flat_splits):
+def test_build_loaders_skip_bad_records_skipped_files(flat_splits, caplog):
     splits, cfg = flat_splits
     bad = splits.val[0][0]
     (splits.root / bad).write_bytes(b"junk")
     with pytest.raises(UserError, match=bad):
         build_loaders(splits, cfg, 4, 0, seed=0)
     cfg.skip_bad = True
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with caplog.at_level(logging.WARNING, logger="lora_cls.data"):
         loaders = build_loaders(splits, cfg, 4, 0, seed=0)
-    assert any(bad in str(w.message) for w in caught)
+    assert f"skipped 1 undecodable image(s) in the val split (dataset.skip_bad=true): {bad}" in caplog.text
     assert splits.skipped == [bad]
     assert bad not in [path for path, _ in splits.val]
     assert len(loaders["val"].dataset) == len(splits.val) == 9

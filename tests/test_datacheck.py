@@ -4,6 +4,7 @@ an identical file in two splits, a patient in two splits — plus training's ref
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -161,7 +162,7 @@ def test_training_refuses_undecodable_files_and_lists_them(tmp_path, synthetic_r
 
 
 @pytest.mark.slow
-def test_skip_bad_trains_and_records_the_skipped_files(tmp_path, synthetic_root, compose_cfg, path_override):
+def test_skip_bad_trains_and_records_the_skipped_files(tmp_path, synthetic_root, compose_cfg, path_override, caplog):
     from lora_cls.pipeline import train
 
     root = tmp_path / "synthetic"
@@ -170,8 +171,9 @@ def test_skip_bad_trains_and_records_the_skipped_files(tmp_path, synthetic_root,
     cfg = compose_cfg("experiment=demo", "dataset.image_size=32", "dataset.synthetic.num_per_class=40",
                       "trainer.epochs=1", "trainer.batch_size=16", "trainer.progress=false",
                       "dataset.skip_bad=true", path_override("dataset.root", root))
-    with pytest.warns(UserWarning, match="skipped 1 undecodable"):
+    with caplog.at_level(logging.WARNING, logger="lora_cls.data"):
         metrics = train(cfg, tmp_path / "run")
+    assert "skipped 1 undecodable image(s) in the train split" in caplog.text
     assert metrics["skipped_images"] == ["train/uninfected/broken.png"]
     recorded = json.loads((tmp_path / "run" / "splits.json").read_text(encoding="utf-8"))
     assert recorded["skipped"] == ["train/uninfected/broken.png"]
