@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -29,6 +30,10 @@ from sklearn.metrics import classification_report
 
 from lora_cls.errors import UserError
 from lora_cls.metrics import confusion, resolve_positive_class
+
+# Math-text tick labels (10^5 on a log axis) ask for STIX fonts and fall back to DejaVu Sans, which matplotlib
+# logs once per glyph; under Hydra's logging that is a screenful of noise after every sweep.
+logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 
 HISTORY_FIELDS = [
     "epoch",

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from lora_cls.cli.common import interrupted
 from lora_cls.errors import UserError
 from lora_cls.pipeline import evaluate_checkpoint, train
 
@@ -342,10 +344,53 @@ def test_second_sweep_into_the_same_folder_is_refused(run_cli, rank_sweep, tiny_
     proc = run_cli("lora-train", "-m", *tiny_overrides, "lora.rank=8,16", path_override("hydra.sweep.dir", sweep_dir),
                    cwd=sweep_dir.parent)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert last_line(proc.stderr).startswith(f"error: sweep folder {sweep_dir} already holds results")
+    assert last_line(proc.stderr).startswith(f"error: sweep folder {sweep_dir} already holds a finished sweep")
     assert (sweep_dir / "summary.csv").read_bytes() == before
     rows = read_csv(sweep_dir / "summary.csv")
     assert all(int(r["trainable"]) == resnet34_trainable(int(r["lora.rank"])) for r in rows)
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_with_the_same_command(run_cli, rank_sweep, tiny_overrides, path_override,
+                                                            tmp_path):
+    first, done = rank_sweep
+    assert first.returncode == 0
+    # What Ctrl-C in job 1 leaves: job 0 finished, job 1 with last.pt and no metrics.json, no summary yet.
+    sweep_dir = tmp_path / "ranks"
+    shutil.copytree(done, sweep_dir)
+    for name in ("summary.csv", "summary.md", "summary.png"):
+        (sweep_dir / name).unlink()
+    (sweep_dir / "1" / "metrics.json").unlink()
+    def job0() -> dict:  # Hydra rewrites .hydra/ and appends to train.log; the results must not change
+        return {p: p.read_bytes() for p in (sweep_dir / "0").rglob("*")
+                if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"}
+
+    kept = job0()
+    sweep = ["-m", *tiny_overrides, "lora.rank=2,4"]
+    other = run_cli("lora-train", "-m", *tiny_overrides, "lora.rank=2,8", path_override("hydra.sweep.dir", sweep_dir),
+                    cwd=tmp_path)  # another sweep's overrides: refused, nothing touched
+    assert other.returncode == 2 and "holds results of another sweep" in last_line(other.stderr), other.stderr[-2000:]
+    proc = run_cli("lora-train", *sweep, path_override("hydra.sweep.dir", sweep_dir), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert job0() == kept
+    assert "job 0 already ended" in (sweep_dir / "0" / "train.log").read_text(encoding="utf-8").splitlines()[-1]
+    assert "resuming from" in (sweep_dir / "1" / "train.log").read_text(encoding="utf-8")
+    rows = read_csv(sweep_dir / "summary.csv")
+    assert [(r["status"], int(r["lora.rank"])) for r in rows] == [("ok", 2), ("ok", 4)]
+    original = read_json(done / "1" / "metrics.json")
+    assert read_json(sweep_dir / "1" / "metrics.json")["test"] == original["test"]  # the same finished weights
+
+
+def test_interrupting_a_sweep_says_how_to_resume_the_sweep(tmp_path, capsys):
+    job = tmp_path / "sweep" / "1"
+    with pytest.raises(SystemExit) as exit_info:
+        interrupted(job, ["lora.rank=4"], training=True, sweep_dir=tmp_path / "sweep",
+                    argv=["-m", "lora.rank=2,4", "hydra.sweep.dir=old", "trainer.epochs=3"])
+    assert exit_info.value.code == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-3] == f"interrupted: the sweep stopped in job 1; finished jobs are kept in {tmp_path / 'sweep'}."
+    assert lines[-2] == "resume the sweep with:"
+    assert lines[-1].strip() == f"lora-train -m lora.rank=2,4 trainer.epochs=3 hydra.sweep.dir={tmp_path / 'sweep'}"
 
 
 @pytest.mark.slow

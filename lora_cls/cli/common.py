@@ -81,9 +81,9 @@ def precheck(argv: list[str], config_name: str, validate: Callable[[DictConfig],
     overrides = [a for a in argv if not a.startswith("-")]
     run_dir = override_value(overrides, "hydra.run.dir")
     sweep_dir = override_value(overrides, "hydra.sweep.dir")
-    if sweep_dir and multirun:
-        check_fresh_sweep_dir(Path(sweep_dir))
     job_overrides = [a for a in overrides if not a.startswith(("hydra.", "hydra/", "+hydra", "++hydra", "~hydra"))]
+    if sweep_dir and multirun:
+        check_sweep_dir(Path(sweep_dir), job_overrides)
     hydra_overrides = [a for a in overrides if a not in job_overrides]
     register_configs()
     try:
@@ -122,12 +122,32 @@ def check_fresh_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     reports.check_fresh_run_dir(run_dir)
 
 
-def check_fresh_sweep_dir(sweep_dir: Path) -> None:
-    """A sweep never reuses a folder holding another sweep's results (its summary would mix the two)."""
-    found = [p for p in (sweep_dir / "summary.csv", *sweep_dir.glob("*/metrics.json")) if p.exists()]
-    if found:
-        raise UserError(f"sweep folder {sweep_dir} already holds results ({found[0].relative_to(sweep_dir)}); "
+def check_sweep_dir(sweep_dir: Path, job_overrides: list[str]) -> None:
+    """A sweep folder is new, or holds this same sweep interrupted (it then resumes: finished jobs are kept,
+    the interrupted one continues from its last.pt, the rest run). Another sweep's results are refused, so a
+    summary never mixes two sweeps."""
+    if (sweep_dir / "summary.csv").exists():
+        raise UserError(f"sweep folder {sweep_dir} already holds a finished sweep (summary.csv); "
                         "choose another hydra.sweep.dir")
+    found = sorted(sweep_dir.glob("*/metrics.json")) + sorted(sweep_dir.glob("*/checkpoints/last.pt"))
+    if not found:
+        return
+    if sweep_overrides(sweep_dir) != job_overrides:
+        raise UserError(f"sweep folder {sweep_dir} already holds results of another sweep "
+                        f"({found[0].relative_to(sweep_dir)}; its overrides were {sweep_overrides(sweep_dir)}); "
+                        "choose another hydra.sweep.dir, or repeat that sweep's overrides to resume it")
+    log.info("resuming the interrupted sweep in %s: finished jobs are kept", sweep_dir)
+
+
+def sweep_overrides(sweep_dir: Path) -> list[str] | None:
+    """The command-line overrides (hydra.* excluded) of the sweep that Hydra started in `sweep_dir`."""
+    from omegaconf import OmegaConf
+
+    try:
+        task = OmegaConf.select(OmegaConf.load(sweep_dir / "multirun.yaml"), "hydra.overrides.task")
+        return [str(o) for o in task] if task is not None else None
+    except (OSError, OmegaConfBaseException, ValueError):
+        return None
 
 
 def _log_to_file(message: str) -> None:
@@ -142,10 +162,17 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig, Path], dict], metric_key
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    training = hc.job.config_name == "train"
     try:
-        metrics = job(cfg, run_dir)
+        if multirun and training and (run_dir / "metrics.json").is_file():
+            # A resumed sweep (check_sweep_dir): this job ended before the interruption; its result stays.
+            log.info("job %s already ended in %s; kept", hc.job.num, run_dir)
+            metrics = _read_metrics(run_dir / "metrics.json")
+        else:
+            metrics = job(cfg, run_dir)
     except KeyboardInterrupt:
-        interrupted(run_dir, list(hc.overrides.task), training=hc.job.config_name == "train")
+        interrupted(run_dir, list(hc.overrides.task), training=training,
+                    sweep_dir=Path(hc.sweep.dir) if multirun else None)
     except Exception as exc:
         user = isinstance(exc, UserError)
         message = str(exc) if user else f"{type(exc).__name__}: {exc}"
@@ -166,15 +193,33 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig, Path], dict], metric_key
             fail(message.replace("\n", " | ") if "\n" in message and len(message) < 2000 else message)
         raise
     if metric_key:
-        return metrics.get("val", {}).get(metric_key)
+        return (metrics.get("val") or {}).get(metric_key)
     return None
 
 
-def interrupted(run_dir: Path, overrides: list[str], training: bool = True) -> None:
+def _read_metrics(path: Path) -> dict:
+    import json
+
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
+
+
+def interrupted(run_dir: Path, overrides: list[str], training: bool = True, sweep_dir: Path | None = None,
+                argv: list[str] | None = None) -> None:
     """Ctrl-C: a training run's last.pt (written at every epoch end) holds the last completed epoch; say how to
-    go on. Other commands, and a training run stopped before its first checkpoint, have nothing to resume."""
+    go on. Other commands, and a training run stopped before its first checkpoint, have nothing to resume.
+    In a sweep the way on is the same sweep command into the same folder (`check_sweep_dir`)."""
     last = run_dir / "checkpoints" / "last.pt"
-    if not training:
+    if training and sweep_dir is not None:
+        argv = sys.argv[1:] if argv is None else argv
+        kept = [a for a in argv if _split_override(a)[0] != "hydra.sweep.dir"]
+        command = " ".join(["lora-train", *[shlex.quote(a) for a in kept], shlex.quote(f"hydra.sweep.dir={sweep_dir}")])
+        print(f"\ninterrupted: the sweep stopped in job {run_dir.name}; finished jobs are kept in {sweep_dir}.\n"
+              f"resume the sweep with:\n  {command}", file=sys.stderr)
+    elif not training:
         print("\ninterrupted.", file=sys.stderr)
     elif not last.is_file():
         print(f"\ninterrupted before the first checkpoint; nothing to resume in {run_dir}.", file=sys.stderr)
