@@ -343,7 +343,7 @@ def test_sweep_summary_rows_csv_markdown_and_png(tmp_path):
 
     md = (tmp_path / "summary.md").read_text()
     assert "5 jobs, 2 ok, 2 failed, 1 missing" in md
-    assert "Best test accuracy: job `1`, 0.9300" in md
+    assert "Best validation accuracy: job `1`, 0.9200; test accuracy 0.9300." in md  # chosen on val, not test
     lines = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
     assert "job" in lines  # header row
     assert "| 0.9100 |" in lines["0"] and "| 116,224 |" in lines["0"]
@@ -354,6 +354,23 @@ def test_sweep_summary_rows_csv_markdown_and_png(tmp_path):
 
     assert_png(tmp_path / "summary.png")
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_sweep_summary_picks_the_best_job_on_validation_and_names_ties(tmp_path):
+    def metrics(val: float, test: float) -> dict:
+        m = job_metrics(2, test)
+        m["val"]["accuracy"] = val
+        return m
+
+    make_job(tmp_path / "a", "0", ["lora.rank=2"], metrics(0.95, 0.80))
+    make_job(tmp_path / "a", "1", ["lora.rank=4"], metrics(0.90, 0.99))  # the best test score is not the pick
+    write_sweep_summary(tmp_path / "a")
+    assert "Best validation accuracy: job `0`, 0.9500; test accuracy 0.8000." in (tmp_path / "a" / "summary.md").read_text()
+    make_job(tmp_path / "b", "0", ["lora.rank=2"], metrics(0.5, 0.5))
+    make_job(tmp_path / "b", "1", ["lora.rank=4"], metrics(0.5, 0.6))
+    write_sweep_summary(tmp_path / "b")
+    assert ("Best validation accuracy: jobs `0`, `1` (tied), 0.5000; test accuracy 0.5000, 0.6000."
+            in (tmp_path / "b" / "summary.md").read_text())
 
 
 def test_sweep_summary_when_every_job_failed(tmp_path):
@@ -367,7 +384,7 @@ def test_sweep_summary_when_every_job_failed(tmp_path):
         ("failed", "unreadable metrics.json"),
     ]
     assert "2 jobs, 0 ok, 2 failed, 0 missing" in (tmp_path / "summary.md").read_text()
-    assert "Best test accuracy" not in (tmp_path / "summary.md").read_text()
+    assert "Best validation accuracy" not in (tmp_path / "summary.md").read_text()
     assert len(read_csv(tmp_path / "summary.csv")) == 3
     assert_png(tmp_path / "summary.png")
 
