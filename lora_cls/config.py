@@ -70,7 +70,7 @@ class ModelConfig:
 @dataclass
 class LoRAConfig:
     rank: int = 8
-    alpha: float = 8.0
+    alpha: float = "${.rank}"  # type: ignore[assignment]  # s = alpha / rank = 1 unless set, as in the YAML
     dropout: float = 0.0
     rslora: bool = False
     init: str = "kaiming"
@@ -126,6 +126,9 @@ class TrainerConfig:
 
 @dataclass
 class TrainConfig:
+    """The training config. These defaults equal the YAML tree's (a test compares them), and a key added later
+    must default to the behaviour from before it existed: older checkpoints are read with it."""
+
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)

@@ -12,7 +12,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 import lora_cls.conf
 from lora_cls.cli.common import _override_variants, interrupted, override_value, precheck
-from lora_cls.config import register_configs, validate, validate_eval
+from lora_cls.config import (
+    flatten,
+    register_configs,
+    schema_defaults,
+    stored_train_config,
+    to_container,
+    validate,
+    validate_eval,
+)
 from lora_cls.errors import UserError
 
 RESNET34_PRESET = ["layer3.*.conv1", "layer3.*.conv2", "layer4.*.conv1", "layer4.*.conv2"]
@@ -95,6 +103,16 @@ def test_defaults_are_the_offline_synthetic_resnet34_lora_run(compose_cfg):
     assert cfg.finetune == "lora"
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets) == (8, 8.0, None)
     validate(cfg)
+
+
+def test_schema_defaults_equal_the_yaml_defaults(compose_cfg):
+    # An older checkpoint or last.pt lacking a key is read with the schema's default: it must be the YAML's.
+    composed = flatten(to_container(compose_cfg()))
+    assert {k: v for k, v in schema_defaults().items() if k != "dataset.root"} == {
+        k: v for k, v in composed.items() if k != "dataset.root"}
+    # alpha follows rank in the schema too: a rank-4 file stored without alpha keeps s = 1
+    assert stored_train_config({"lora": {"rank": 4}}, "test").lora.alpha == 4.0
+    assert stored_train_config({"lora": {"rank": 4, "alpha": 16}}, "test").lora.alpha == 16.0
 
 
 def test_command_line_overrides_win_over_the_experiment(compose_cfg):
