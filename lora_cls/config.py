@@ -234,7 +234,8 @@ def check_required(cfg: DictConfig | Any, key: str, example: str) -> None:
 def validate_eval(cfg: DictConfig | Any) -> None:
     check_required(cfg, "ckpt", "lora-eval ckpt=outputs/train/<run>")
     check_device(cfg.device, "device")
-    _check(cfg.split in ("train", "val", "test"), "split", f"must be val or test (or train), got {cfg.split!r}")
+    _check(cfg.split in ("train", "val", "test", "all"), "split",
+           f"must be val or test (or train, or all: every image of dataset.root), got {cfg.split!r}")
     _check(cfg.precision is None or str(cfg.precision) in PRECISIONS, "precision",
            f"must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     _check(cfg.batch_size is None or cfg.batch_size >= 1, "batch_size", "must be >= 1")

@@ -71,7 +71,9 @@ class DatasetSplits:
     ignored: int = 0
 
     def split(self, name: str) -> list[Sample]:
-        """The samples of split `name` ("train", "val" or "test")."""
+        """The samples of split `name` ("train", "val" or "test"; "all" is the three together)."""
+        if name == "all":
+            return self.train + self.val + self.test
         if name not in SPLIT_NAMES:
             raise KeyError(name)
         return getattr(self, name)

@@ -422,6 +422,9 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     path = resolve_checkpoint(cfg.ckpt)
     model, train_cfg, meta = load_model_from_checkpoint(path)
     classes = list(meta["classes"])
+    if cfg.split == "all" and not cfg.dataset.root:
+        raise UserError("split=all evaluates every image of dataset.root=<other data>; on the run's own split it "
+                        "would count the training images too; use split=test or val, or give dataset.root=")
     if cfg.dataset.root:
         # The generated synthetic set is a folder layout: another root is read as a plain folder.
         name = cfg.dataset.name or ("folder" if train_cfg.dataset.name == "synthetic" else train_cfg.dataset.name)

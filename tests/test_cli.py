@@ -183,6 +183,28 @@ def test_eval_on_a_copy_of_the_data_keeps_the_runs_positive_class_and_skips_bad_
     assert sum(c["support"] for c in written["test"]["per_class"].values()) == TINY_COUNTS["test"] - 1
 
 
+def test_eval_split_all_takes_every_image_of_another_folder(tiny_run, synthetic_root, compose_cfg, path_override,
+                                                            tmp_path):
+    flat = tmp_path / "new_images"  # root/<class>/*, no split folders: lora-eval carves a split out of it
+    for cls in ("parasitized", "uninfected"):
+        shutil.copytree(synthetic_root / "test" / cls, flat / cls)
+        shutil.copytree(synthetic_root / "val" / cls, flat / cls, dirs_exist_ok=True)
+    total = len(list(flat.rglob("*.png")))
+    assert total == TINY_COUNTS["test"] + TINY_COUNTS["val"]
+    results = {}
+    for split in ("test", "all"):
+        cfg = compose_cfg(path_override("ckpt", tiny_run.run_dir), path_override("dataset.root", flat),
+                          f"split={split}", "progress=false", config_name="eval")
+        results[split] = evaluate_checkpoint(cfg, tmp_path / f"eval_{split}")
+    assert results["all"]["images"] == total
+    assert sum(c["support"] for c in results["all"]["all"]["per_class"].values()) == total
+    assert 0 < results["test"]["images"] < total  # the seeded test share, as lora-train would split the folder
+    assert (tmp_path / "eval_all" / "reports" / "all" / "confusion_matrix.csv").is_file()
+    cfg = compose_cfg(path_override("ckpt", tiny_run.run_dir), "split=all", "progress=false", config_name="eval")
+    with pytest.raises(UserError, match="split=all evaluates every image of dataset.root"):
+        evaluate_checkpoint(cfg, tmp_path / "eval_own")  # the run's own split would count its training images
+
+
 def test_eval_refuses_a_folder_holding_results(tiny_run, compose_cfg, path_override):
     before = {p: p.read_bytes() for p in tiny_run.run_dir.rglob("*") if p.is_file()}
     cfg = compose_cfg(path_override("ckpt", tiny_run.run_dir), "progress=false", config_name="eval")
