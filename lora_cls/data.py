@@ -17,8 +17,9 @@ import shutil
 import struct
 import tempfile
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -481,6 +482,25 @@ def prepare_splits(cfg: Any) -> DatasetSplits:
                         f"choose one of {layout.classes} or null")
     return DatasetSplits(root=root, classes=list(layout.classes), positive_class=positive, train=layout.train,
                          val=layout.val, test=layout.test, skipped=[], ignored=layout.ignored)
+
+
+@contextmanager
+def collected_warnings() -> Iterator[list[str]]:
+    """Warnings this module logs inside the block, returned instead of printed (for reports that list them)."""
+    notes: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            notes.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    log.addHandler(handler)
+    propagate, log.propagate = log.propagate, False
+    try:
+        yield notes
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
 
 
 # --------------------------------------------------------------------------------------------- synthetic

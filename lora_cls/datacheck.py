@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import os
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,6 +32,7 @@ from lora_cls.data import (
     SPLIT_NAMES,
     DatasetSplits,
     UnreadableImage,
+    collected_warnings,
     decode_image,
     malaria_patient,
     prepare_splits,
@@ -121,7 +120,7 @@ def _stats(values: Sequence[int]) -> dict[str, float | int | None]:
 
 def _load_split(cfg: Any) -> tuple[DatasetSplits, str, str | None, list[str]]:
     """The split to check, a description of where it came from, the dataset name if known, and warnings."""
-    with _collected_warnings("lora_cls.data") as caught:
+    with collected_warnings() as caught:
         if cfg.splits is not None:
             path = _splits_file(cfg.splits)
             splits = read_splits_json(path)
@@ -130,25 +129,6 @@ def _load_split(cfg: Any) -> tuple[DatasetSplits, str, str | None, list[str]]:
             splits = prepare_splits(cfg.dataset)
             source, name = f"dataset={cfg.dataset.name} (split as lora-train makes it)", str(cfg.dataset.name)
     return splits, source, name, caught
-
-
-@contextmanager
-def _collected_warnings(logger_name: str) -> Iterator[list[str]]:
-    """Warnings logged by `logger_name` inside the block, kept for the report (which prints them itself)."""
-    notes: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            notes.append(record.getMessage())
-
-    logger, handler = logging.getLogger(logger_name), Collect(logging.WARNING)
-    logger.addHandler(handler)
-    propagate, logger.propagate = logger.propagate, False
-    try:
-        yield notes
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = propagate
 
 
 def check_dataset(cfg: Any) -> dict[str, Any]:

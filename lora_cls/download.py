@@ -14,7 +14,6 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
-import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -258,12 +257,10 @@ def check_layout(name: str, root: str | Path) -> tuple[DatasetSplits, list[str]]
     Warns (in the returned list) when counts differ from the published set. Decodability is the data check's
     job (`lora-data check`), not this one's: here only the layout, names and counts are checked.
     """
-    from lora_cls.data import MALARIA_CLASSES, SPLIT_NAMES, prepare_splits
+    from lora_cls.data import MALARIA_CLASSES, SPLIT_NAMES, collected_warnings, prepare_splits
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with collected_warnings() as notes:
         splits = prepare_splits(dataset_config(name, root))
-    notes = [str(w.message) for w in caught]
     if name == "malaria":
         for label, cls in enumerate(MALARIA_CLASSES):
             n = sum(1 for split in SPLIT_NAMES for _, y in splits.split(split) if y == label)
