@@ -236,6 +236,9 @@ def validate_eval(cfg: DictConfig | Any) -> None:
     check_device(cfg.device, "device")
     _check(cfg.split in ("train", "val", "test", "all"), "split",
            f"must be val or test (or train, or all: every image of dataset.root), got {cfg.split!r}")
+    _check(cfg.split != "all" or bool(cfg.dataset.root), "split",
+           "split=all evaluates every image of other data: give dataset.root=<folder> (on the run's own split it "
+           "would count the training images)")
     _check(cfg.precision is None or str(cfg.precision) in PRECISIONS, "precision",
            f"must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     _check(cfg.batch_size is None or cfg.batch_size >= 1, "batch_size", "must be >= 1")

@@ -449,12 +449,13 @@ _HOW_TO_GET = {
 }
 
 
-def prepare_splits(cfg: Any) -> DatasetSplits:
+def prepare_splits(cfg: Any, need: Sequence[str] = SPLIT_NAMES) -> DatasetSplits:
     """Read (for synthetic: generate, then read) the dataset named by `cfg.name` and split it.
 
     `cfg` is the dataset config (any attribute-access object: name, root, val_fraction, test_fraction,
     split_seed, positive_class, synthetic.*). Raises UserError for a missing root, no images, fewer than two
-    classes, an empty split or an unknown positive class.
+    classes, an empty split among `need` (training needs all three; lora-eval only the one it evaluates) or an
+    unknown positive class.
     """
     if cfg.name not in LAYOUTS:
         raise UserError(f"unknown dataset.name={cfg.name!r}; choose one of {sorted(LAYOUTS)}")
@@ -472,10 +473,10 @@ def prepare_splits(cfg: Any) -> DatasetSplits:
     if len(layout.classes) < 2:
         raise UserError(f"{root} has {len(layout.classes)} class ({layout.classes}); a classifier needs at "
                         "least two class folders")
-    for split in SPLIT_NAMES:
+    for split in need:
         if not getattr(layout, split):
-            raise UserError(f"the {split} split of {root} is empty ({total} images in all); add images or "
-                            "raise dataset.val_fraction/test_fraction")
+            raise UserError(f"the {split} split of {root} is empty ({total} images in all); add images, raise "
+                            "dataset.val_fraction/test_fraction (lora-train) or use split=all (lora-eval)")
     positive = cfg.positive_class if cfg.positive_class is not None else layout.default_positive
     if positive is not None and positive not in layout.classes:
         raise UserError(f"dataset.positive_class={positive!r} is not a class of {root}; "

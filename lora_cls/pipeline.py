@@ -414,6 +414,17 @@ def load_model_from_checkpoint(path: str | Path) -> tuple[nn.Module, DictConfig,
     return model, train_cfg, meta
 
 
+def _run_data_root(adapter_path: Path, train_cfg: DictConfig) -> Path:
+    """The data folder a training run used: its splits.json's root, else its config's dataset.root."""
+    splits_path = adapter_path.parent.parent / "splits.json"
+    if splits_path.is_file():
+        try:
+            return Path(read_splits_json(splits_path).root).resolve()
+        except UserError:
+            pass
+    return Path(str(train_cfg.dataset.root)).expanduser().resolve()
+
+
 def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     """lora-eval: evaluate a checkpoint on its run's split (or another dataset.root) and write reports."""
     run_dir = Path(run_dir)
@@ -422,14 +433,14 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     path = resolve_checkpoint(cfg.ckpt)
     model, train_cfg, meta = load_model_from_checkpoint(path)
     classes = list(meta["classes"])
-    if cfg.split == "all" and not cfg.dataset.root:
-        raise UserError("split=all evaluates every image of dataset.root=<other data>; on the run's own split it "
-                        "would count the training images too; use split=test or val, or give dataset.root=")
     if cfg.dataset.root:
         # The generated synthetic set is a folder layout: another root is read as a plain folder.
         name = cfg.dataset.name or ("folder" if train_cfg.dataset.name == "synthetic" else train_cfg.dataset.name)
         ds_cfg = OmegaConf.merge(train_cfg.dataset, {"root": cfg.dataset.root, "name": name})
-        splits = prepare_splits(ds_cfg)
+        splits = prepare_splits(ds_cfg, need=() if cfg.split == "all" else (cfg.split,))
+        if cfg.split == "all" and splits.root == _run_data_root(path, train_cfg):
+            raise UserError(f"split=all on {splits.root}, the data the run was trained on, would count its training "
+                            "images; use split=test or val there, and split=all for other data")
         if splits.classes != classes:
             raise UserError(f"dataset.root={cfg.dataset.root} has classes {splits.classes}, but the checkpoint was "
                             f"trained on {classes}; evaluate on data with the same classes")

@@ -200,9 +200,22 @@ def test_eval_split_all_takes_every_image_of_another_folder(tiny_run, synthetic_
     assert sum(c["support"] for c in results["all"]["all"]["per_class"].values()) == total
     assert 0 < results["test"]["images"] < total  # the seeded test share, as lora-train would split the folder
     assert (tmp_path / "eval_all" / "reports" / "all" / "confusion_matrix.csv").is_file()
+    tiny = tmp_path / "tiny"  # 2 images a class: too few for a test share, but split=all needs none
+    for cls in ("parasitized", "uninfected"):
+        (tiny / cls).mkdir(parents=True)
+        for src in sorted((synthetic_root / "test" / cls).iterdir())[:2]:
+            shutil.copy(src, tiny / cls / src.name)
+    cfg = compose_cfg(path_override("ckpt", tiny_run.run_dir), path_override("dataset.root", tiny), "split=all",
+                      "progress=false", config_name="eval")
+    assert evaluate_checkpoint(cfg, tmp_path / "eval_tiny")["images"] == 4
+    # On the run's own data split=all would count its training images: refused, with or without dataset.root.
     cfg = compose_cfg(path_override("ckpt", tiny_run.run_dir), "split=all", "progress=false", config_name="eval")
-    with pytest.raises(UserError, match="split=all evaluates every image of dataset.root"):
-        evaluate_checkpoint(cfg, tmp_path / "eval_own")  # the run's own split would count its training images
+    with pytest.raises(UserError, match="split: split=all evaluates every image of other data"):
+        evaluate_checkpoint(cfg, tmp_path / "eval_own")
+    cfg = compose_cfg(path_override("ckpt", tiny_run.run_dir), path_override("dataset.root", synthetic_root),
+                      "split=all", "progress=false", config_name="eval")
+    with pytest.raises(UserError, match="the data the run was trained on"):
+        evaluate_checkpoint(cfg, tmp_path / "eval_own2")
 
 
 def test_eval_refuses_a_folder_holding_results(tiny_run, compose_cfg, path_override):
