@@ -11,7 +11,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import lora_cls.conf
-from lora_cls.cli.common import _override_variants, interrupted, override_value, precheck
+from lora_cls.cli.common import (
+    _override_variants,
+    caused_by_interrupt,
+    interrupted,
+    override_value,
+    precheck,
+)
 from lora_cls.config import (
     flatten,
     register_configs,
@@ -295,6 +301,23 @@ def test_the_run_dir_hydra_uses_is_the_last_override_with_or_without_plus():
     assert override_value(["a=1", "hydra.run.dir=x", "++hydra.run.dir=y", "b=2"], "hydra.run.dir") == "y"
     assert override_value(["+hydra.run.dir=z"], "hydra.run.dir") == "z"
     assert override_value(["hydra.run.dirr=z", "hydra.run.dir"], "hydra.run.dir") is None
+
+
+def test_an_interrupt_that_a_library_turned_into_its_own_error_is_still_an_interrupt():
+    def save_interrupted():  # what torch.save does when Ctrl-C / SIGTERM lands inside its file write
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from None
+
+    with pytest.raises(RuntimeError) as info:
+        save_interrupted()
+    assert caused_by_interrupt(info.value)  # `from None` hides it from tracebacks, not from __context__
+    assert caused_by_interrupt(KeyboardInterrupt())
+    try:
+        raise ValueError("outer") from RuntimeError("inner")
+    except ValueError as exc:
+        assert not caused_by_interrupt(exc)
 
 
 @pytest.mark.parametrize("training, has_last, expected", [

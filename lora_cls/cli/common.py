@@ -170,10 +170,10 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig, Path], dict], metric_key
             metrics = _read_metrics(run_dir / "metrics.json")
         else:
             metrics = job(cfg, run_dir)
-    except KeyboardInterrupt:
-        interrupted(run_dir, list(hc.overrides.task), training=training,
-                    sweep_dir=Path(hc.sweep.dir) if multirun else None)
-    except Exception as exc:
+    except (KeyboardInterrupt, Exception) as exc:
+        if caused_by_interrupt(exc):  # also when a library (torch.save) turned the Ctrl-C into its own error
+            interrupted(run_dir, list(hc.overrides.task), training=training,
+                        sweep_dir=Path(hc.sweep.dir) if multirun else None)
         user = isinstance(exc, UserError)
         message = str(exc) if user else f"{type(exc).__name__}: {exc}"
         if user and multirun:
@@ -195,6 +195,19 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig, Path], dict], metric_key
     if metric_key:
         return (metrics.get("val") or {}).get(metric_key)
     return None
+
+
+def caused_by_interrupt(exc: BaseException) -> bool:
+    """True when a KeyboardInterrupt (Ctrl-C, or SIGTERM via _terminate) is in the exception's chain: a library
+    that catches it mid-operation and raises its own error still means the user stopped the run."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _read_metrics(path: Path) -> dict:
