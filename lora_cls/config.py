@@ -7,6 +7,7 @@ a wrong value (rank 0, negative lr, unknown precision) fails in `validate` with 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -170,7 +171,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 def validate(cfg: DictConfig | Any) -> None:
     """Value checks for a composed training config; each failure names its key."""
     unknown = unknown_keys(OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg)
-    _check(not unknown, unknown[0] if unknown else "",
+    _check(not unknown, ".".join(unknown[0]) if unknown else "",
            "is not a lora-cls setting, so it would be ignored (added with `+`?); check its spelling in "
            "`lora-train --cfg job` and drop the `+`")
     d, lo, tr, op, sc = cfg.dataset, cfg.lora, cfg.trainer, cfg.optimizer, cfg.schedule
@@ -244,15 +245,20 @@ def validate_eval(cfg: DictConfig | Any) -> None:
     _check(cfg.batch_size is None or cfg.batch_size >= 1, "batch_size", "must be >= 1")
 
 
-def unknown_keys(tree: Any, schema: dict | None = None, prefix: str = "") -> list[str]:
-    """Dotted keys of a (nested) mapping that the training schema does not have."""
-    schema = to_container(OmegaConf.structured(TrainConfig)) if schema is None else schema
-    found = []
+@functools.cache
+def _schema_tree() -> dict:
+    return to_container(OmegaConf.structured(TrainConfig))
+
+
+def unknown_keys(tree: Any, schema: dict | None = None, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Paths (tuples of keys) in a nested mapping that the training schema does not have."""
+    schema = _schema_tree() if schema is None else schema
+    found: list[tuple[str, ...]] = []
     for key, value in (tree.items() if isinstance(tree, (dict, DictConfig)) else []):
         if key not in schema:
-            found.append(f"{prefix}{key}")
+            found.append((*prefix, str(key)))
         elif isinstance(schema[key], dict):
-            found += unknown_keys(value, schema[key], f"{prefix}{key}.")
+            found += unknown_keys(value, schema[key], (*prefix, str(key)))
     return found
 
 
@@ -268,14 +274,14 @@ def stored_train_config(stored: Any, source: str) -> DictConfig:
         raise UserError(f"{source} holds no lora-cls training config (got {type(stored).__name__})")
     stored = copy.deepcopy(stored)
     dropped = unknown_keys(stored)
-    for dotted in dropped:
-        *parents, leaf = dotted.split(".")
+    for *parents, leaf in dropped:
         node = stored
         for part in parents:
             node = node[part]
         del node[leaf]
     if dropped:
-        log.warning("%s: ignoring config key(s) that lora-cls does not know: %s", source, ", ".join(dropped))
+        log.warning("%s: ignoring config key(s) that lora-cls does not know: %s", source,
+                    ", ".join(".".join(path) for path in dropped))
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), stored)
         OmegaConf.resolve(cfg)
@@ -288,7 +294,7 @@ def stored_train_config(stored: Any, source: str) -> DictConfig:
 
 def schema_defaults() -> dict[str, Any]:
     """The training schema's defaults as flat dotted keys (what a key absent from an older file meant)."""
-    return flatten(to_container(OmegaConf.structured(TrainConfig)))
+    return flatten(copy.deepcopy(_schema_tree()))
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -356,8 +356,10 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict] | None:
     state = ckpt.load_last(resume_from)
     if not isinstance(state, dict) or state.get("format") != ckpt.FORMAT or not isinstance(state.get("config"), dict):
         raise UserError(f"{resume_from} is not a lora-cls last.pt")
-    # A key the interrupted run's lora-cls did not have yet meant its schema default.
-    saved = {**schema_defaults(), **state["config"]}
+    # A key the interrupted run's lora-cls did not have yet meant its schema default; a key the schema does not
+    # know (a `+key=` override from before those were refused) was never read, so it cannot differ.
+    defaults = schema_defaults()
+    saved = {**defaults, **{k: v for k, v in state["config"].items() if k in defaults}}
     now = flatten(to_container(cfg))
     changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k))
     if changed:

@@ -217,10 +217,11 @@ def test_a_checkpoint_from_an_older_schema_still_loads_and_a_foreign_key_is_drop
     torch.testing.assert_close(model.state_dict(), expected.state_dict(), rtol=0, atol=0)
     # A key lora-cls never read (a `+key=` override from before those were refused) is dropped, with a warning.
     meta["config"]["lora"]["rnk"] = 4
+    meta["config"]["lora"]["a.b"] = 1  # a key with a dot in it is one key, not a path
     ckpt.save_adapter(tmp_path / "plus.safetensors", tensors, meta)
     with caplog.at_level(logging.WARNING):
         _, plus_cfg, _ = pipeline.load_model_from_checkpoint(tmp_path / "plus.safetensors")
-    assert "ignoring config key(s) that lora-cls does not know: lora.rnk" in caplog.text
+    assert "ignoring config key(s) that lora-cls does not know: lora.rnk, lora.a.b" in caplog.text
     assert "rnk" not in plus_cfg.lora and plus_cfg.lora.rank == 8
     # Anything else that is not a training config is an error naming the file, never a traceback.
     for bad, message in [({**meta["config"], "lora": {**meta["config"]["lora"], "rank": "eight"}}, "key lora.rank"),
@@ -240,6 +241,7 @@ def test_resume_from_an_older_last_pt_treats_a_new_key_as_its_default(reference,
     (unfinished / "metrics.json").unlink()
     state = ckpt.load_last(unfinished / "checkpoints" / "last.pt")
     del state["config"]["trainer.compile"]
+    state["config"]["lora.foo"] = 1  # a `+lora.foo=1` override, from before those were refused: never read
     ckpt.save_last(unfinished / "checkpoints" / "last.pt", state)
     assert pipeline.prepare_run_dir(cfg, unfinished)[0] == unfinished / "checkpoints" / "last.pt"
     compiled = _cfg(*TINY, f"dataset.root={cfg.dataset.root}", *NOISY, "trainer.compile=true")
