@@ -14,6 +14,7 @@ import lora_cls.conf
 from lora_cls.cli.common import (
     _override_variants,
     caused_by_interrupt,
+    check_sweep_dir,
     interrupted,
     override_value,
     precheck,
@@ -248,6 +249,8 @@ def _schemas_registered():
     (["lora.rnak=4"], "lora.rnak"),
     (["-m", "lora.rank=2,x"], "lora.rank"),
     (["dataset=imagenet"], "dataset"),
+    (["-m", "sweep=rank", "hydra.sweeper.params.lora.rank=2,4"], "hydra.sweeper.params.lora.rank"),
+    (["-m", "hydra.sweepr.x=1"], "hydra.sweepr"),
 ])
 def test_precheck_turns_composition_errors_into_user_errors(argv, key):
     with pytest.raises(UserError) as info:
@@ -278,6 +281,7 @@ def test_precheck_resolves_lora_targets_before_any_data_or_folder(argv, message)
 
 
 def test_precheck_accepts_good_overrides_and_skips_help():
+    precheck(["-m", "sweep=rank", "hydra/launcher=local", "lora.rank=1,2"], "train", validate)
     precheck(["lora.rank=4", "schedule=decay_noise", "hydra.run.dir=/nonexistent/x"], "train", validate)
     precheck(["-m", "lora.rank=2,4,8", "optimizer=adamw,sgd"], "train", validate)
     precheck(["--help", "lora.rank=0"], "train", validate)
@@ -295,6 +299,26 @@ def test_precheck_refuses_a_run_dir_that_holds_a_run(tmp_path, finished):
     with pytest.raises(UserError) as info:
         precheck([f"hydra.run.dir={tmp_path}"], "train", validate, check_run_dir=prepare_run_dir)
     assert str(tmp_path) in str(info.value)
+
+
+def test_a_sweep_folder_is_new_or_holds_this_same_sweep_interrupted(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    overrides = ["experiment=demo", "lora.rank=2,4"]
+    check_sweep_dir(sweep, overrides)  # does not exist yet
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / "metrics.json").write_text("{}")
+    with pytest.raises(UserError, match="no readable multirun.yaml"):
+        check_sweep_dir(sweep, overrides)
+    (sweep / "multirun.yaml").write_text("hydra:\n  overrides:\n    task:\n    - experiment=demo\n    - lora.rank=2,4\n")
+    check_sweep_dir(sweep, overrides)  # the same sweep, interrupted: resumed
+    assert "resuming the interrupted sweep" in capsys.readouterr().err
+    with pytest.raises(UserError, match="its overrides were experiment=demo lora.rank=2,4.*same order"):
+        check_sweep_dir(sweep, list(reversed(overrides)))
+    with pytest.raises(UserError, match="another sweep"):
+        check_sweep_dir(sweep, ["experiment=demo", "lora.rank=8,16"])
+    (sweep / "summary.csv").write_text("job\n")
+    with pytest.raises(UserError, match="already holds a finished sweep"):
+        check_sweep_dir(sweep, overrides)
 
 
 def test_the_run_dir_hydra_uses_is_the_last_override_with_or_without_plus():

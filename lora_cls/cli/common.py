@@ -93,8 +93,9 @@ def precheck(argv: list[str], config_name: str, validate: Callable[[DictConfig],
             for cfg in configs:
                 validate(cfg)
             if hydra_overrides:  # a misspelt hydra.* key or launcher: Hydra's own message, as an `error:` line
+                # With the job's overrides: `sweep=rank` is what creates hydra.sweeper.params to override.
                 for variant in _override_variants(hydra_overrides, multirun):
-                    compose(config_name=config_name, overrides=variant, return_hydra_config=True)
+                    compose(config_name=config_name, overrides=variants[0] + variant, return_hydra_config=True)
     except UserError:
         raise
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
@@ -132,11 +133,16 @@ def check_sweep_dir(sweep_dir: Path, job_overrides: list[str]) -> None:
     found = sorted(sweep_dir.glob("*/metrics.json")) + sorted(sweep_dir.glob("*/checkpoints/last.pt"))
     if not found:
         return
-    if sweep_overrides(sweep_dir) != job_overrides:
+    previous = sweep_overrides(sweep_dir)
+    if previous is None:
+        raise UserError(f"sweep folder {sweep_dir} already holds results ({found[0].relative_to(sweep_dir)}) but no "
+                        "readable multirun.yaml saying which sweep made them; choose another hydra.sweep.dir")
+    if previous != job_overrides:
         raise UserError(f"sweep folder {sweep_dir} already holds results of another sweep "
-                        f"({found[0].relative_to(sweep_dir)}; its overrides were {sweep_overrides(sweep_dir)}); "
-                        "choose another hydra.sweep.dir, or repeat that sweep's overrides to resume it")
-    log.info("resuming the interrupted sweep in %s: finished jobs are kept", sweep_dir)
+                        f"({found[0].relative_to(sweep_dir)}; its overrides were {' '.join(previous)}); choose another "
+                        "hydra.sweep.dir, or repeat those overrides in the same order to resume it")
+    # Logging is not set up yet (Hydra does that per job), so this goes straight to the terminal.
+    print(f"resuming the interrupted sweep in {sweep_dir}: jobs that ended are kept", file=sys.stderr)
 
 
 def sweep_overrides(sweep_dir: Path) -> list[str] | None:
