@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
+import shlex
 import shutil
 import signal
 import subprocess
@@ -135,6 +137,40 @@ def test_ctrl_c_keeps_last_pt_prints_resume_command_and_exits_130(tmp_path):
     assert lines[-2] == "resume with:" and lines[-1].strip().endswith(f"hydra.run.dir={run}")
     state = ckpt.load_last(run / "checkpoints" / "last.pt")
     assert state["epoch"] >= 1 and not (run / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_mid_job_resumes_that_job_and_runs_the_rest(tmp_path, run_cli):
+    sweep = tmp_path / "sweep"
+    args = [*TINY[:-1], "trainer.early_stopping.patience=100", f"dataset.root={tmp_path / 'data'}",
+            "trainer.epochs=2,12"]
+    cmd = [str(Path(sys.executable).parent / "lora-train"), "-m", *args, f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.time() + 240
+    while not (sweep / "1" / "history.csv").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # job 1 (12 epochs) has finished at least one epoch
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    lines = err.strip().splitlines()
+    assert lines[-2] == "resume the sweep with:", err[-2000:]
+    assert lines[-1].strip().endswith(f"hydra.sweep.dir={sweep}")
+    stopped_at = ckpt.load_last(sweep / "1" / "checkpoints" / "last.pt")["epoch"]
+    assert 1 <= stopped_at < 12 and not (sweep / "summary.csv").exists()
+    job0 = (sweep / "0" / "metrics.json").read_bytes()
+
+    resumed = run_cli("lora-train", *shlex.split(lines[-1])[1:], cwd=tmp_path)  # the printed command, as is
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (sweep / "0" / "metrics.json").read_bytes() == job0  # kept, not trained again
+    log = (sweep / "1" / "train.log").read_text(encoding="utf-8")
+    assert f"{stopped_at} of 12 epochs done" in log
+    assert read_summary(sweep) == [("ok", "2"), ("ok", "12")]
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["epochs_run"] == 12
+
+
+def read_summary(sweep: Path) -> list[tuple[str, str]]:
+    with open(sweep / "summary.csv", newline="") as f:
+        return [(row["status"], row["trainer.epochs"]) for row in csv.DictReader(f)]
 
 
 class _Evil:
