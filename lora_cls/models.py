@@ -6,6 +6,7 @@ name of its final Linear (replaced by the new head) and its preset LoRA targets.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import urllib.error
@@ -151,10 +152,15 @@ def build_model(name: str, weights: str | None, num_classes: int) -> nn.Module:
 def check_targets(name: str, patterns: Sequence[str]) -> list[str]:
     """Resolve target patterns on a weightless copy of the model (meta device: no memory, no weights, fast),
     so a bad `lora.targets` fails with the config checks, before any data or run folder is made."""
+    return list(_resolved_targets(name, tuple(patterns)))
+
+
+@functools.lru_cache(maxsize=64)  # a sweep's precheck validates every job's config: one model build per value
+def _resolved_targets(name: str, patterns: tuple[str, ...]) -> tuple[str, ...]:
     spec = model_spec(name)
     with torch.device("meta"):
         model = spec.builder(weights=None)
-    return select_targets(model, list(patterns), exclude=[spec.head])
+    return tuple(select_targets(model, list(patterns), exclude=[spec.head]))
 
 
 def prepare_finetune(model: nn.Module, name: str, finetune: str, targets: Sequence[str] | None = None,

@@ -16,6 +16,7 @@ from lora_cls.cli.common import (
     caused_by_interrupt,
     check_sweep_dir,
     interrupted,
+    main_with_errors,
     override_value,
     precheck,
 )
@@ -299,6 +300,27 @@ def test_precheck_refuses_a_run_dir_that_holds_a_run(tmp_path, finished):
     with pytest.raises(UserError) as info:
         precheck([f"hydra.run.dir={tmp_path}"], "train", validate, check_run_dir=prepare_run_dir)
     assert str(tmp_path) in str(info.value)
+
+
+@pytest.mark.parametrize("argv, config_name, last", [
+    (["-m", "lora.rank=2,4", "hydra.sweep.dir=/s", "hydra/launcher=local"], "train",
+     "lora-train -m lora.rank=2,4 hydra/launcher=local hydra.sweep.dir=/s"),
+    (["lora.rank=2"], "train", "interrupted."),
+    (["ckpt=/r"], "eval", "interrupted."),
+])
+def test_ctrl_c_outside_any_job_exits_130_without_a_traceback(monkeypatch, capsys, argv, config_name, last):
+    # With the joblib launcher the jobs run in workers: Ctrl-C reaches the waiting parent, not run_job.
+    monkeypatch.setattr("sys.argv", ["lora-train", *argv])
+    monkeypatch.setattr("lora_cls.cli.common.precheck", lambda *args, **kwargs: None)
+    monkeypatch.setattr("lora_cls.cli.common.signal.signal", lambda *args: None)  # leave pytest's handlers alone
+
+    def waiting_launcher() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        main_with_errors(waiting_launcher, config_name, validate)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].strip() == last
 
 
 def test_a_sweep_folder_is_new_or_holds_this_same_sweep_interrupted(tmp_path, capsys):

@@ -255,6 +255,25 @@ def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM (kill, Slurm pre-emption) stops like Ctrl-C: last.pt kept, resume hint
 
 
+def _interrupted_outside_jobs(argv: list[str], config_name: str) -> None:
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    if not (multirun and config_name == "train"):
+        print("\ninterrupted.", file=sys.stderr)
+        sys.exit(130)
+    sweep_dir = override_value([a for a in argv if not a.startswith("-")], "hydra.sweep.dir")
+    if sweep_dir is None and HydraConfig.initialized():
+        sweep_dir = str(HydraConfig.get().sweep.dir)
+    if sweep_dir is None:
+        print("\ninterrupted: jobs that ended are kept in the sweep folder; resume with the same command and "
+              "hydra.sweep.dir=<that folder>.", file=sys.stderr)
+        sys.exit(130)
+    kept = [a for a in argv if _split_override(a)[0] != "hydra.sweep.dir"]
+    command = " ".join(["lora-train", *[shlex.quote(a) for a in kept], shlex.quote(f"hydra.sweep.dir={sweep_dir}")])
+    print(f"\ninterrupted: jobs that ended are kept in {sweep_dir}.\nresume the sweep with:\n  {command}",
+          file=sys.stderr)
+    sys.exit(130)
+
+
 def main_with_errors(hydra_main: Callable[[], None], config_name: str, validate: Callable[[DictConfig], None],
                      check_run_dir: Callable[[DictConfig, Path], object] | None = None) -> None:
     register_configs()
@@ -267,7 +286,10 @@ def main_with_errors(hydra_main: Callable[[], None], config_name: str, validate:
     from lora_cls import sweep
 
     sweep.last_summary.clear()
-    hydra_main()
+    try:
+        hydra_main()
+    except KeyboardInterrupt:  # outside any job (run_job handles those): a launcher waiting on its workers
+        _interrupted_outside_jobs(argv, config_name)
     failed = [r for r in sweep.last_summary if r.get("status") != "ok"]
     if failed:
         print(f"error: {len(failed)} of {len(sweep.last_summary)} sweep jobs failed; see summary.md at the sweep "
