@@ -7,6 +7,7 @@ multirun it marks the job failed (metrics.json status "failed") and the sweep go
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import signal
@@ -217,8 +218,6 @@ def caused_by_interrupt(exc: BaseException) -> bool:
 
 
 def _read_metrics(path: Path) -> dict:
-    import json
-
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -233,9 +232,7 @@ def interrupted(run_dir: Path, overrides: list[str], training: bool = True, swee
     In a sweep the way on is the same sweep command into the same folder (`check_sweep_dir`)."""
     last = run_dir / "checkpoints" / "last.pt"
     if training and sweep_dir is not None:
-        argv = sys.argv[1:] if argv is None else argv
-        kept = [a for a in argv if _split_override(a)[0] != "hydra.sweep.dir"]
-        command = " ".join(["lora-train", *[shlex.quote(a) for a in kept], shlex.quote(f"hydra.sweep.dir={sweep_dir}")])
+        command = sweep_resume_command(sys.argv[1:] if argv is None else argv, sweep_dir)
         print(f"\ninterrupted: the sweep stopped in job {run_dir.name}; finished jobs are kept in {sweep_dir}.\n"
               f"resume the sweep with:\n  {command}", file=sys.stderr)
     elif not training:
@@ -255,6 +252,12 @@ def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM (kill, Slurm pre-emption) stops like Ctrl-C: last.pt kept, resume hint
 
 
+def sweep_resume_command(argv: list[str], sweep_dir: str | Path) -> str:
+    """The same sweep command line, into `sweep_dir` (check_sweep_dir then resumes it)."""
+    kept = [a for a in argv if _split_override(a)[0] != "hydra.sweep.dir"]
+    return " ".join(["lora-train", *[shlex.quote(a) for a in kept], shlex.quote(f"hydra.sweep.dir={sweep_dir}")])
+
+
 def _interrupted_outside_jobs(argv: list[str], config_name: str) -> None:
     multirun = any(a in ("-m", "--multirun") for a in argv)
     if not (multirun and config_name == "train"):
@@ -267,10 +270,8 @@ def _interrupted_outside_jobs(argv: list[str], config_name: str) -> None:
         print("\ninterrupted: jobs that ended are kept in the sweep folder; resume with the same command and "
               "hydra.sweep.dir=<that folder>.", file=sys.stderr)
         sys.exit(130)
-    kept = [a for a in argv if _split_override(a)[0] != "hydra.sweep.dir"]
-    command = " ".join(["lora-train", *[shlex.quote(a) for a in kept], shlex.quote(f"hydra.sweep.dir={sweep_dir}")])
-    print(f"\ninterrupted: jobs that ended are kept in {sweep_dir}.\nresume the sweep with:\n  {command}",
-          file=sys.stderr)
+    print(f"\ninterrupted: jobs that ended are kept in {sweep_dir}.\nresume the sweep with:\n  "
+          f"{sweep_resume_command(argv, sweep_dir)}", file=sys.stderr)
     sys.exit(130)
 
 
