@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
@@ -325,13 +324,8 @@ def resume_source(resume: str, run_dir: Path) -> Path | None:
         last = run_dir / "checkpoints" / ckpt.LAST_NAME
         if not last.is_file():
             return None
-        metrics = run_dir / "metrics.json"
-        if metrics.is_file():
-            try:
-                finished = json.loads(metrics.read_text()).get("status") == "ok"
-            except (OSError, ValueError):
-                finished = False
-            if finished:
+        if (metrics := reports.read_metrics(run_dir / "metrics.json")) is not None:
+            if metrics.get("status") == "ok":
                 raise UserError(f"run folder {run_dir} holds a finished run (metrics.json status ok); nothing to "
                                 "resume. Choose another hydra.run.dir for a new run")
         return last

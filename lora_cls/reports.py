@@ -527,17 +527,23 @@ def _read_overrides(job_dir: Path) -> dict[str, Any]:
     return out
 
 
+def read_metrics(path: str | os.PathLike) -> dict | None:
+    """A metrics.json as a dict; None when it is missing, unreadable or not a JSON object."""
+    try:
+        metrics = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) else None
+
+
 def _summary_row(job: str, job_overrides: dict[str, Any], job_dir: Path) -> dict:
     row: dict[str, Any] = {"job": job, **{k: v for k, v in job_overrides.items() if k != "job"}}
     metrics_path = job_dir / "metrics.json"
     if not metrics_path.is_file():
         row["status"] = "missing"
         return row
-    try:
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-        if not isinstance(metrics, dict):
-            raise ValueError("metrics.json is not an object")
-    except (OSError, ValueError):
+    metrics = read_metrics(metrics_path)
+    if metrics is None:
         row["status"] = "failed"
         row["error"] = "unreadable metrics.json"
         return row

@@ -7,7 +7,6 @@ multirun it marks the job failed (metrics.json status "failed") and the sweep go
 
 from __future__ import annotations
 
-import json
 import logging
 import shlex
 import signal
@@ -174,7 +173,9 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig, Path], dict], metric_key
         if multirun and training and (run_dir / "metrics.json").is_file():
             # A resumed sweep (check_sweep_dir): this job ended before the interruption; its result stays.
             log.info("job %s already ended in %s; kept", hc.job.num, run_dir)
-            metrics = _read_metrics(run_dir / "metrics.json")
+            from lora_cls import reports  # imported here: matplotlib and scikit-learn would slow every --help
+
+            metrics = reports.read_metrics(run_dir / "metrics.json") or {}
         else:
             metrics = job(cfg, run_dir)
     except (KeyboardInterrupt, Exception) as exc:
@@ -215,14 +216,6 @@ def caused_by_interrupt(exc: BaseException) -> bool:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return False
-
-
-def _read_metrics(path: Path) -> dict:
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return metrics if isinstance(metrics, dict) else {}
 
 
 def interrupted(run_dir: Path, overrides: list[str], training: bool = True, sweep_dir: Path | None = None,
