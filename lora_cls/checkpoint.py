@@ -1,7 +1,7 @@
-"""Checkpoints (DESIGN.md §7): adapter.safetensors (small, no pickle) and last.pt (resume state, plain containers).
+"""Checkpoint files (docs/DESIGN.md §7): adapter.safetensors (small, no pickle) and last.pt (plain containers).
 
-Both are written through reports.atomic_open (temporary file, then rename), so a killed run never leaves half
-a file.
+Both are written through runfolder.atomic_open (temporary file, then rename), so a killed run never leaves half
+a file. What goes into last.pt, and how a run continues from it, is `lora_cls.resume`.
 """
 
 from __future__ import annotations
@@ -19,12 +19,9 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from lora_cls.errors import UserError
-from lora_cls.lora import DECAY_ATTR
-from lora_cls.reports import atomic_open
+from lora_cls.runfolder import ADAPTER, CHECKPOINTS, atomic_open
 
 FORMAT = "lora-cls/1"
-ADAPTER_NAME = "adapter.safetensors"
-LAST_NAME = "last.pt"
 
 
 def base_fingerprint(model: nn.Module, exclude_prefix: str) -> str:
@@ -38,18 +35,15 @@ def base_fingerprint(model: nn.Module, exclude_prefix: str) -> str:
     return h.hexdigest()
 
 
-def adapter_state(model: nn.Module, bn: str) -> dict[str, torch.Tensor]:
-    """What the adapter file holds: every trainable tensor, the decay factor, and BN buffers when they train."""
-    state = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            state[name] = p
-    for mod_name, module in model.named_modules():
-        is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
-        if (is_bn and bn == "train") or mod_name.endswith(DECAY_ATTR):
-            for buf_name, buf in module.named_buffers(recurse=False):
-                state[f"{mod_name}.{buf_name}"] = buf
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The adapter file that `ckpt=` names: a run folder's checkpoints/adapter.safetensors, or the file itself."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for candidate in (path / CHECKPOINTS / ADAPTER, path / ADAPTER):
+            if candidate.is_file():
+                return candidate
+        raise UserError(f"{path} holds no {CHECKPOINTS}/{ADAPTER}; pass a lora-train run folder or the file")
+    return path
 
 
 def save_adapter(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
@@ -64,7 +58,7 @@ def load_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass ckpt=<run folder> or "
-                        f"ckpt=<run folder>/checkpoints/{ADAPTER_NAME}")
+                        f"ckpt=<run folder>/{CHECKPOINTS}/{ADAPTER}")
     try:
         from safetensors import safe_open
 
@@ -101,7 +95,7 @@ def apply_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], source: st
     model.load_state_dict(tensors, strict=False)
 
 
-# -- resume state ------------------------------------------------------------------------------------------
+# -- last.pt ---------------------------------------------------------------------------------------------------
 
 def rng_state() -> dict[str, Any]:
     """All RNG states as plain containers and tensors (readable with weights_only=True)."""

@@ -1,4 +1,5 @@
-"""Typed config schema (registered with Hydra's ConfigStore) and the value checks that types cannot express.
+"""Every config schema (train, eval, predict, data check; registered with Hydra's ConfigStore), the value checks
+that types cannot express, and the runtime objects built from a checked config (`lora_options`, `decay_schedule`).
 
 The YAML tree in lora_cls/conf fills these dataclasses; a wrong type or an unknown key fails at composition,
 a wrong value (rank 0, negative lr, unknown precision) fails in `validate` with the key's name.
@@ -11,18 +12,21 @@ import functools
 import logging
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lora_cls.data.layouts import DATASET_NAMES
 from lora_cls.errors import UserError
+from lora_cls.runfolder import SPLITS
+from lora_cls.schedule import DecaySchedule
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "32", "bf16", "16")
-DATASETS = ("synthetic", "folder", "smoking", "malaria")
 OPTIMIZERS = ("adamw", "sgd")
 MONITORS = ("val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_loss")
 
@@ -80,16 +84,6 @@ class LoRAConfig:
 
 
 @dataclass
-class ScheduleConfig:
-    kind: str = "none"
-    start: float = 0.1
-    end: float = 0.9
-    d_min: float = 0.0
-    noise_cutoff: float = 0.3
-    noise_per_channel: bool = False
-
-
-@dataclass
 class OptimizerConfig:
     name: str = "adamw"
     lr: float = 1e-3
@@ -133,7 +127,7 @@ class TrainConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    schedule: DecaySchedule = field(default_factory=DecaySchedule)  # the runtime object is its own schema
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     finetune: str = "lora"
@@ -157,10 +151,33 @@ class EvalConfig:
     progress: bool = True
 
 
+@dataclass
+class PredictConfig:
+    ckpt: str = MISSING  # a lora-train run folder or its checkpoints/adapter.safetensors
+    input: str = MISSING  # an image, a folder (searched recursively) or a glob
+    device: str = "auto"
+    precision: str | None = None  # null: the training run's precision
+    batch_size: int | None = None  # null: the training run's eval batch size
+    skip_bad: bool = False  # skip undecodable inputs (listed in predict.json) instead of stopping
+    show: int = 20  # rows of the console table
+    progress: bool = True
+
+
+@dataclass
+class DataCheckConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    splits: str | None = None  # a run folder or splits.json: check the split that run used
+    patients: bool | None = None  # null: on for dataset=malaria and for file names all carrying _IMG_
+    show: int = 20  # rows per problem table on the console (datacheck.json lists everything)
+    progress: bool = True
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="predict_schema", node=PredictConfig)
+    cs.store(name="datacheck_schema", node=DataCheckConfig)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -169,16 +186,18 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 
 def validate(cfg: DictConfig | Any) -> None:
-    """Value checks for a composed training config; each failure names its key."""
+    """Value checks for a composed training config; each failure names its key. The checks of lora.* and
+    schedule.* are those of the runtime objects the run uses (`lora_options`, `decay_schedule`)."""
     unknown = unknown_keys(OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg)
     _check(not unknown, ".".join(unknown[0]) if unknown else "",
            "is not a lora-cls setting, so it would be ignored (added with `+`?); check its spelling in "
            "`lora-train --cfg job` and drop the `+`")
-    d, lo, tr, op, sc = cfg.dataset, cfg.lora, cfg.trainer, cfg.optimizer, cfg.schedule
+    d, lo, tr, op = cfg.dataset, cfg.lora, cfg.trainer, cfg.optimizer
     _check(not OmegaConf.is_missing(d, "root"), "dataset.root",
            f"is required for dataset={d.name}; set dataset.root=<folder>")
-    _check(d.name in DATASETS, "dataset.name", f"unknown dataset {d.name!r}; choose one of {', '.join(DATASETS)}")
-    from lora_cls.models import MODELS
+    _check(d.name in DATASET_NAMES, "dataset.name",
+           f"unknown dataset {d.name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    from lora_cls.models import BN_POLICIES, FINETUNE_MODES, MODELS
 
     _check(cfg.model.name in MODELS, "model.name",
            f"unknown model {cfg.model.name!r}; choose one of {', '.join(sorted(MODELS))}")
@@ -188,22 +207,15 @@ def validate(cfg: DictConfig | Any) -> None:
     _check(d.val_fraction + d.test_fraction < 1.0, "dataset.val_fraction",
            "val_fraction + test_fraction must leave some training data")
     _check(d.cache.max_gb >= 0, "dataset.cache.max_gb", f"must be >= 0, got {d.cache.max_gb}")
-    _check(lo.rank >= 1, "lora.rank", f"must be a positive integer, got {lo.rank}")
-    _check(lo.alpha > 0, "lora.alpha", f"must be > 0, got {lo.alpha}")
-    _check(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
-    _check(lo.init in ("kaiming", "gaussian"), "lora.init", f"must be kaiming or gaussian, got {lo.init!r}")
-    _check(lo.bn in ("train", "frozen"), "lora.bn", f"must be train or frozen, got {lo.bn!r}")
+    lora_options(cfg)
+    _check(lo.bn in BN_POLICIES, "lora.bn", f"must be {' or '.join(BN_POLICIES)}, got {lo.bn!r}")
     _check(lo.targets is None or len(lo.targets) > 0, "lora.targets", "is empty; use null for the model's preset")
+    _check(cfg.finetune in FINETUNE_MODES, "finetune",
+           f"must be {', '.join(FINETUNE_MODES[:-1])} or {FINETUNE_MODES[-1]}, got {cfg.finetune!r}")
     if lo.targets and cfg.finetune == "lora":
         from lora_cls.models import check_targets
 
         check_targets(cfg.model.name, list(lo.targets))
-    _check(cfg.finetune in ("lora", "full", "linear"), "finetune",
-           f"must be lora, full or linear, got {cfg.finetune!r}")
-    _check(sc.kind in ("none", "decay", "decay_noise"), "schedule.kind",
-           f"must be none, decay or decay_noise, got {sc.kind!r}")
-    _check(0.0 <= sc.start <= sc.end <= 1.0, "schedule.start", f"need 0 <= start <= end <= 1, got {sc.start}, {sc.end}")
-    _check(0.0 <= sc.d_min <= 1.0, "schedule.d_min", f"must be in [0, 1], got {sc.d_min}")
     _check(op.name in OPTIMIZERS, "optimizer.name", f"must be one of {', '.join(OPTIMIZERS)}, got {op.name!r}")
     _check(op.lr > 0, "optimizer.lr", f"must be > 0, got {op.lr}")
     _check(op.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {op.weight_decay}")
@@ -220,6 +232,21 @@ def validate(cfg: DictConfig | Any) -> None:
     _check(tr.early_stopping.patience >= 1, "trainer.early_stopping.patience", "must be >= 1")
     _check(tr.max_steps_per_epoch is None or tr.max_steps_per_epoch >= 1, "trainer.max_steps_per_epoch", "must be >= 1")
     check_device(tr.device, "trainer.device")
+
+
+def decay_schedule(cfg: DictConfig | Any) -> DecaySchedule:
+    """The run's d(t) schedule from `cfg.schedule` (a UserError naming the key for a bad value)."""
+    s = cfg.schedule
+    return DecaySchedule(s.kind, s.start, s.end, s.d_min, s.noise_cutoff, s.noise_per_channel)
+
+
+def lora_options(cfg: DictConfig | Any):
+    """The adapters' LoRAOptions from `cfg.lora` and the schedule's extras (a UserError naming the key)."""
+    from lora_cls.lora import LoRAOptions  # torch: imported when a config is checked, not for --help
+
+    lo = cfg.lora
+    return LoRAOptions(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, rslora=lo.rslora, init=lo.init,
+                       **decay_schedule(cfg).adapter_options())
 
 
 def check_device(value: Any, key: str) -> None:
@@ -243,6 +270,45 @@ def validate_eval(cfg: DictConfig | Any) -> None:
     _check(cfg.precision is None or str(cfg.precision) in PRECISIONS, "precision",
            f"must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     _check(cfg.batch_size is None or cfg.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+def validate_predict(cfg: Any) -> None:
+    check_required(cfg, "ckpt", "lora-predict ckpt=outputs/train/<run> input=photos/")
+    check_required(cfg, "input", "lora-predict ckpt=outputs/train/<run> input=photos/")
+    check_device(cfg.device, "device")
+    if cfg.precision is not None and str(cfg.precision) not in PRECISIONS:
+        raise UserError(f"precision: must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise UserError(f"batch_size: must be >= 1, got {cfg.batch_size}")
+    if cfg.show < 0:
+        raise UserError(f"show: must be >= 0, got {cfg.show}")
+    if not str(cfg.input).strip():
+        raise UserError("input: give an image, a folder or a glob such as 'photos/*.jpg'")
+
+
+def validate_datacheck(cfg: Any) -> None:
+    """Value checks that need no data: each failure names its key. Runs before a run folder is made."""
+    d = cfg.dataset
+    if cfg.splits is None:
+        if d.name not in DATASET_NAMES:
+            raise UserError(f"dataset.name: unknown dataset {d.name!r}; choose one of {', '.join(DATASET_NAMES)}")
+        for key in ("val_fraction", "test_fraction"):
+            value = getattr(d, key)
+            if not 0.0 <= value < 1.0:
+                raise UserError(f"dataset.{key}: must be in [0, 1), got {value}")
+        if d.name != "synthetic" and not Path(str(d.root)).expanduser().is_dir():
+            raise UserError(f"dataset.root: {d.root} is not a folder; point dataset.root at the {d.name} data "
+                            "(see data/README.md)")
+    elif not splits_file(cfg.splits).is_file():
+        raise UserError(f"splits: {cfg.splits} is neither a splits.json nor a run folder holding one")
+    if cfg.show < 0:
+        raise UserError(f"show: must be >= 0, got {cfg.show}")
+
+
+def splits_file(spec: str) -> Path:
+    """The splits.json that `splits=` names: the file itself, or the one in a run folder."""
+    path = Path(spec).expanduser()
+    return path / SPLITS if path.is_dir() else path
 
 
 @functools.cache

@@ -1,4 +1,4 @@
-"""The data check behind `lora-data check` (DESIGN.md §5): what a dataset holds and what would spoil a run.
+"""The data check behind `lora-data check` (docs/DESIGN.md §5): what a dataset holds and what would spoil a run.
 
 `check_dataset(cfg)` reads the split exactly as lora-train would (or the split a run recorded in its
 splits.json), opens every image, and returns a plain-JSON report: counts per split and class, image size
@@ -11,74 +11,26 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from hydra.core.config_store import ConfigStore
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
-from lora_cls import reports
-from lora_cls.config import DATASETS, DatasetConfig
-from lora_cls.data import (
-    SPLIT_NAMES,
-    DatasetSplits,
-    UnreadableImage,
-    collected_warnings,
-    decode_image,
-    malaria_patient,
-    prepare_splits,
-    read_splits_json,
-)
+from lora_cls.config import splits_file, validate_datacheck
+from lora_cls.data.decode import UnreadableImage, decode_image, io_threads
+from lora_cls.data.layouts import collected_warnings, malaria_patient, prepare_splits
+from lora_cls.data.splits import SPLIT_NAMES, DatasetSplits, read_splits_json
 from lora_cls.errors import UserError
+from lora_cls.runfolder import DATACHECK, check_fresh_run_dir, write_json
 
-REPORT_NAME = "datacheck.json"
 MALARIA_NAME_MARK = "_IMG_"  # NIH malaria file names: <patient>_IMG_<date>_<time>_cell_<n>.png
-
-
-@dataclass
-class DataCheckConfig:
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    splits: str | None = None  # a run folder or splits.json: check the split that run used
-    patients: bool | None = None  # null: on for dataset=malaria and for file names all carrying _IMG_
-    show: int = 20  # rows per problem table on the console (datacheck.json lists everything)
-    progress: bool = True
-
-
-def register_datacheck_config() -> None:
-    ConfigStore.instance().store(name="datacheck_schema", node=DataCheckConfig)
-
-
-def validate_datacheck(cfg: Any) -> None:
-    """Value checks that need no data: each failure names its key. Runs before a run folder is made."""
-    d = cfg.dataset
-    if cfg.splits is None:
-        if d.name not in DATASETS:
-            raise UserError(f"dataset.name: unknown dataset {d.name!r}; choose one of {', '.join(DATASETS)}")
-        for key in ("val_fraction", "test_fraction"):
-            value = getattr(d, key)
-            if not 0.0 <= value < 1.0:
-                raise UserError(f"dataset.{key}: must be in [0, 1), got {value}")
-        if d.name != "synthetic" and not Path(str(d.root)).expanduser().is_dir():
-            raise UserError(f"dataset.root: {d.root} is not a folder; point dataset.root at the {d.name} data "
-                            "(see data/README.md)")
-    elif not _splits_file(cfg.splits).is_file():
-        raise UserError(f"splits: {cfg.splits} is neither a splits.json nor a run folder holding one")
-    if cfg.show < 0:
-        raise UserError(f"show: must be >= 0, got {cfg.show}")
-
-
-def _splits_file(spec: str) -> Path:
-    path = Path(spec).expanduser()
-    return path / "splits.json" if path.is_dir() else path
 
 
 class FileInfo(NamedTuple):
@@ -105,11 +57,6 @@ def inspect_file(path: Path) -> FileInfo:
     return FileInfo(digest, width, height, None)
 
 
-def _threads() -> int:
-    # PIL releases the GIL while decoding, so threads scale with cores (as lora_cls.data does).
-    return max(1, min(8, os.cpu_count() or 1))
-
-
 def _stats(values: Sequence[int]) -> dict[str, float | int | None]:
     if not values:
         return {"min": None, "median": None, "max": None}
@@ -122,7 +69,7 @@ def _load_split(cfg: Any) -> tuple[DatasetSplits, str, str | None, list[str]]:
     """The split to check, a description of where it came from, the dataset name if known, and warnings."""
     with collected_warnings() as caught:
         if cfg.splits is not None:
-            path = _splits_file(cfg.splits)
+            path = splits_file(cfg.splits)
             splits = read_splits_json(path)
             source, name = f"splits recorded in {path}", None
         else:
@@ -144,32 +91,13 @@ def check_dataset(cfg: Any) -> dict[str, Any]:
         raise UserError(f"dataset root {splits.root} (from {source}) is not a folder")
     classes = splits.classes
     entries = [(split, path, label) for split in SPLIT_NAMES for path, label in splits.split(split)]
-    with ThreadPoolExecutor(_threads()) as pool:
+    with ThreadPoolExecutor(io_threads()) as pool:
         infos = list(tqdm(pool.map(lambda e: inspect_file(splits.root / e[1]), entries), total=len(entries),
                           desc=f"checking {len(entries)} files", unit="img", leave=False,
                           disable=not cfg.progress or None))
 
-    counts = {split: {c: 0 for c in classes} for split in SPLIT_NAMES}
-    sizes: dict[str, tuple[list[int], list[int]]] = {split: ([], []) for split in (*SPLIT_NAMES, "all")}
-    bad, by_hash = [], defaultdict(list)
-    for (split, path, label), info in zip(entries, infos):
-        counts[split][classes[label]] += 1
-        if info.reason is not None:
-            bad.append({"path": path, "split": split, "class": classes[label], "reason": info.reason})
-            continue
-        for key in (split, "all"):
-            sizes[key][0].append(info.width)
-            sizes[key][1].append(info.height)
-        by_hash[info.sha256].append({"path": path, "split": split, "class": classes[label]})
-
-    duplicates, within = [], []
-    for digest, files in sorted(by_hash.items(), key=lambda kv: kv[1][0]["path"]):
-        if len(files) < 2:
-            continue
-        group = {"sha256": digest, "splits": sorted({f["split"] for f in files}, key=SPLIT_NAMES.index),
-                 "classes": sorted({f["class"] for f in files}), "files": files}
-        (duplicates if len(group["splits"]) > 1 or len(group["classes"]) > 1 else within).append(group)
-
+    counts, sizes, bad, by_hash = _tally(entries, infos, classes)
+    duplicates, within = _identical_groups(by_hash)
     patients = _patient_report(cfg, name, entries)
     problems = []
     if bad:
@@ -203,6 +131,35 @@ def check_dataset(cfg: Any) -> dict[str, Any]:
     }
 
 
+def _tally(entries: list[tuple[str, str, int]], infos: list[FileInfo], classes: list[str]):
+    """Per split: images per class, stored sizes, undecodable files; and every decodable file by its hash."""
+    counts = {split: {c: 0 for c in classes} for split in SPLIT_NAMES}
+    sizes: dict[str, tuple[list[int], list[int]]] = {split: ([], []) for split in (*SPLIT_NAMES, "all")}
+    bad, by_hash = [], defaultdict(list)
+    for (split, path, label), info in zip(entries, infos):
+        counts[split][classes[label]] += 1
+        if info.reason is not None:
+            bad.append({"path": path, "split": split, "class": classes[label], "reason": info.reason})
+            continue
+        for key in (split, "all"):
+            sizes[key][0].append(info.width)
+            sizes[key][1].append(info.height)
+        by_hash[info.sha256].append({"path": path, "split": split, "class": classes[label]})
+    return counts, sizes, bad, by_hash
+
+
+def _identical_groups(by_hash: dict[str, list[dict]]) -> tuple[list[dict], list[dict]]:
+    """Sets of identical files: (across splits or labels: leakage, within one split and class)."""
+    duplicates, within = [], []
+    for digest, files in sorted(by_hash.items(), key=lambda kv: kv[1][0]["path"]):
+        if len(files) < 2:
+            continue
+        group = {"sha256": digest, "splits": sorted({f["split"] for f in files}, key=SPLIT_NAMES.index),
+                 "classes": sorted({f["class"] for f in files}), "files": files}
+        (duplicates if len(group["splits"]) > 1 or len(group["classes"]) > 1 else within).append(group)
+    return duplicates, within
+
+
 def _patient_report(cfg: Any, name: str | None, entries: list[tuple[str, str, int]]) -> dict[str, Any]:
     enabled = cfg.patients
     if enabled is None:
@@ -224,10 +181,10 @@ def _patient_report(cfg: Any, name: str | None, entries: list[tuple[str, str, in
 
 def run_check(cfg: Any, run_dir: str | Path, console: Console | None = None) -> dict[str, Any]:
     """`check_dataset`, then print the report and write it to `run_dir/datacheck.json` (a new folder)."""
-    reports.check_fresh_run_dir(Path(run_dir))
+    check_fresh_run_dir(run_dir)
     report = check_dataset(cfg)
-    path = Path(run_dir) / REPORT_NAME
-    reports.write_json(path, report)
+    path = Path(run_dir) / DATACHECK
+    write_json(path, report)
     print_report(report, int(cfg.show), console or Console())
     (console or Console()).print(f"report: {path}")
     return report
@@ -264,6 +221,18 @@ def print_report(report: dict[str, Any], show: int = 20, console: Console | None
         sizes.add_row(key, _fmt_size(stats["width"]), _fmt_size(stats["height"]), end_section=key == "test")
     console.print(sizes)
 
+    _print_problem_tables(report, show, console)
+
+    for note in report["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {note}")
+    if report["ok"]:
+        console.print("[bold green]no problems found[/bold green]")
+    else:
+        console.print(f"[bold red]problems:[/bold red] {'; '.join(report['problems'])}")
+
+
+def _print_problem_tables(report: dict[str, Any], show: int, console: Console) -> None:
+    """Undecodable files, identical files across splits or labels, patients in two splits: `show` rows each."""
     if report["bad_files"]:
         table = Table(title=f"undecodable files ({len(report['bad_files'])})", header_style="bold red")
         table.add_column("path", overflow="fold")
@@ -302,14 +271,7 @@ def print_report(report: dict[str, Any], show: int = 20, console: Console | None
             _more(console, len(patients["overlap"]), show)
         console.print(f"patients per split: {per_split}")
 
-    for note in report["warnings"]:
-        console.print(f"[yellow]warning:[/yellow] {note}")
-    if report["ok"]:
-        console.print("[bold green]no problems found[/bold green]")
-    else:
-        console.print(f"[bold red]problems:[/bold red] {'; '.join(report['problems'])}")
-
 
 def _more(console: Console, total: int, shown: int) -> None:
     if total > shown:
-        console.print(f"... and {total - shown} more (all listed in {REPORT_NAME})")
+        console.print(f"... and {total - shown} more (all listed in {DATACHECK})")

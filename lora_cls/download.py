@@ -1,4 +1,4 @@
-"""Fetching the real datasets (DESIGN.md §5): resumable download, size and checksum check, safe unzip, and a
+"""Fetching the real datasets (docs/DESIGN.md §5): resumable download, size and checksum check, safe unzip, and a
 layout check of what was unpacked. Used by scripts/download_malaria.py and scripts/download_smoking.py.
 
 lora_cls.data (and with it torch, seconds to import) is imported only by the layout check, so a script's
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from lora_cls.errors import UserError
 
 if TYPE_CHECKING:
-    from lora_cls.data import DatasetSplits
+    from lora_cls.data.splits import DatasetSplits
 
 CHUNK = 1 << 20
 
@@ -257,7 +257,8 @@ def check_layout(name: str, root: str | Path) -> tuple[DatasetSplits, list[str]]
     Warns (in the returned list) when counts differ from the published set. Decodability is the data check's
     job (`lora-data check`), not this one's: here only the layout, names and counts are checked.
     """
-    from lora_cls.data import MALARIA_CLASSES, SPLIT_NAMES, collected_warnings, prepare_splits
+    from lora_cls.data.layouts import MALARIA_CLASSES, collected_warnings, prepare_splits
+    from lora_cls.data.splits import SPLIT_NAMES
 
     with collected_warnings() as notes:
         splits = prepare_splits(dataset_config(name, root))
@@ -272,7 +273,8 @@ def check_layout(name: str, root: str | Path) -> tuple[DatasetSplits, list[str]]
 
 def describe_splits(name: str, splits: DatasetSplits) -> list[str]:
     """Human-readable lines: images per split and class, non-image files ignored, patients for malaria."""
-    from lora_cls.data import SPLIT_NAMES, malaria_patient
+    from lora_cls.data.layouts import malaria_patient
+    from lora_cls.data.splits import SPLIT_NAMES
 
     lines = [f"{name} at {splits.root}: classes {splits.classes}, positive class {splits.positive_class}"]
     for split in SPLIT_NAMES:

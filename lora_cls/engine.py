@@ -1,93 +1,36 @@
-"""The training loop and evaluation: device, mixed precision, optimizer, LR schedule, decay schedule, early stopping.
+"""The training loop and evaluation: optimizer, LR schedule, decay schedule, BN recalibration, early stopping.
 
-Knows tensors and modules, not files: the pipeline passes an `on_epoch_end` callback that writes history and
-checkpoints.
+Knows tensors and modules, not files. `Trainer` is built from one `TrainerSettings`; `Trainer.step(x, y)` is the
+one training step (lora-train's epochs and scripts/bench.py both run it); `Trainer.fit(callback)` validates after
+every epoch itself and reports each epoch to the callback object, which writes the run folder.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
+from lora_cls import distributed
+from lora_cls.data.loaders import eval_loader
+from lora_cls.device import Precision, Runtime, autocast, prepare_batch
 from lora_cls.errors import UserError
-from lora_cls.lora import get_decay_state
-from lora_cls.models import set_train_mode
+from lora_cls.inject import get_decay_state
+from lora_cls.metrics import classification_metrics
+from lora_cls.models import set_train_mode, trainable_state
 from lora_cls.schedule import DecaySchedule
 
 log = logging.getLogger(__name__)
-
-
-# -- device and precision ---------------------------------------------------------------------------------
-
-def resolve_device(spec: str, key: str = "trainer.device") -> torch.device:
-    """`key` is the config key the value came from (lora-eval and lora-predict call it `device`)."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"{key}={spec} but no CUDA device is available; use {key}=cpu or auto")
-    return torch.device(spec)
-
-
-def cpu_supports_bf16() -> bool:
-    """True where the CPU has native bf16 matrix instructions (AVX-512 BF16 / AMX), where bf16 autocast pays."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-@dataclass(frozen=True)
-class Precision:
-    name: str  # "32" | "bf16" | "16"
-    dtype: torch.dtype | None  # autocast dtype, None for float32
-    use_scaler: bool  # fp16 needs loss scaling against gradient underflow; bf16 has float32's range
-
-
-def resolve_precision(spec: str, device: torch.device) -> Precision:
-    spec = str(spec)
-    if spec == "auto":
-        if device.type == "cuda":
-            spec = "bf16" if torch.cuda.is_bf16_supported() else "16"
-        else:
-            spec = "bf16" if cpu_supports_bf16() else "32"
-    if spec == "32":
-        return Precision("32", None, False)
-    if spec == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise UserError("trainer.precision=bf16 but this GPU has no bf16; use trainer.precision=16 or 32")
-        if device.type == "cpu" and not cpu_supports_bf16():
-            # Valid (lora-eval reuses a bf16 run's precision to reproduce its metrics), but oneDNN has no fast
-            # bf16 kernels here: on an AVX2-only CPU a ResNet34 LoRA training step took 26x, an evaluation
-            # 9x as long as in fp32 (docs/BENCHMARKS.md).
-            log.warning("precision bf16 on a CPU without native bf16 (no AVX-512 BF16 or AMX) is emulated: "
-                        "about 10-30x slower than fp32 here; precision 32 (or auto) is faster on this machine")
-        return Precision("bf16", torch.bfloat16, False)
-    if spec == "16":
-        if device.type != "cuda":
-            raise UserError("trainer.precision=16 (fp16 + GradScaler) needs a CUDA device; on CPU use bf16 or 32")
-        return Precision("16", torch.float16, True)
-    raise UserError(f"trainer.precision must be auto, 32, bf16 or 16; got {spec!r}")
-
-
-def autocast(device: torch.device, precision: Precision):
-    if precision.dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=precision.dtype)
-
-
-def prepare_batch(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 # -- optimizer and LR schedule ----------------------------------------------------------------------------
@@ -171,6 +114,25 @@ def evaluate(model: nn.Module, loader: Iterable, preprocess: nn.Module, device: 
                       probs=torch.cat(probs).cpu().numpy(), seconds=time.perf_counter() - start)
 
 
+def evaluate_split(model: nn.Module, dataset: Dataset, preprocess: nn.Module, runtime: Runtime, batch_size: int,
+                   desc: str, num_classes: int) -> EvalOutput:
+    """`evaluate` over a whole dataset; with several processes each evaluates its unpadded shard and the shards
+    are gathered, so every sample is counted exactly once."""
+    info = runtime.dist
+    args = (preprocess, runtime.device, runtime.precision, runtime.channels_last)
+    if not info.enabled:
+        return evaluate(model, eval_loader(dataset, batch_size), *args, desc=desc, progress=runtime.progress)
+    indices = distributed.shard(len(dataset), info)
+    if len(indices):
+        out = evaluate(model, eval_loader(Subset(dataset, indices), batch_size), *args, desc=desc,
+                       progress=runtime.progress)
+    else:
+        out = EvalOutput(0.0, np.zeros(0, dtype=np.int64), np.zeros((0, num_classes), np.float32), 0.0)
+    loss_sum = np.array([out.loss * len(out.y_true)])
+    y_true, probs, losses = distributed.gather_arrays([out.y_true, out.probs, loss_sum], info)
+    return EvalOutput(loss=float(losses.sum() / len(y_true)), y_true=y_true, probs=probs, seconds=out.seconds)
+
+
 def recalibrate_batchnorm(model: nn.Module, loader: Iterable, preprocess: nn.Module, device: torch.device,
                           precision: Precision, channels_last: bool = True) -> None:
     """Recompute BatchNorm running statistics as the cumulative average over `loader`, at the model's current d.
@@ -204,14 +166,22 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, preprocess: nn.Mod
 
 @dataclass
 class FitState:
+    """Where training stands; the best epoch's metric, number and weights are kept together here."""
+
     epoch: int = 0  # epochs completed
     global_step: int = 0
     best_metric: float | None = None
     best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter tensors of the best epoch
     epochs_without_improvement: int = 0
     train_seconds: float = 0.0
     train_images: int = 0
     history: list[dict] = field(default_factory=list)
+
+    @property
+    def best_d(self) -> float:
+        """The decay factor the best epoch was validated, saved and evaluated at (1.0 without a decay schedule)."""
+        return next((float(row["d"]) for row in self.history if row["epoch"] == self.best_epoch), 1.0)
 
 
 def is_better(value: float, best: float | None, monitor: str) -> bool:
@@ -220,33 +190,52 @@ def is_better(value: float, best: float | None, monitor: str) -> bool:
     return value < best if monitor == "val_loss" else value > best
 
 
-class Trainer:
-    """Runs epochs of optimizer steps with the decay schedule stepped by the global step, validating each epoch."""
+@dataclass(frozen=True)
+class TrainerSettings:
+    """Everything about how `Trainer` runs, apart from the model, its optimizer and the data.
 
-    def __init__(self, model: nn.Module, train_loader, val_loader, preprocess: nn.Module,
-                 optimizer: torch.optim.Optimizer, lr_factor: Callable[[int], float], schedule: DecaySchedule,
-                 device: torch.device, precision: Precision, epochs: int, steps_per_epoch: int,
-                 bn: str = "train", channels_last: bool = True, monitor: str = "val_accuracy",
-                 patience: int = 5, progress: bool = True, metrics_fn: Callable[[EvalOutput], dict] | None = None,
-                 bn_loader: Iterable | None = None, validate_fn: Callable[[], EvalOutput] | None = None,
-                 reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        self.model, self.train_loader, self.val_loader = model, train_loader, val_loader
-        # `model` may be a DistributedDataParallel wrapper: steps go through it, everything else uses the module.
-        self.base_model: nn.Module = getattr(model, "module", model)
-        self.validate_fn = validate_fn  # None: evaluate val_loader here; a distributed run shards and gathers
-        self.reduce_fn = reduce_fn  # sums a tensor over processes (identity for one process)
-        self.preprocess, self.optimizer, self.schedule = preprocess, optimizer, schedule
-        self.device, self.precision, self.epochs = device, precision, epochs
-        self.steps_per_epoch = steps_per_epoch
-        self.total_steps = epochs * steps_per_epoch
-        self.bn, self.channels_last, self.monitor, self.patience = bn, channels_last, monitor, patience
-        self.progress = progress
-        self.metrics_fn = metrics_fn
-        # With training BN statistics, recompute them for the weights at each epoch's end (see
-        # recalibrate_batchnorm); None = keep the running averages as they are.
-        self.bn_loader = bn_loader if bn == "train" else None
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
+    lr_factor: the LR multiplier of global step t (e.g. `warmup_cosine`); schedule: d(t) of the adapters.
+    classes, positive_class: what validation metrics are computed over. bn: "train" recomputes BatchNorm
+    statistics at each epoch's end (see `recalibrate_batchnorm`), "frozen" keeps the pretrained ones.
+    """
+
+    runtime: Runtime
+    epochs: int
+    steps_per_epoch: int
+    lr_factor: Callable[[int], float] = lambda step: 1.0
+    schedule: DecaySchedule = field(default_factory=DecaySchedule)
+    classes: Sequence[str] = ()
+    positive_class: str | None = None
+    eval_batch_size: int = 64
+    bn: str = "train"
+    monitor: str = "val_accuracy"
+    patience: int = 5
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+class EpochCallback(Protocol):
+    def on_epoch_end(self, trainer: Trainer, row: dict, improved: bool) -> None: ...
+
+
+class Trainer:
+    """Epochs of optimizer steps with the decay schedule stepped by the global step, validated after each epoch.
+
+    `model` may be wrapped (DistributedDataParallel, torch.compile): steps go through it, everything else uses
+    `base_model`. `train_loader` and `val_set` are needed by `fit` only: `step` runs on any batch.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, preprocess: nn.Module,
+                 settings: TrainerSettings, train_loader: Iterable | None = None, val_set: Dataset | None = None):
+        self.model, self.optimizer, self.preprocess, self.settings = model, optimizer, preprocess, settings
+        self.train_loader, self.val_set = train_loader, val_set
+        # The module itself, under DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers.
+        unwrapped = getattr(model, "module", model)
+        self.base_model: nn.Module = getattr(unwrapped, "_orig_mod", unwrapped)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, settings.lr_factor)
+        self.scaler = torch.amp.GradScaler(settings.runtime.device.type, enabled=settings.runtime.precision.use_scaler)
         self.decay = get_decay_state(self.base_model)
         self.state = FitState()
 
@@ -254,56 +243,62 @@ class Trainer:
     def d(self) -> float:
         return 1.0 if self.decay is None else self.decay.value
 
-    def _set_decay(self) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on a loader's batch (uint8 or float images (B, 3, S, S), labels (B,)) at the d of
+        the current global step; returns the detached loss (a scalar on the device) and logits (B, K)."""
+        rt = self.settings.runtime
         if self.decay is not None:
-            self.decay.set(self.schedule.factor(self.state.global_step, self.total_steps))
+            self.decay.set(self.settings.schedule.factor(self.state.global_step, self.settings.total_steps))
+        x = self.preprocess(rt.batch(x))
+        y = y.to(rt.device, non_blocking=True)
+        with rt.autocast():
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr_scheduler.step()
+        self.state.global_step += 1
+        return loss.detach(), logits.detach()
 
     def train_epoch(self) -> dict:
-        model = self.model
-        set_train_mode(self.base_model, True, self.bn)
+        s, rt = self.settings, self.settings.runtime
+        set_train_mode(self.base_model, True, s.bn)
         self.preprocess.train()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        loss_sum = torch.zeros((), device=rt.device)
+        correct = torch.zeros((), device=rt.device, dtype=torch.long)
         seen = 0
         epoch = self.state.epoch + 1
         lr = self.optimizer.param_groups[0]["lr"]
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{self.epochs}", leave=False,
-                   disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(total=s.steps_per_epoch, desc=f"epoch {epoch}/{s.epochs}", leave=False,
+                   disable=not rt.progress, dynamic_ncols=True)
         start = time.perf_counter()
-        for step, (x, y) in enumerate(self.train_loader):
-            if step >= self.steps_per_epoch:
+        for i, (x, y) in enumerate(self.train_loader):
+            if i >= s.steps_per_epoch:
                 break
-            self._set_decay()
-            x = self.preprocess(prepare_batch(x, self.device, self.channels_last))
-            y = y.to(self.device, non_blocking=True)
-            with autocast(self.device, self.precision):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.lr_scheduler.step()
-            self.state.global_step += 1
+            y = y.to(rt.device, non_blocking=True)
+            loss, logits = self.step(x, y)
             n = y.shape[0]
-            loss_sum += loss.detach() * n
-            correct += (logits.detach().argmax(1) == y).sum()
+            loss_sum += loss * n
+            correct += (logits.argmax(1) == y).sum()
             seen += n
-            if step % 10 == 0 or step + 1 == self.steps_per_epoch:
+            if i % 10 == 0 or i + 1 == s.steps_per_epoch:
                 # one host sync every few steps: catches a diverged loss early without stalling the GPU queue
                 mean_loss = loss_sum.item() / seen
-                if not math.isfinite(mean_loss) and self.reduce_fn is None:
+                if not math.isfinite(mean_loss) and not rt.dist.enabled:
                     raise NonFiniteLoss(self.state.global_step)  # (processes decide together, at epoch end)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{correct.item() / seen:.3f}",
                                 img_s=f"{seen / (time.perf_counter() - start):.1f}", d=f"{self.d:.3f}")
             bar.update(1)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize(rt.device)
         seconds = time.perf_counter() - start
         bar.close()
-        if self.reduce_fn is not None:
-            totals = self.reduce_fn(torch.stack([loss_sum.double(), correct.double(),
-                                                 torch.tensor(float(seen), device=self.device, dtype=torch.double)]))
+        if rt.dist.enabled:
+            totals = distributed.all_reduce_sum(torch.stack([
+                loss_sum.double(), correct.double(), torch.tensor(float(seen), device=rt.device, dtype=torch.double)]),
+                rt.dist)
             loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
         mean_loss = loss_sum.item() / max(1, seen)
         if not math.isfinite(mean_loss):
@@ -314,36 +309,42 @@ class Trainer:
                 "train_accuracy": correct.item() / max(1, seen), "images_per_second": seen / seconds,
                 "seconds": seconds}
 
-    def fit(self, on_epoch_end: Callable[[dict, bool], None] | None = None) -> FitState:
-        """Train until `epochs` or early stopping; `on_epoch_end(row, improved)` after each validation."""
-        while self.state.epoch < self.epochs and self.state.epochs_without_improvement < self.patience:
+    def validate(self) -> dict:
+        """Validation metrics of the model as it is now (BN statistics recomputed first under bn=train)."""
+        s = self.settings
+        if s.bn == "train":
+            recalibrate_batchnorm(self.base_model, eval_loader(self.train_loader.dataset, s.eval_batch_size),
+                                  self.preprocess, s.runtime.device, s.runtime.precision, s.runtime.channels_last)
+        out = evaluate_split(self.base_model, self.val_set, self.preprocess, s.runtime, s.eval_batch_size, "val",
+                             len(s.classes))
+        return classification_metrics(out.y_true, out.probs, list(s.classes), s.positive_class, loss=out.loss)
+
+    def fit(self, callback: EpochCallback | None = None) -> FitState:
+        """Train until `epochs` or early stopping; `callback.on_epoch_end(trainer, row, improved)` after each
+        validation, once this epoch's row is in the history and an improvement is in `state.best_state`."""
+        s, state = self.settings, self.state
+        while state.epoch < s.epochs and state.epochs_without_improvement < s.patience:
             row = self.train_epoch()
-            if self.bn_loader is not None:
-                recalibrate_batchnorm(self.base_model, self.bn_loader, self.preprocess, self.device, self.precision,
-                                      self.channels_last)
-            val = self.validate_fn() if self.validate_fn is not None else evaluate(
-                self.base_model, self.val_loader, self.preprocess, self.device, self.precision,
-                self.channels_last, desc="val", progress=self.progress)
-            metrics = self.metrics_fn(val) if self.metrics_fn else {"loss": val.loss,
-                                                                     "accuracy": float((val.y_pred == val.y_true).mean())}
+            metrics = self.validate()
             row.update({f"val_{k}": metrics.get(k) for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1")})
-            self.state.epoch = row["epoch"]
-            value = row[self.monitor]
-            improved = value is not None and is_better(value, self.state.best_metric, self.monitor)
+            state.epoch = row["epoch"]
+            value = row[s.monitor]
+            improved = value is not None and is_better(value, state.best_metric, s.monitor)
             if improved:
-                self.state.best_metric, self.state.best_epoch = value, row["epoch"]
-                self.state.epochs_without_improvement = 0
+                state.best_metric, state.best_epoch = value, row["epoch"]
+                state.best_state = trainable_state(self.base_model, s.bn)
+                state.epochs_without_improvement = 0
             else:
-                self.state.epochs_without_improvement += 1
-            self.state.history.append(row)
+                state.epochs_without_improvement += 1
+            state.history.append(row)
             log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  lr %.2e  d %.3f  %.1f img/s%s",
-                     row["epoch"], self.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"],
+                     row["epoch"], s.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"],
                      row["val_accuracy"], row["lr"], row["d"], row["images_per_second"], "  *" if improved else "")
-            if on_epoch_end is not None:
-                on_epoch_end(row, improved)
-        if self.state.epochs_without_improvement >= self.patience:
-            log.info("early stopping: %s has not improved for %d epochs", self.monitor, self.patience)
-        return self.state
+            if callback is not None:
+                callback.on_epoch_end(self, row, improved)
+        if state.epochs_without_improvement >= s.patience:
+            log.info("early stopping: %s has not improved for %d epochs", s.monitor, s.patience)
+        return state
 
 
 class NonFiniteLoss(UserError):

@@ -1,4 +1,4 @@
-"""The one error type for user mistakes (DESIGN.md §8).
+"""The one error type for user mistakes (docs/DESIGN.md §8).
 
 Raised anywhere a user's input is wrong; the CLI wrapper turns it into `error: <message>` on stderr and exit
 status 2. Anything else is an internal error and keeps its traceback.

@@ -1,6 +1,6 @@
-"""LoRA adapters for Conv2d and Linear layers, their injection into a model, and their export.
+"""LoRA adapters for Conv2d and Linear layers: one layer's math, its merge and its low-rank form.
 
-The math is DESIGN.md §3. For a frozen layer with weight W and bias b, an adapted layer computes
+The math is docs/DESIGN.md §3. For a frozen layer with weight W and bias b, an adapted layer computes
 
     y = d·(W∗x + b) + N∗x + s·B∗(A∗drop(x)) + C
 
@@ -11,17 +11,14 @@ export all go through it.
 
 Merging is never a mode that mutates the stored weights: evaluation uses a cached merged weight that is
 recomputed whenever a parameter changes (so it cannot be applied twice), and `merge_lora` / `export_low_rank`
-return new plain models.
+(inject.py, which also puts adapters into a model) return new plain models.
 """
 
 from __future__ import annotations
 
-import copy
-import difflib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +47,7 @@ class _StepCounter:
 
 
 register_optimizer_step_post_hook(_StepCounter.bump)
+LORA_INITS = ("kaiming", "gaussian")
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 
@@ -102,14 +100,15 @@ class LoRAOptions:
     bias_comp: bool = False
 
     def __post_init__(self) -> None:
+        # The one check of these values: lora-train's config check builds this object (config.lora_options).
         if int(self.rank) != self.rank or self.rank <= 0:
-            raise UserError(f"lora.rank must be a positive integer, got {self.rank}")
+            raise UserError(f"lora.rank: must be a positive integer, got {self.rank}")
         if not self.alpha > 0:
-            raise UserError(f"lora.alpha must be > 0, got {self.alpha}")
+            raise UserError(f"lora.alpha: must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        if self.init not in ("kaiming", "gaussian"):
-            raise UserError(f"lora.init must be 'kaiming' or 'gaussian', got {self.init!r}")
+            raise UserError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
+        if self.init not in LORA_INITS:
+            raise UserError(f"lora.init: must be {' or '.join(LORA_INITS)}, got {self.init!r}")
 
     @property
     def scaling(self) -> float:
@@ -181,7 +180,7 @@ class LoRALayer(nn.Module):
             return (self.scaling * (b @ a)).reshape(self.weight.shape)
 
     def merged_weight(self) -> torch.Tensor:
-        """W' = d·W + delta_weight() (DESIGN.md §3)."""
+        """W' = d·W + delta_weight() (docs/DESIGN.md §3)."""
         d = self.decay.value
         w = self.weight if d == 1.0 else d * self.weight
         return w + self.delta_weight()
@@ -394,143 +393,4 @@ def _filled(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -
     return layer
 
 
-_ADAPTER_FOR: dict[type[nn.Module], type[LoRALayer]] = {nn.Conv2d: LoRAConv2d, nn.Linear: LoRALinear}
-
-
-# -- target selection -----------------------------------------------------------------------------------
-
-def supported_layer_names(model: nn.Module, exclude: Iterable[str] = ()) -> list[str]:
-    """Qualified names of every layer LoRA can adapt (Conv2d with groups=1, Linear), minus `exclude`."""
-    excluded = set(exclude)
-    return [n for n, m in model.named_modules()
-            if type(m) in _ADAPTER_FOR and n not in excluded and getattr(m, "groups", 1) == 1]
-
-
-def _nearby(pattern: str, names: Sequence[str], n: int = 6) -> str:
-    probe = pattern.replace("*", "").replace("?", "")
-    close = difflib.get_close_matches(probe, names, n=n, cutoff=0.4)
-    if not close:
-        head = pattern.split(".")[0]
-        close = [x for x in names if x.split(".")[0] == head][:n] or list(names[:n])
-    return ", ".join(close)
-
-
-def select_targets(model: nn.Module, patterns: Sequence[str], exclude: Iterable[str] = ()) -> list[str]:
-    """Resolve glob patterns over qualified module names to the layers to adapt, in model order.
-
-    A pattern naming a container selects every supported layer inside it; of a pattern's matches only the
-    top-most are expanded, so `layer3.*` means the blocks of layer3 and everything in them. A pattern that
-    selects nothing, or that names an unsupported module (or an excluded one, such as the new head), is a
-    UserError naming the pattern and nearby valid names.
-    """
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    if not patterns:
-        raise UserError("lora.targets is empty; name at least one layer pattern (e.g. 'layer4.*.conv1')")
-    excluded = set(exclude)
-    modules = dict(model.named_modules())
-    names = [n for n in modules if n]
-    valid = supported_layer_names(model, excluded)
-    chosen: set[str] = set()
-    for pattern in patterns:
-        matched = [n for n in names if fnmatchcase(n, pattern)]
-        top = [n for n in matched if not any(n.startswith(m + ".") for m in matched)]
-        if not top:
-            raise UserError(f"target pattern {pattern!r} matches no module; nearby valid names: "
-                            f"{_nearby(pattern, valid)}")
-        for name in top:
-            module = modules[name]
-            if name in excluded:
-                raise UserError(f"target pattern {pattern!r} selects {name}, the new classification head, "
-                                "which is trained in full; remove it from lora.targets")
-            inner = [(name, module)] if not list(module.children()) else [
-                (f"{name}.{sub}", m) for sub, m in module.named_modules() if sub]
-            found = False
-            for qual, m in inner:
-                if qual in excluded:
-                    continue
-                if type(m) in _ADAPTER_FOR:
-                    if getattr(m, "groups", 1) != 1:
-                        raise UserError(f"target pattern {pattern!r} selects {qual}, a grouped convolution "
-                                        f"(groups={m.groups}), which LoRA does not support here; "
-                                        f"narrow the pattern. Nearby valid names: {_nearby(qual, valid)}")
-                    chosen.add(qual)
-                    found = True
-            if not found:
-                raise UserError(f"target pattern {pattern!r} selects {name} ({type(module).__name__}), which "
-                                f"holds no layer LoRA supports (Conv2d, Linear); nearby valid names: "
-                                f"{_nearby(pattern, valid)}")
-    order = {n: i for i, n in enumerate(names)}
-    return sorted(chosen, key=order.__getitem__)
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
-def get_decay_state(model: nn.Module) -> DecayState | None:
-    """The DecayState shared by the model's adapters (None without adapters)."""
-    for module in model.modules():
-        if isinstance(module, LoRALayer):
-            return module.decay
-    return None
-
-
-def inject_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float, *,
-                exclude: Iterable[str] = (), **options) -> list[str]:
-    """Replace the layers selected by `targets` with LoRA adapters, in place; return their names.
-
-    `options` are the other LoRAOptions fields. The model gets one DecayState (attribute `lora_decay`) shared
-    by all its adapters. Freezing is the caller's business (see models.prepare_finetune): this only adds layers.
-    """
-    opts = LoRAOptions(rank=rank, alpha=alpha, **options)
-    names = select_targets(model, targets, exclude)
-    decay = get_decay_state(model)
-    owner_needed = decay is None
-    if decay is None:
-        decay = DecayState(1.0).to(next(model.parameters()).device)
-    for name in names:
-        base = model.get_submodule(name)
-        layer = _ADAPTER_FOR[type(base)](base, opts, decay)
-        if owner_needed:
-            layer.add_module(DECAY_ATTR, decay)
-            owner_needed = False
-        _set_submodule(model, name, layer)
-    return names
-
-
-def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
-
-
-def set_decay(model: nn.Module, d: float) -> None:
-    """Set the one decay factor of a model's adapters."""
-    state = get_decay_state(model)
-    if state is None:
-        raise ValueError("model has no LoRA adapters")
-    state.set(d)
-
-
-def set_merge_on_eval(model: nn.Module, enabled: bool) -> None:
-    for _, layer in lora_layers(model):
-        layer.merge_on_eval = enabled
-
-
-def _export(model: nn.Module, convert) -> nn.Module:
-    out = copy.deepcopy(model)
-    out.eval()
-    for name, layer in lora_layers(out):
-        _set_submodule(out, name, convert(layer))
-    return out
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """A copy of `model` in which every adapter is a plain layer with W' = d·W + s·BA and b' = d·b + C."""
-    return _export(model, lambda layer: layer.to_merged())
-
-
-def export_low_rank(model: nn.Module) -> nn.Module:
-    """A copy in which every adapter (at d = 0) is two small plain layers and no frozen weight is kept."""
-    return _export(model, lambda layer: layer.to_low_rank())
+ADAPTER_FOR: dict[type[nn.Module], type[LoRALayer]] = {nn.Conv2d: LoRAConv2d, nn.Linear: LoRALinear}

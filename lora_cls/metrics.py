@@ -1,7 +1,7 @@
 """Classification metrics as plain numbers (no files; reports.py writes them).
 
 Every value returned is a built-in Python type (float, int, str, None) so the dict goes straight into
-metrics.json (DESIGN.md §6).
+metrics.json (docs/DESIGN.md §6).
 """
 
 from __future__ import annotations
@@ -61,18 +61,8 @@ def classification_metrics(
     classification report; undefined ratios are 0 (sklearn's zero_division=0). Balanced accuracy is
     sklearn's: the mean recall over the classes present in y_true.
     """
-    y_true = np.asarray(y_true).astype(np.int64).reshape(-1)
-    probs = np.asarray(probs, dtype=np.float64)
+    y_true, probs = _checked(y_true, probs, len(classes))
     num_classes = len(classes)
-    if probs.ndim != 2 or probs.shape != (y_true.shape[0], num_classes):
-        raise ValueError(
-            f"probs must have shape (N, K) = ({y_true.shape[0]}, {num_classes}), got {probs.shape}"
-        )
-    if y_true.shape[0] == 0:
-        raise ValueError("no samples to compute metrics on")
-    if y_true.min() < 0 or y_true.max() >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}), got {y_true.min()}..{y_true.max()}")
-
     y_pred = probs.argmax(axis=1)
     labels = list(range(num_classes))
     # sklearn warns when y_pred holds a class y_true lacks; absent classes are expected here (small splits).
@@ -108,6 +98,22 @@ def classification_metrics(
     }
     out["n"] = int(y_true.shape[0])
     return out
+
+
+def _checked(y_true: np.ndarray, probs: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels as int64 (N,) and probabilities as float64 (N, K); a ValueError for shapes or labels that do not fit."""
+    y_true = np.asarray(y_true).astype(np.int64).reshape(-1)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape != (y_true.shape[0], num_classes):
+        raise ValueError(
+            f"probs must have shape (N, K) = ({y_true.shape[0]}, {num_classes}), got {probs.shape}"
+        )
+    if y_true.shape[0] == 0:
+        raise ValueError("no samples to compute metrics on")
+    if y_true.min() < 0 or y_true.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got {y_true.min()}..{y_true.max()}")
+
+    return y_true, probs
 
 
 def _binary_roc_auc(is_positive: np.ndarray, score: np.ndarray) -> float | None:

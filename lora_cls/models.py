@@ -1,7 +1,8 @@
 """Backbones by name, their weights and new head, fine-tune modes, BatchNorm policy and the parameter report.
 
 Adding another torchvision classifier is one `MODELS` entry: its builder, its ImageNet weights, the qualified
-name of its final Linear (replaced by the new head) and its preset LoRA targets.
+name of its final Linear (replaced by the new head) and its preset LoRA targets. The rank is `lora.rank` for
+every model (the seeds' VGG16 rank 5 is set by `experiment=malaria_vgg16`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torchvision.models as tvm
 from torch import nn
 
 from lora_cls.errors import UserError
-from lora_cls.lora import LoRALayer, inject_lora, select_targets
+from lora_cls.inject import inject_lora, select_targets
+from lora_cls.lora import DECAY_ATTR, LoRALayer
 
 FINETUNE_MODES = ("lora", "full", "linear")
 BN_POLICIES = ("train", "frozen")
@@ -32,16 +34,15 @@ class ModelSpec:
     weights: tvm.WeightsEnum
     head: str
     targets: tuple[str, ...]
-    rank: int
 
 
 MODELS: dict[str, ModelSpec] = {
     # The seeds: conv1/conv2 of every residual block in layer3 and layer4 at rank 8 (464,898 trainable, 2.14%).
     "resnet34": ModelSpec(tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, "fc",
-                          ("layer3.*.conv1", "layer3.*.conv2", "layer4.*.conv1", "layer4.*.conv2"), 8),
+                          ("layer3.*.conv1", "layer3.*.conv2", "layer4.*.conv1", "layer4.*.conv2")),
     # The seeds: the three block5 convolutions at rank 5, head Linear(4096, 2) (84,994 trainable).
     "vgg16": ModelSpec(tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1, "classifier.6",
-                       ("features.24", "features.26", "features.28"), 5),
+                       ("features.24", "features.26", "features.28")),
 }
 
 
@@ -164,7 +165,7 @@ def _resolved_targets(name: str, patterns: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def prepare_finetune(model: nn.Module, name: str, finetune: str, targets: Sequence[str] | None = None,
-                     rank: int | None = None, alpha: float | None = None, **lora_options) -> list[str]:
+                     rank: int = 8, alpha: float | None = None, **lora_options) -> list[str]:
     """Set up `finetune` mode in place; return the names of the adapted layers (empty unless lora).
 
     lora: adapters on `targets` (the model's preset when None); trainable = adapters (A, B, C) and head.
@@ -178,7 +179,6 @@ def prepare_finetune(model: nn.Module, name: str, finetune: str, targets: Sequen
         model.requires_grad_(True)
         return adapted
     if finetune == "lora":
-        rank = spec.rank if rank is None else rank
         alpha = float(rank) if alpha is None else alpha
         adapted = inject_lora(model, list(targets) if targets else list(spec.targets), rank, alpha,
                               exclude=[spec.head], **lora_options)
@@ -201,6 +201,21 @@ def set_train_mode(model: nn.Module, training: bool, bn: str = "train") -> None:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
+
+
+def trainable_state(model: nn.Module, bn: str) -> dict[str, torch.Tensor]:
+    """What an adapter file holds, copied to the CPU: every trainable tensor, the decay factor, and the BatchNorm
+    buffers when they train (bn="train")."""
+    state = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            state[name] = p
+    for mod_name, module in model.named_modules():
+        is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        if (is_bn and bn == "train") or mod_name.endswith(DECAY_ATTR):
+            for buf_name, buf in module.named_buffers(recurse=False):
+                state[f"{mod_name}.{buf_name}"] = buf
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
 def parameter_report(model: nn.Module) -> dict:

@@ -1,7 +1,7 @@
 """lora-predict: class predictions for new images from a trained checkpoint.
 
 `predict(cfg, run_dir)` rebuilds the model from the adapter file alone (`load_model_from_checkpoint`), merges
-the adapters into plain layers (`merge_lora`: W' = d·W + s·BA, DESIGN.md §3) and classifies every image that
+the adapters into plain layers (`merge_lora`: W' = d·W + s·BA, docs/DESIGN.md §3) and classifies every image that
 `cfg.input` names (a file, a folder searched recursively, or a glob), decoded and normalised exactly as in
 training. It writes `predictions.csv` (path, predicted class, one probability column per class) and
 `predict.json` (a summary) into `run_dir`.
@@ -15,63 +15,31 @@ import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 from tqdm.auto import tqdm
 
-from lora_cls import reports
 from lora_cls.augment import normalize
-from lora_cls.config import PRECISIONS, check_device, check_required
-from lora_cls.data import IMAGE_EXTENSIONS, UnreadableImage, decode_image, verify_image
-from lora_cls.engine import Precision, autocast, prepare_batch, resolve_device, resolve_precision
+from lora_cls.build import load_model_from_checkpoint
+from lora_cls.checkpoint import resolve_checkpoint
+from lora_cls.config import validate_predict
+from lora_cls.data.decode import (
+    IMAGE_EXTENSIONS,
+    UnreadableImage,
+    decode_image,
+    io_threads,
+    is_image,
+    verify_image,
+)
+from lora_cls.device import Precision, autocast, prepare_batch, resolve_device, resolve_precision
 from lora_cls.errors import UserError
-from lora_cls.lora import merge_lora
-from lora_cls.pipeline import load_model_from_checkpoint, resolve_checkpoint
-
-PREDICTIONS_NAME = "predictions.csv"
-SUMMARY_NAME = "predict.json"
-
-
-@dataclass
-class PredictConfig:
-    ckpt: str = MISSING  # a lora-train run folder or its checkpoints/adapter.safetensors
-    input: str = MISSING  # an image, a folder (searched recursively) or a glob
-    device: str = "auto"
-    precision: str | None = None  # null: the training run's precision
-    batch_size: int | None = None  # null: the training run's eval batch size
-    skip_bad: bool = False  # skip undecodable inputs (listed in predict.json) instead of stopping
-    show: int = 20  # rows of the console table
-    progress: bool = True
-
-
-def register_predict_config() -> None:
-    ConfigStore.instance().store(name="predict_schema", node=PredictConfig)
-
-
-def validate_predict(cfg: Any) -> None:
-    check_required(cfg, "ckpt", "lora-predict ckpt=outputs/train/<run> input=photos/")
-    check_required(cfg, "input", "lora-predict ckpt=outputs/train/<run> input=photos/")
-    check_device(cfg.device, "device")
-    if cfg.precision is not None and str(cfg.precision) not in PRECISIONS:
-        raise UserError(f"precision: must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
-    if cfg.batch_size is not None and cfg.batch_size < 1:
-        raise UserError(f"batch_size: must be >= 1, got {cfg.batch_size}")
-    if cfg.show < 0:
-        raise UserError(f"show: must be >= 0, got {cfg.show}")
-    if not str(cfg.input).strip():
-        raise UserError("input: give an image, a folder or a glob such as 'photos/*.jpg'")
-
-
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+from lora_cls.inject import merge_lora
+from lora_cls.runfolder import PREDICT_SUMMARY, PREDICTIONS, atomic_open, check_fresh_run_dir, write_json
 
 
 def collect_inputs(spec: str) -> list[Path]:
@@ -84,14 +52,14 @@ def collect_inputs(spec: str) -> list[Path]:
         found = []
         for dirpath, dirnames, filenames in os.walk(path):
             dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
-            found += [Path(dirpath) / name for name in filenames if _is_image(Path(name))]
+            found += [Path(dirpath) / name for name in filenames if is_image(name)]
         if not found:
             raise UserError(f"input {spec}: no image files in this folder or below (image files end in "
                             f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
         return sorted(found)
     if glob.has_magic(spec):
         found = [Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)]
-        images = sorted(p for p in found if p.is_file() and _is_image(p))
+        images = sorted(p for p in found if p.is_file() and is_image(p.name))
         if not images:
             raise UserError(f"input {spec}: the pattern matches no image file ({len(found)} other matches)")
         return images
@@ -101,10 +69,6 @@ def collect_inputs(spec: str) -> list[Path]:
 def _batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
-
-
-def _threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
 
 
 def _decode(path: Path, size: int) -> torch.Tensor | str:
@@ -141,7 +105,7 @@ def predict(cfg: Any, run_dir: str | Path) -> list[dict[str, Any]]:
 
 def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     validate_predict(cfg)
-    reports.check_fresh_run_dir(run_dir)
+    check_fresh_run_dir(run_dir)
     path = resolve_checkpoint(cfg.ckpt)
     files = collect_inputs(str(cfg.input))
     model, train_cfg, meta = load_model_from_checkpoint(path)
@@ -156,7 +120,7 @@ def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, A
     batch_size = int(cfg.batch_size or meta.get("eval_batch_size") or 2 * int(train_cfg.trainer.batch_size))
 
     progress = None if cfg.progress else True  # tqdm's disable: None = only on a terminal
-    with ThreadPoolExecutor(_threads()) as pool:
+    with ThreadPoolExecutor(io_threads()) as pool:
         # A cheap pass first (PIL open + verify), so a broken input stops the command before the long part.
         reasons = list(tqdm(pool.map(verify_image, files), total=len(files), desc=f"checking {len(files)} images",
                             unit="img", leave=False, disable=progress))
@@ -166,8 +130,8 @@ def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, A
     todo = [f for f, r in zip(files, reasons) if r is None]
 
     rows: list[dict[str, Any]] = []
-    with ThreadPoolExecutor(_threads()) as pool, tqdm(total=len(todo), desc="predicting", unit="img",
-                                                      leave=False, disable=progress) as bar:
+    with ThreadPoolExecutor(io_threads()) as pool, tqdm(total=len(todo), desc="predicting", unit="img",
+                                                         leave=False, disable=progress) as bar:
         for chunk in _batches(todo, batch_size):
             decoded = list(pool.map(lambda f: _decode(f, size), chunk))
             good = [(f, t) for f, t in zip(chunk, decoded) if isinstance(t, torch.Tensor)]
@@ -184,12 +148,12 @@ def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, A
     if not rows:
         raise UserError(f"input {cfg.input}: none of the {len(files)} file(s) could be decoded")
 
-    write_predictions(run_dir / PREDICTIONS_NAME, rows, classes)
+    write_predictions(run_dir / PREDICTIONS, rows, classes)
     summary = {"status": "ok", "checkpoint": str(path), "input": str(cfg.input), "classes": classes,
                "images": len(rows), "class_counts": class_counts(rows, classes),
                "skipped": [{"path": p, "reason": r} for p, r in bad], "image_size": size,
                "device": str(device), "precision": precision.name}
-    reports.write_json(run_dir / SUMMARY_NAME, summary)
+    write_json(run_dir / PREDICT_SUMMARY, summary)
     return rows, summary
 
 
@@ -200,7 +164,7 @@ def class_counts(rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> dict
 
 def write_predictions(path: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> None:
     fields = ["path", "predicted", *(f"prob_{c}" for c in classes)]
-    with reports.atomic_open(path, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
@@ -240,5 +204,5 @@ def run_predict(cfg: Any, run_dir: str | Path, console: Console | None = None) -
     if skipped:
         console.print(f"[yellow]skipped {len(skipped)} undecodable file(s)[/yellow] (skip_bad=true): "
                       + ", ".join(s["path"] for s in skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
-    console.print(f"predictions: {Path(run_dir) / PREDICTIONS_NAME}")
+    console.print(f"predictions: {Path(run_dir) / PREDICTIONS}")
     return summary

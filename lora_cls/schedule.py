@@ -1,4 +1,4 @@
-"""The decay schedule d(t) that hands adapted layers over from their frozen weight to the adapter (DESIGN.md §3).
+"""The decay schedule d(t) that hands adapted layers over from their frozen weight to the adapter (docs/DESIGN.md §3).
 
 One scalar d for all adapted layers of a model, set from the global optimizer step t of T total steps:
 d = 1 before t0, linear from 1 to d_min between t0 and t1, d_min after t1, with t0 = round(start·T) and
@@ -25,9 +25,13 @@ def decay_factor(step: int, total: int, start: float = 0.1, end: float = 0.9, d_
     return 1.0 - (1.0 - d_min) * (step - t0) / (t1 - t0)
 
 
-@dataclass(frozen=True)
+@dataclass
 class DecaySchedule:
-    """What the schedule config selects: the d(t) curve, and which extras (noise, bias C) the adapters get."""
+    """What the schedule config selects: the d(t) curve, and which extras (noise, bias C) the adapters get.
+
+    Also the schema of the `schedule` config group (config.TrainConfig): the settings are described once. Not
+    frozen, since a frozen dataclass makes its config node read-only for Hydra's overrides.
+    """
 
     kind: str = "none"
     start: float = 0.1
@@ -37,12 +41,13 @@ class DecaySchedule:
     noise_per_channel: bool = False
 
     def __post_init__(self) -> None:
+        # The one check of these values: lora-train's config check builds this object (config.decay_schedule).
         if self.kind not in SCHEDULE_KINDS:
-            raise UserError(f"schedule.kind must be one of {', '.join(SCHEDULE_KINDS)}; got {self.kind!r}")
+            raise UserError(f"schedule.kind: must be one of {', '.join(SCHEDULE_KINDS)}, got {self.kind!r}")
         if not 0.0 <= self.start <= self.end <= 1.0:
-            raise UserError(f"schedule needs 0 <= start <= end <= 1; got start={self.start}, end={self.end}")
+            raise UserError(f"schedule.start: need 0 <= start <= end <= 1, got {self.start}, {self.end}")
         if not 0.0 <= self.d_min <= 1.0:
-            raise UserError(f"schedule.d_min must be in [0, 1]; got {self.d_min}")
+            raise UserError(f"schedule.d_min: must be in [0, 1], got {self.d_min}")
 
     @property
     def noise(self) -> bool:

@@ -13,48 +13,54 @@ hits all variants alike, and the claims are ratios of those medians (docs/BENCHM
 
 A training step is forward + backward + optimizer step (AdamW from the engine's `build_optimizer`) on a fixed
 batch; an evaluation step is one forward under `torch.inference_mode`. PEFT (`pip install 'lora-cls[bench]'`)
-is imported only here; without it its rows say so.
+is imported only here; without it its rows say so. The timing, load probes, memory measurement and machine
+description are in scripts/bench_timing.py; the variants' recipes and how they are built in bench_variants.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import csv
-import importlib.metadata
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
-import torchvision
-from torch import nn
 
-from lora_cls.engine import (
-    Precision,
-    autocast,
-    build_optimizer,
-    cpu_supports_bf16,
-    resolve_device,
-    resolve_precision,
+from lora_cls.device import Precision, resolve_device, resolve_precision
+from lora_cls.engine import build_optimizer
+from lora_cls.models import model_spec
+from lora_cls.runfolder import RunDir
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+SCRIPTS = str(Path(__file__).resolve().parent)  # where bench_timing.py and bench_variants.py are
+if SCRIPTS not in sys.path:
+    sys.path.insert(0, SCRIPTS)
+from bench_timing import (  # noqa: E402
+    load_average,
+    machine_info,
+    measure_memory,
+    probe_when_idle,
+    time_round_robin,
+    warm_up,
 )
-from lora_cls.lora import LoRALayer, merge_lora, select_targets, set_merge_on_eval
-from lora_cls.models import build_model, model_spec, prepare_finetune
+from bench_variants import (  # noqa: E402
+    QUICK_SKIPS,
+    VARIANTS,
+    Variant,
+    build_variants,
+    count_params,
+    train_step,
+)
 
-PEFT_MISSING = "peft not installed (pip install 'lora-cls[bench]')"
-VARIANTS = ("full_fp32", "full_fast", "head_fp32", "head_fast", "lora_fp32", "lora_fp32_cl", "lora_fast",
-            "lora_compiled", "peft_fp32", "peft_fast",
-            "eval_base", "eval_unmerged", "eval_merged", "eval_exported")
-QUICK_SKIPS = ("head_fast", "lora_fp32_cl")  # rows --quick leaves out (no target depends on them)
+DEFAULT_RANK = 8  # lora.rank's default (the seeds' VGG16 run uses 5: --rank 5)
 
 # (key, numerator, denominator, what is divided, comparison, target): ratios of median throughputs, or of
 # median step times where the target is about step time. A ratio whose variants did not run is null.
@@ -77,7 +83,7 @@ RATIOS: tuple[tuple[str, str, str, str, str, float | None], ...] = (
 E2E_TARGET = 0.85  # lora-train's epoch throughput within 15% of the pure model step
 
 
-# -- settings and machine --------------------------------------------------------------------------------
+# -- settings --------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -85,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="resnet34", help="registry name (lora_cls.models.MODELS)")
     p.add_argument("--weights", default=None,
                    help="base weights: imagenet, a state-dict path, or none (random)")
-    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the model's preset)")
+    p.add_argument("--rank", type=int, default=DEFAULT_RANK, help="LoRA rank (lora.rank's default)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank, so s = 1)")
     p.add_argument("--targets", nargs="+", default=None, help="target patterns (default: the model's preset)")
     p.add_argument("--classes", type=int, default=2)
@@ -127,420 +133,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.clock == "cpu" and (args.threads != 1 or args.device not in ("cpu", "auto")):
         p.error("--clock cpu measures one thread's CPU time: it needs --threads 1 on the CPU")
     return args
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> set[str]:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def machine_info(device: torch.device) -> dict:
-    flags = cpu_flags()
-    info = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cpu_bf16_native": cpu_supports_bf16(), "avx512_bf16": "avx512_bf16" in flags,
-            "amx_bf16": "amx_bf16" in flags, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "peft": _peft_version(), "platform": platform.platform(),
-            "device": str(device), "load_average": _load_average()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-        info["cudnn"] = torch.backends.cudnn.version()
-    return info
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _peft_version() -> str | None:
-    """PEFT's installed version, read from its metadata (importing peft pulls in transformers: seconds)."""
-    try:
-        return importlib.metadata.version("peft")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-# -- variants --------------------------------------------------------------------------------------------
-
-@dataclass
-class Variant:
-    """One row of the table: a model, its settings and a callable that runs one step on the shared batch."""
-
-    name: str
-    kind: str  # "train" | "eval"
-    label: str
-    impl: str  # "lora-cls" | "peft" | "torchvision"
-    finetune: str
-    precision: str
-    channels_last: bool
-    model: nn.Module | None = None
-    optimizer: torch.optim.Optimizer | None = None
-    step: Callable[[], None] | None = None
-    note: str = ""
-    samples: list[float] = field(default_factory=list)  # seconds per step, one value per round
-    first_step_seconds: float | None = None
-    memory: dict = field(default_factory=dict)
-
-    @property
-    def available(self) -> bool:
-        return self.step is not None
-
-
-def count_params(model: nn.Module) -> tuple[int, int]:
-    params = list(model.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               device: torch.device, precision, channels_last: bool) -> Callable[[], None]:
-    """The engine's training step (Trainer.train_epoch) on a fixed batch, the input conversion included."""
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
-
-    def run() -> None:
-        xb = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-        with autocast(device, precision):
-            logits = model(xb)
-        loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    return run
-
-
-def eval_step(model: nn.Module, x: torch.Tensor, device: torch.device, precision,
-              channels_last: bool) -> Callable[[], None]:
-    """The engine's evaluation step (engine.evaluate): inference_mode, autocast, one forward."""
-
-    def run() -> None:
-        with torch.inference_mode():
-            xb = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-            with autocast(device, precision):
-                model(xb).float()
-
-    return run
-
-
-def peft_model(base: nn.Module, targets: list[str], rank: int, alpha: float, head: str) -> nn.Module:
-    """PEFT LoRA on exactly the layers lora-cls adapts, the new head trained in full (modules_to_save)."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
-                        modules_to_save=[head])
-    return get_peft_model(base, config)
-
-
-def randomize_adapters(model: nn.Module, seed: int) -> None:
-    """Non-zero B (a non-trivial merged weight) for the evaluation variants; speed does not depend on it."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, LoRALayer):
-                module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=g) * 1e-3)
-
-
-def build_variants(args: argparse.Namespace, device: torch.device, x: torch.Tensor, y: torch.Tensor,
-                   xe: torch.Tensor, fast: Precision | None = None) -> list[Variant]:
-    spec = model_spec(args.model)
-    rank = spec.rank if args.rank is None else args.rank
-    alpha = float(rank) if args.alpha is None else args.alpha
-    fast = fast or resolve_precision(args.precision, device)
-    fp32 = resolve_precision("32", device)
-    torch.manual_seed(args.seed)
-    base = build_model(args.model, args.weights, args.classes)
-    patterns = list(args.targets) if args.targets else list(spec.targets)
-    targets = select_targets(base, patterns, exclude=[spec.head])
-
-    wanted = set(args.variants) if args.variants else None
-
-    def want(name: str) -> bool:
-        if wanted is not None:
-            return name in wanted
-        if name == "lora_compiled":
-            return args.compile
-        return not (args.quick and name in QUICK_SKIPS)
-
-    def finetuned(finetune: str) -> nn.Module:
-        model = copy.deepcopy(base)
-        prepare_finetune(model, args.model, finetune, targets=patterns, rank=rank, alpha=alpha)
-        return model
-
-    def placed(model: nn.Module, channels_last: bool) -> nn.Module:
-        return model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-
-    def trained(v: Variant, model: nn.Module, precision) -> Variant:
-        v.model = placed(model, v.channels_last)
-        v.optimizer = build_optimizer(v.model.parameters(), "adamw", 1e-4, 0.01, device=device)
-        v.step = train_step(v.model, v.optimizer, x, y, device, precision, v.channels_last)
-        return v
-
-    def evaluated(v: Variant, model: nn.Module) -> Variant:
-        v.model = placed(model, v.channels_last).eval()
-        v.step = eval_step(v.model, xe, device, fast, v.channels_last)
-        return v
-
-    variants: list[Variant] = []
-
-    def add(name: str, make: Callable[[Variant], Variant], **kw) -> None:
-        if want(name):
-            variants.append(make(Variant(name=name, **kw)))
-
-    fp32_kw = {"precision": fp32.name, "channels_last": False}
-    fast_kw = {"precision": fast.name, "channels_last": True}
-    add("full_fp32", lambda v: trained(v, finetuned("full"), fp32), kind="train", label="full fine-tune",
-        impl="torchvision", finetune="full", **fp32_kw)
-    add("full_fast", lambda v: trained(v, finetuned("full"), fast), kind="train", label="full fine-tune",
-        impl="torchvision", finetune="full", **fast_kw)
-    add("head_fp32", lambda v: trained(v, finetuned("linear"), fp32), kind="train", label="head only (floor)",
-        impl="torchvision", finetune="linear", **fp32_kw)
-    add("head_fast", lambda v: trained(v, finetuned("linear"), fast), kind="train", label="head only (floor)",
-        impl="torchvision", finetune="linear", **fast_kw)
-    add("lora_fp32", lambda v: trained(v, finetuned("lora"), fp32), kind="train", label="lora-cls LoRA",
-        impl="lora-cls", finetune="lora", **fp32_kw)
-    add("lora_fp32_cl", lambda v: trained(v, finetuned("lora"), fp32), kind="train",
-        label="lora-cls LoRA, default path without bf16", impl="lora-cls", finetune="lora",
-        precision=fp32.name, channels_last=True)
-    add("lora_fast", lambda v: trained(v, finetuned("lora"), fast), kind="train",
-        label="lora-cls LoRA, default path", impl="lora-cls", finetune="lora", **fast_kw)
-
-    def compiled(v: Variant) -> Variant:
-        trained(v, finetuned("lora"), fast)
-        v.step = train_step(torch.compile(v.model), v.optimizer, x, y, device, fast, True)
-        return v
-
-    add("lora_compiled", compiled, kind="train", label="lora-cls LoRA, default path + torch.compile",
-        impl="lora-cls", finetune="lora", **fast_kw)
-
-    peft_error = None if _peft_version() else PEFT_MISSING
-    if args.no_peft:
-        peft_error = "skipped (--no-peft)"
-
-    def with_peft(v: Variant, precision) -> Variant:
-        if peft_error:
-            v.note = peft_error
-            return v
-        model = peft_model(copy.deepcopy(base), targets, rank, alpha, spec.head)
-        return trained(v, model, precision)
-
-    add("peft_fp32", lambda v: with_peft(v, fp32), kind="train", label="PEFT LoRA", impl="peft",
-        finetune="lora", **fp32_kw)
-    add("peft_fast", lambda v: with_peft(v, fast), kind="train", label="PEFT LoRA", impl="peft",
-        finetune="lora", **fast_kw)
-
-    def adapted_for_eval(merge: bool) -> nn.Module:
-        model = finetuned("lora")
-        randomize_adapters(model, args.seed)
-        set_merge_on_eval(model, merge)
-        return model
-
-    add("eval_base", lambda v: evaluated(v, copy.deepcopy(base)), kind="eval", label="eval: base model",
-        impl="torchvision", finetune="none", **fast_kw)
-    add("eval_unmerged", lambda v: evaluated(v, adapted_for_eval(False)), kind="eval",
-        label="eval: adapters unmerged", impl="lora-cls", finetune="lora", **fast_kw)
-    add("eval_merged", lambda v: evaluated(v, adapted_for_eval(True)), kind="eval",
-        label="eval: adapters merged (default)", impl="lora-cls", finetune="lora", **fast_kw)
-    add("eval_exported", lambda v: evaluated(v, merge_lora(adapted_for_eval(True))), kind="eval",
-        label="eval: merge_lora export", impl="lora-cls", finetune="lora", **fast_kw)
-    unknown = sorted((wanted or set()) - {v.name for v in variants})
-    if unknown:
-        raise SystemExit(f"error: unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
-    return variants
-
-
-# -- measurement -----------------------------------------------------------------------------------------
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def warm_up(variants: list[Variant], steps: int, device: torch.device) -> None:
-    for v in variants:
-        if not v.available:
-            continue
-        for i in range(max(1, steps)):
-            start = time.perf_counter()
-            v.step()
-            synchronize(device)
-            if i == 0:
-                v.first_step_seconds = time.perf_counter() - start
-
-
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
-
-
-def cpu_jiffies() -> tuple[int, int] | None:
-    """(busy jiffies of the whole machine, jiffies of this process) from /proc; None without /proc."""
-    try:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[11:13]  # utime, stime
-        return sum(values) - values[3] - values[4], int(own[0]) + int(own[1])  # all but idle and iowait
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class ForeignLoad:
-    """CPU time used by other processes while measuring, in cores (0.0 = the machine was ours alone)."""
-
-    def __init__(self) -> None:
-        self.start = cpu_jiffies()
-        self.t0 = time.perf_counter()
-
-    def cores(self) -> float | None:
-        end = cpu_jiffies()
-        seconds = time.perf_counter() - self.t0
-        if self.start is None or end is None or seconds <= 0:
-            return None
-        busy, own = end[0] - self.start[0], end[1] - self.start[1]
-        return max(0.0, (busy - own) / os.sysconf("SC_CLK_TCK") / seconds)
-
-
-def wait_for_idle(max_seconds: float, threshold: float = 0.15) -> float:
-    """Sleep until other processes use under `threshold` cores over one second; return the seconds waited."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < max_seconds:
-        probe = ForeignLoad()
-        time.sleep(1.0)
-        load = probe.cores()
-        if load is None or load < threshold:
-            break
-    return time.perf_counter() - start
-
-
-def time_round_robin(variants: list[Variant], rounds: int, steps: int, device: torch.device,
-                     progress: Callable[[str], None] | None = None, clock: str = "wall",
-                     wait_idle: float = 0.0, loads: list | None = None, max_load: float = 0.1) -> int:
-    """Append one seconds-per-step sample per round to each variant; round r starts at variant r mod n.
-
-    With `wait_idle` > 0 (a shared machine), each round first waits (at most that many seconds) for other
-    processes to go quiet, and a round during which they used more than `max_load` cores is discarded and
-    run again (at most `rounds` times in all). The other processes' load of each kept round is appended to
-    `loads`. Returns the number of discarded rounds.
-    """
-    now = CLOCKS[clock]
-    active = [v for v in variants if v.available]
-    kept = discarded = 0
-    while kept < rounds and active:
-        if wait_idle > 0:
-            wait_for_idle(wait_idle)
-        probe = ForeignLoad()
-        shift = (kept + discarded) % len(active)
-        for v in active[shift:] + active[:shift]:
-            synchronize(device)
-            start = now()
-            for _ in range(steps):
-                v.step()
-            synchronize(device)
-            v.samples.append((now() - start) / steps)
-        load = probe.cores()
-        busy = wait_idle > 0 and load is not None and load > max_load and discarded < rounds
-        if busy:
-            discarded += 1
-            for v in active:
-                v.samples.pop()
-        else:
-            kept += 1
-            if loads is not None:
-                loads.append(load)
-        if progress:
-            what = f"round {kept}/{rounds}" if not busy else f"round discarded ({discarded} so far)"
-            progress(what + ("" if load is None else f", other processes used {load:.2f} cores"))
-    return discarded
-
-
-def _storages(tensors) -> dict[int, int]:
-    out = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            s = t.untyped_storage()
-            out[s.data_ptr()] = s.nbytes()
-    return out
-
-
-def _cache_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """Tensors a LoRALayer keeps between steps (its merged-weight cache for evaluation and similar caches)."""
-    out = []
-    for module in model.modules():
-        if isinstance(module, LoRALayer):
-            for value in vars(module).values():
-                if isinstance(value, tuple):
-                    out += [t for t in value if isinstance(t, torch.Tensor)]
-    return out
-
-
-def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
-    params = _storages(model.parameters())
-    buffers = _storages(model.buffers())
-    grads = _storages(p.grad for p in model.parameters() if p.grad is not None)
-    opt = {}
-    if optimizer is not None:
-        opt = _storages(t for s in optimizer.state.values() for t in s.values())
-    caches = {k: v for k, v in _storages(_cache_tensors(model)).items() if k not in params}
-    return {"params": sum(params.values()), "buffers": sum(buffers.values()), "grads": sum(grads.values()),
-            "optimizer_state": sum(opt.values()), "caches": sum(caches.values())}
-
-
-def saved_activations(v: Variant) -> tuple[int, list[int] | None]:
-    """Bytes autograd keeps for backward during one step (unique storages, parameters excluded), and the
-    largest spatial size (H, W) among the saved 4-D tensors: where backward starts to keep activations."""
-    params = set(_storages(v.model.parameters()))
-    saved: dict[int, int] = {}
-    largest: list[int] | None = None
-
-    def pack(t: torch.Tensor):
-        nonlocal largest
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            saved[s.data_ptr()] = s.nbytes()
-            if t.dim() == 4 and (largest is None or t.shape[2] * t.shape[3] > largest[0] * largest[1]):
-                largest = [int(t.shape[2]), int(t.shape[3])]
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        v.step()
-    return sum(saved.values()), largest
-
-
-def measure_memory(v: Variant, device: torch.device) -> dict:
-    """Resident state of the variant, bytes saved for backward and, on CUDA, the allocator's peak of one step.
-
-    peak_bytes is measured on CUDA (resident state + the step's peak above it); on CPU, where torch keeps no
-    allocator statistics, it is the estimate resident state + saved activations (transient buffers excluded).
-    """
-    out: dict = {}
-    if v.kind == "train":
-        out["saved_activations"], out["saved_largest_hw"] = saved_activations(v)
-    synchronize(device)
-    state = state_bytes(v.model, v.optimizer)
-    out.update(state)
-    resident = sum(state.values())
-    out["resident"] = resident
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        v.step()
-        synchronize(device)
-        out["peak_bytes"] = resident + torch.cuda.max_memory_allocated(device) - before
-        out["peak_measured"] = True
-    else:
-        out["peak_bytes"] = resident + out.get("saved_activations", 0)
-        out["peak_measured"] = False
-    return out
 
 
 # -- summary ---------------------------------------------------------------------------------------------
@@ -620,33 +212,38 @@ def format_table(rows: dict[str, dict], ratios: dict, reference: str = "peft_fp3
 
 # -- end to end ------------------------------------------------------------------------------------------
 
-def run_e2e(args: argparse.Namespace, device: torch.device, log: Callable[[str], None]) -> dict:
-    """lora-train epochs (pipeline.train, the same code as the CLI) on the synthetic set, interleaved with
-    blocks of the pure model step at the same resolution and batch; compares metrics.json's
-    timing.train_images_per_second with the pure step's throughput."""
+def random_batch(g: torch.Generator, batch: int, size: int, classes: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images (batch, 3, size, size) and labels in [0, classes), drawn from g, on the device."""
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, classes, (batch,), generator=g).to(device)
+    return x, y
+
+
+def e2e_config(args: argparse.Namespace) -> tuple[DictConfig, list[str], Path]:
+    """lora-train's configuration for the e2e runs (the demo experiment on the synthetic set), its overrides
+    and the data folder."""
     from hydra import compose, initialize_config_module
 
     from lora_cls.config import register_configs
-    from lora_cls.pipeline import train
 
-    size, batch = args.e2e_image_size, args.e2e_batch
     root = Path(args.e2e_root or Path(tempfile.gettempdir()) / "lora-cls-bench" / "synthetic")
     overrides = ["experiment=demo", f"model={args.model}", f"dataset.root={root}",
-                 f"dataset.image_size={size}", f"trainer.batch_size={batch}",
+                 f"dataset.image_size={args.e2e_image_size}", f"trainer.batch_size={args.e2e_batch}",
                  f"trainer.epochs={args.e2e_epochs}", "trainer.progress=false",
                  f"trainer.device={args.device}", f"trainer.precision={args.precision}",
-                 f"trainer.seed={args.seed}"]
-    if args.rank is not None:
-        overrides.append(f"lora.rank={args.rank}")
-    overrides += list(args.e2e_overrides)
+                 f"trainer.seed={args.seed}", f"lora.rank={args.rank}", *args.e2e_overrides]
     register_configs()
     with initialize_config_module(config_module="lora_cls.conf", version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
+    return cfg, overrides, root
 
-    # The pure step with the run's settings: same model, adapters, precision, memory format and optimizer.
-    g = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(batch, 3, size, size, generator=g).to(device)
-    y = torch.randint(0, 2, (batch,), generator=g).to(device)
+
+def e2e_pure_step(args: argparse.Namespace, cfg: DictConfig, device: torch.device) -> Variant:
+    """The pure step with the run's settings: same model, adapters, precision, memory format and optimizer;
+    warmed up."""
+    size, batch = args.e2e_image_size, args.e2e_batch
+    x, y = random_batch(torch.Generator().manual_seed(args.seed), batch, size, 2, device)
     e2e_args = argparse.Namespace(**{**vars(args), "image_size": size, "batch": batch,
                                      "variants": ["lora_fast"], "quick": False, "compile": False})
     (pure,) = build_variants(e2e_args, device, x, y, x)
@@ -657,33 +254,47 @@ def run_e2e(args: argparse.Namespace, device: torch.device, log: Callable[[str],
     channels_last = bool(cfg.trainer.channels_last)
     pure.step = train_step(pure.model, pure.optimizer, x, y, device, precision, channels_last)
     warm_up([pure], args.warmup, device)
+    return pure
 
+
+def e2e_train_run(cfg: DictConfig, run_dir: Path, wait_idle: float) -> dict:
+    """One lora-train run into run_dir: metrics.json's timing and accuracy, history.csv's epochs."""
+    from lora_cls.train import train
+
+    probe = probe_when_idle(wait_idle)
+    metrics = train(cfg, run_dir)
+    history = list(csv.DictReader(RunDir(run_dir).history.open()))
+    per_epoch = [float(h["images_per_second"]) for h in history]
+    return {"train_images_per_second": metrics["timing"]["train_images_per_second"],
+            "train_seconds": metrics["timing"]["train_seconds"], "epochs": len(history),
+            "epoch_images_per_second": per_epoch, "precision": metrics.get("precision"),
+            "test_accuracy": metrics["test"]["accuracy"], "foreign_load_cores": probe.cores()}
+
+
+def run_e2e(args: argparse.Namespace, device: torch.device, log: Callable[[str], None]) -> dict:
+    """lora-train epochs (lora_cls.train.train, the same code as the CLI) on the synthetic set, interleaved with
+    blocks of the pure model step at the same resolution and batch; compares metrics.json's
+    timing.train_images_per_second with the pure step's throughput."""
+    cfg, overrides, root = e2e_config(args)
+    pure = e2e_pure_step(args, cfg, device)
     runs, step_loads = [], []
-    blocks = {"rounds": max(2, args.rounds // 2), "steps": max(2, args.steps)}
+
+    def step_block() -> None:  # wall clock whatever --clock says: metrics.json's timing is wall time
+        time_round_robin([pure], max(2, args.rounds // 2), max(2, args.steps), device,
+                         wait_idle=args.wait_idle, loads=step_loads)
+
     with tempfile.TemporaryDirectory(prefix="lora-cls-bench-") as tmp:
         for i in range(args.e2e_runs):
-            # wall clock whatever --clock says: metrics.json's timing is wall time
-            time_round_robin([pure], blocks["rounds"], blocks["steps"], device, wait_idle=args.wait_idle,
-                             loads=step_loads)
-            run_dir = Path(tmp) / f"run{i}"
-            if args.wait_idle > 0:
-                wait_for_idle(args.wait_idle)
-            probe = ForeignLoad()
-            metrics = train(cfg, run_dir)
-            history = list(csv.DictReader((run_dir / "history.csv").open()))
-            per_epoch = [float(h["images_per_second"]) for h in history]
-            runs.append({"train_images_per_second": metrics["timing"]["train_images_per_second"],
-                         "train_seconds": metrics["timing"]["train_seconds"], "epochs": len(history),
-                         "epoch_images_per_second": per_epoch, "precision": metrics.get("precision"),
-                         "test_accuracy": metrics["test"]["accuracy"], "foreign_load_cores": probe.cores()})
+            step_block()
+            runs.append(e2e_train_run(cfg, Path(tmp) / f"run{i}", args.wait_idle))
             log(f"e2e run {i + 1}/{args.e2e_runs}: {runs[-1]['train_images_per_second']:.1f} img/s")
-        time_round_robin([pure], blocks["rounds"], blocks["steps"], device, wait_idle=args.wait_idle,
-                         loads=step_loads)
+        step_block()
+    batch = args.e2e_batch
     step = statistics.median(pure.samples)
     e2e = statistics.median(r["train_images_per_second"] for r in runs)
     later = [v for r in runs for v in r["epoch_images_per_second"][1:]]
-    out = {"image_size": size, "batch": batch, "epochs": args.e2e_epochs, "data_root": str(root),
-           "overrides": overrides, "runs": runs, "step_seconds_samples": pure.samples,
+    out = {"image_size": args.e2e_image_size, "batch": batch, "epochs": args.e2e_epochs,
+           "data_root": str(root), "overrides": overrides, "runs": runs, "step_seconds_samples": pure.samples,
            "step_round_foreign_load_cores": step_loads,
            "pure_step_images_per_second": batch / step, "train_images_per_second": e2e,
            "e2e_vs_step": e2e / (batch / step)}
@@ -695,35 +306,27 @@ def run_e2e(args: argparse.Namespace, device: torch.device, log: Callable[[str],
 
 # -- main ------------------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    started = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[bench {time.perf_counter() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
+def setup(args: argparse.Namespace) -> tuple[torch.device, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Torch's threads and device settings, and the shared batch: (device, x, y, xe, evaluation batch)."""
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     if args.clock == "cpu" and device.type != "cpu":
         raise SystemExit("error: --clock cpu is for CPU runs")
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as the pipeline does on CUDA
+        torch.backends.cudnn.benchmark = True  # as lora-train does on CUDA (device.seed_everything)
     g = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(device)
-    y = torch.randint(0, args.classes, (args.batch,), generator=g).to(device)
+    x, y = random_batch(g, args.batch, args.image_size, args.classes, device)
     eval_batch = args.eval_batch or args.batch
     xe = x if eval_batch == args.batch else torch.randn(eval_batch, 3, args.image_size, args.image_size,
                                                         generator=g).to(device)
+    return device, x, y, xe, eval_batch
 
-    fast = resolve_precision(args.precision, device)  # once: it warns where bf16 is only emulated
-    variants = build_variants(args, device, x, y, xe, fast)
-    log(f"{len(variants)} variants on {device}: {', '.join(v.name for v in variants)}")
-    compile_seconds = None
+
+def measure(variants: list[Variant], args: argparse.Namespace, device: torch.device,
+            log: Callable[[str], None]) -> tuple[list, int]:
+    """Warm-up, memory, then the timed rounds: (other processes' load per kept round, discarded rounds)."""
     warm_up(variants, args.warmup, device)
-    for v in variants:
-        if v.name == "lora_compiled" and v.first_step_seconds is not None:
-            compile_seconds = v.first_step_seconds
     log("warmed up")
     for v in variants:
         if v.available:
@@ -732,23 +335,63 @@ def main(argv: list[str] | None = None) -> dict:
     loads: list = []
     discarded = time_round_robin(variants, args.rounds, args.steps, device, progress=log, clock=args.clock,
                                  wait_idle=args.wait_idle, loads=loads)
+    return loads, discarded
 
-    rows = {}
+
+def run_settings(args: argparse.Namespace, device: torch.device, fast: Precision, eval_batch: int) -> dict:
+    return {"model": args.model, "weights": args.weights, "rank": args.rank,
+            "alpha": args.alpha or float(args.rank),
+            "targets": args.targets or list(model_spec(args.model).targets), "classes": args.classes,
+            "batch": args.batch, "eval_batch": eval_batch, "image_size": args.image_size,
+            "device": str(device), "fast_precision": fast.name,
+            "threads": args.threads, "clock": args.clock, "rounds": args.rounds,
+            "steps_per_round": args.steps, "warmup": args.warmup, "quick": args.quick,
+            "optimizer": "AdamW (lora_cls.engine.build_optimizer)"}
+
+
+def compile_seconds(variants: list[Variant]) -> float | None:
+    """lora_compiled's first (compiling) step, when it ran."""
     for v in variants:
-        batch = eval_batch if v.kind == "eval" else args.batch
-        rows[v.name] = summarize(v, batch)
+        if v.name == "lora_compiled" and v.first_step_seconds is not None:
+            return v.first_step_seconds
+    return None
+
+
+def print_report(result: dict) -> None:
+    print(format_table(result["variants"], result["ratios"]))
+    if "e2e" in result:
+        e = result["e2e"]
+        print(f"  {'e2e_vs_step':40s} {e['e2e_vs_step']:.3f}  (lora-train {e['train_images_per_second']:.1f} "
+              f"img/s vs pure step {e['pure_step_images_per_second']:.1f} img/s at {e['image_size']} px, "
+              f"batch {e['batch']})")
+    for key, c in result["checks"].items():
+        print(f"  target {key}: {c['value']:.3f} {c['target']}: {'pass' if c['pass'] else 'MISS'}")
+
+
+def write_result(path: str, result: dict) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[bench {time.perf_counter() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    device, x, y, xe, eval_batch = setup(args)
+    fast = resolve_precision(args.precision, device)  # once: it warns where bf16 is only emulated
+    variants = build_variants(args, device, x, y, xe, fast)
+    log(f"{len(variants)} variants on {device}: {', '.join(v.name for v in variants)}")
+    loads, discarded = measure(variants, args, device, log)
+    rows = {v.name: summarize(v, eval_batch if v.kind == "eval" else args.batch) for v in variants}
     ratios, paired, checks = compute_ratios(rows)
-    spec = model_spec(args.model)
     result = {
         "command": [sys.executable, *sys.argv] if argv is None else ["scripts/bench.py", *argv],
-        "settings": {"model": args.model, "weights": args.weights, "rank": args.rank or spec.rank,
-                     "alpha": args.alpha or float(args.rank or spec.rank),
-                     "targets": args.targets or list(spec.targets), "classes": args.classes,
-                     "batch": args.batch, "eval_batch": eval_batch, "image_size": args.image_size,
-                     "device": str(device), "fast_precision": fast.name,
-                     "threads": args.threads, "clock": args.clock, "rounds": args.rounds,
-                     "steps_per_round": args.steps, "warmup": args.warmup, "quick": args.quick,
-                     "optimizer": "AdamW (lora_cls.engine.build_optimizer)"},
+        "settings": run_settings(args, device, fast, eval_batch),
         "machine": machine_info(device),
         "variants": rows,
         "ratios": ratios,
@@ -757,28 +400,17 @@ def main(argv: list[str] | None = None) -> dict:
         "discarded_rounds": discarded,
         "checks": checks,
     }
-    if compile_seconds is not None:
-        result["compile"] = {"first_step_seconds": compile_seconds}
+    if (seconds := compile_seconds(variants)) is not None:
+        result["compile"] = {"first_step_seconds": seconds}
     if args.e2e:
         log("end to end: lora-train on the synthetic set")
         result["e2e"] = run_e2e(args, device, log)
         value = result["e2e"]["e2e_vs_step"]
         checks["e2e_vs_step"] = {"value": value, "target": f">= {E2E_TARGET}", "pass": value >= E2E_TARGET}
     result["elapsed_seconds"] = time.perf_counter() - started
-    result["machine"]["load_average_end"] = _load_average()
-
-    print(format_table(rows, ratios))
-    if "e2e" in result:
-        e = result["e2e"]
-        print(f"  {'e2e_vs_step':40s} {e['e2e_vs_step']:.3f}  (lora-train {e['train_images_per_second']:.1f} "
-              f"img/s vs pure step {e['pure_step_images_per_second']:.1f} img/s at {e['image_size']} px, "
-              f"batch {e['batch']})")
-    for key, c in checks.items():
-        print(f"  target {key}: {c['value']:.3f} {c['target']}: {'pass' if c['pass'] else 'MISS'}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    log(f"wrote {out}")
+    result["machine"]["load_average_end"] = load_average()
+    print_report(result)
+    log(f"wrote {write_result(args.out, result)}")
     return result
 
 

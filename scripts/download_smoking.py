@@ -17,6 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from lora_cls.data.layouts import SMOKING_SPLIT_DIRS
 from lora_cls.download import (
     SMOKING_KAGGLE_SLUG,
     SMOKING_PAGE,
@@ -28,9 +29,6 @@ from lora_cls.download import (
     zip_prefix,
 )
 from lora_cls.errors import UserError
-
-# As lora_cls.data.SMOKING_SPLIT_DIRS (not imported: that module loads torch, and the instructions should be quick).
-SPLIT_DIRS = ("Training", "Validation", "Testing")
 
 MANUAL = f"""\
 The smoking dataset comes from Kaggle ({SMOKING_PAGE}),
@@ -60,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def unpack(archive: Path, dest: Path, progress: bool) -> None:
     """Unpack a smoking archive into `dest`, dropping any folder that wraps Training/Validation/Testing."""
-    prefix = zip_prefix(archive, SPLIT_DIRS[0])
+    prefix = zip_prefix(archive, SMOKING_SPLIT_DIRS["train"])
     if prefix is None:
         raise UserError(f"{archive} holds no Training/ folder; is it the Kaggle smoking archive? Expected "
                         "Training/Training/*.jpg, Validation/Validation/*.jpg, Testing/Testing/*.jpg")
@@ -71,7 +69,7 @@ def unpack(archive: Path, dest: Path, progress: bool) -> None:
 def run(args: argparse.Namespace) -> None:
     dest: Path = args.dest
     progress = not args.no_progress
-    present = [dest / d for d in SPLIT_DIRS if (dest / d).exists()]
+    present = [dest / d for d in SMOKING_SPLIT_DIRS.values() if (dest / d).exists()]
     if present:
         print(f"{present[0]} already exists; checking it (delete Training/, Validation/, Testing/ to unpack again)")
     elif args.archive is not None:

@@ -1,4 +1,6 @@
-"""Shared fixtures for the config and end-to-end tests: tiny settings, one finished run, console scripts."""
+"""Shared fixtures for the config and end-to-end tests (tiny settings, one finished run, console scripts), and
+the helpers of the data tests (test_layouts, test_splits, test_synthetic, test_loaders): a dataset config and
+small image files, imported as `from conftest import ...`."""
 
 from __future__ import annotations
 
@@ -9,10 +11,12 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
+from PIL import Image
 
 from lora_cls.config import register_configs
 
@@ -42,6 +46,43 @@ def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
         return compose(config_name=config_name, overrides=list(overrides))
 
 
+# ------------------------------------------------------------------------------------------ data tests
+
+
+def make_cfg(name: str, root: Path, **overrides) -> SimpleNamespace:
+    cfg = SimpleNamespace(
+        name=name, root=str(root), image_size=16, val_fraction=0.2, test_fraction=0.2, split_seed=0,
+        positive_class=None, skip_bad=False,
+        synthetic=SimpleNamespace(num_per_class=10, source_size=32, seed=0),
+        augment=SimpleNamespace(hflip=True, rotation=10.0, color_jitter=0.1),
+        cache=SimpleNamespace(enabled=True, max_gb=1.0),
+    )
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def write_image(path: Path, colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (20, 20)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def distinct_colour(i: int) -> tuple[int, int, int]:
+    return (i * 37 % 256, i * 91 % 256, i * 53 % 256)
+
+
+def make_flat_tree(root: Path, sizes: dict[str, int]) -> set[tuple[str, str]]:
+    files = set()
+    for cls, n in sizes.items():
+        for i in range(n):
+            write_image(root / cls / f"img_{i:03d}.png", size=(8, 8))
+            files.add((cls, f"{cls}/img_{i:03d}.png"))
+    return files
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
 @pytest.fixture(scope="session")
 def path_override() -> Callable[[str, str | os.PathLike], str]:
     """path_override("hydra.run.dir", path) -> "hydra.run.dir=<path, quoted if needed>"."""
@@ -61,7 +102,7 @@ def compose_cfg() -> Callable[..., DictConfig]:
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """The tiny synthetic set, generated once per session (its parameters come from the tiny config)."""
-    from lora_cls.data import prepare_splits
+    from lora_cls.data.layouts import prepare_splits
 
     root = tmp_path_factory.mktemp("data") / "synthetic"
     prepare_splits(compose_config("train", [*TINY, f"dataset.root={path_value(root)}"]).dataset)
@@ -85,7 +126,7 @@ class FinishedRun:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_overrides) -> FinishedRun:
     """One finished in-process training run (two epochs, so history has more than one row), shared read-only."""
-    from lora_cls.pipeline import train
+    from lora_cls.train import train
 
     cfg = compose_config("train", [*tiny_overrides, "trainer.epochs=2"])
     run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
@@ -114,3 +155,21 @@ def run_cli() -> Callable[..., subprocess.CompletedProcess]:
                               capture_output=True, text=True, timeout=timeout)
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def noisy_data_root(tmp_path_factory) -> str:
+    """The synthetic set (40 images per class) of the deterministic runs below, generated on first use."""
+    return str(tmp_path_factory.mktemp("noisy_data") / "synthetic")
+
+
+@pytest.fixture(scope="session")
+def noisy_reference(tmp_path_factory, noisy_data_root):
+    """One uninterrupted deterministic run (decay_noise + dropout: every RNG is in play): (cfg, run dir, metrics)."""
+    from helpers import DETERMINISTIC_TINY, NOISY, train_cfg
+
+    from lora_cls.train import train
+
+    cfg = train_cfg(*DETERMINISTIC_TINY, f"dataset.root={noisy_data_root}", *NOISY)
+    run = tmp_path_factory.mktemp("runs") / "reference"
+    return cfg, run, train(cfg, run)

@@ -164,3 +164,31 @@ def test_end_to_end_compares_lora_train_timing_with_the_pure_step(bench, tmp_pat
     expected = e2e["train_images_per_second"] / e2e["pure_step_images_per_second"]
     assert e2e["e2e_vs_step"] == pytest.approx(expected)
     assert saved["checks"]["e2e_vs_step"]["value"] == e2e["e2e_vs_step"]
+
+
+def test_the_bench_times_the_engines_own_training_step(bench, monkeypatch):
+    """bench's train step is `Trainer.step` itself (no copy that could drift from what lora-train runs)."""
+    from torch import nn
+
+    from lora_cls import engine
+    from lora_cls.device import resolve_precision
+
+    calls = []
+    original = engine.Trainer.step
+
+    def counting(self, x, y):
+        calls.append(x.shape[0])
+        return original(self, x, y)
+
+    monkeypatch.setattr(engine.Trainer, "step", counting)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 0, 1])
+    before = model[1].weight.detach().clone()
+    step = bench.train_step(model, optimizer, x, y, torch.device("cpu"), resolve_precision("32", torch.device("cpu")),
+                            False)
+    step()
+    step()
+    assert calls == [4, 4]
+    assert not torch.equal(model[1].weight, before)  # the step trained the model it was given

@@ -1,5 +1,5 @@
-"""End to end: a tiny training run writes the run folder of DESIGN.md §6, lora-eval reproduces it, the CLIs
-report user mistakes as one `error:` line with exit status 2, and sweeps summarise every job (DESIGN.md §6–§8)."""
+"""End to end: a tiny training run writes the run folder of docs/DESIGN.md §6, lora-eval reproduces it, the CLIs
+report user mistakes as one `error:` line with exit status 2, and sweeps summarise every job (docs/DESIGN.md §6–§8)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lora_cls.cli.common import interrupted
+from lora_cls.cli.interrupt import interrupted
 from lora_cls.errors import UserError
-from lora_cls.pipeline import evaluate_checkpoint, train
+from lora_cls.evaluate import evaluate_checkpoint
+from lora_cls.train import train
 
 TINY_COUNTS = {"train": 56, "val": 12, "test": 12}  # the tiny set: 40 images per class, split 28/6/6
-RESNET34_PER_RANK = 57_984  # LoRA A/B parameters of the resnet34 preset per unit of rank (DESIGN.md §4)
+RESNET34_PER_RANK = 57_984  # LoRA A/B parameters of the resnet34 preset per unit of rank (docs/DESIGN.md §4)
 HEAD_2_CLASSES = 512 * 2 + 2
 
 

@@ -1,18 +1,16 @@
-"""Engine pieces with exact expectations: LR schedule, precision choice, BN recalibration under a decay schedule."""
+"""Engine pieces with exact expectations: LR schedule, monitor direction, BN recalibration under a decay schedule."""
 
 from __future__ import annotations
 
-import logging
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from lora_cls import engine
-from lora_cls.engine import Precision, is_better, recalibrate_batchnorm, resolve_precision, warmup_cosine
-from lora_cls.errors import UserError
-from lora_cls.lora import inject_lora, set_decay
+from lora_cls.device import Precision
+from lora_cls.engine import is_better, recalibrate_batchnorm, warmup_cosine
+from lora_cls.inject import inject_lora, set_decay
 
 
 def test_warmup_then_cosine_to_min_ratio():
@@ -23,30 +21,6 @@ def test_warmup_then_cosine_to_min_ratio():
     assert f(55) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert f(100) == pytest.approx(0.01)
     assert warmup_cosine(10, 0.0, 0.0)(0) == pytest.approx(1.0)
-
-
-def test_precision_choice_and_refusals(monkeypatch):
-    cpu = torch.device("cpu")
-    assert resolve_precision("32", cpu) == Precision("32", None, False)
-    for native, auto in ((True, "bf16"), (False, "32")):
-        monkeypatch.setattr(engine, "cpu_supports_bf16", lambda native=native: native)
-        assert resolve_precision("auto", cpu).name == auto
-        assert resolve_precision("bf16", cpu) == Precision("bf16", torch.bfloat16, False)
-    with pytest.raises(UserError, match="needs a CUDA device"):
-        resolve_precision("16", cpu)
-
-
-@pytest.mark.parametrize("native", [True, False])
-def test_forced_bf16_warns_only_on_a_cpu_without_native_bf16(monkeypatch, caplog, native):
-    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: native)
-    with caplog.at_level(logging.WARNING, logger="lora_cls.engine"):
-        resolve_precision("bf16", torch.device("cpu"))
-        resolve_precision("32", torch.device("cpu"))
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    if native:
-        assert warnings == []
-    else:
-        assert len(warnings) == 1 and "without native bf16" in warnings[0]
 
 
 def test_monitor_direction():
@@ -91,3 +65,24 @@ def test_recalibration_changes_stale_statistics():
     batches = [(torch.randn(8, 3, 6, 6) + 5, torch.zeros(8))]
     recalibrate_batchnorm(model, batches, nn.Identity(), torch.device("cpu"), Precision("32", None, False), False)
     assert bn.running_mean.abs().max() > 0.1  # the freshly initialised stats (0) were replaced
+
+
+def test_trainer_sees_the_module_inside_compile_and_its_step_trains_it():
+    """`base_model` (what validation, BN recalibration and the best state use) is the model itself under
+    torch.compile: an adapter file written from a compiled run has the model's own keys."""
+    from lora_cls.device import Runtime
+    from lora_cls.engine import Trainer, TrainerSettings
+    from lora_cls.models import trainable_state
+
+    model = nn.Sequential(*_bn_model(), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # (N, 4) logits
+    compiled = torch.compile(model, backend="eager")
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    settings = TrainerSettings(Runtime(torch.device("cpu"), Precision("32", None, False), False, progress=False),
+                               epochs=1, steps_per_epoch=1)
+    trainer = Trainer(compiled, optimizer, nn.Identity(), settings)
+    assert trainer.base_model is model
+    before = model[0].lora_B.detach().clone()
+    loss, logits = trainer.step(torch.randn(4, 3, 6, 6), torch.tensor([0, 1, 2, 3]))
+    assert trainer.state.global_step == 1 and logits.shape == (4, 4) and loss.ndim == 0
+    assert not torch.equal(model[0].lora_B, before)
+    assert all(not k.startswith("_orig_mod") for k in trainable_state(trainer.base_model, "train"))

@@ -1,4 +1,4 @@
-"""The LoRA math of DESIGN.md §3, pinned in float64 over one table of cases (single layers and whole models)."""
+"""The LoRA math of docs/DESIGN.md §3, pinned in float64 over one table of cases (single layers and whole models)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,7 @@ import torch
 from torch import nn
 
 from lora_cls.errors import UserError
-from lora_cls.lora import (
-    LoRAConv2d,
-    LoRALinear,
-    LoRAOptions,
+from lora_cls.inject import (
     export_low_rank,
     inject_lora,
     lora_layers,
@@ -19,6 +16,7 @@ from lora_cls.lora import (
     set_decay,
     set_merge_on_eval,
 )
+from lora_cls.lora import LoRAConv2d, LoRALinear, LoRAOptions
 from lora_cls.models import build_model, prepare_finetune
 
 

@@ -10,7 +10,8 @@ from torch import nn
 
 from lora_cls import models
 from lora_cls.errors import UserError
-from lora_cls.lora import LoRAConv2d, select_targets
+from lora_cls.inject import select_targets
+from lora_cls.lora import LoRAConv2d
 from lora_cls.models import (
     build_model,
     parameter_report,

@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lora_cls.data import ImageDataset, read_splits_json
+from lora_cls.config import register_configs
+from lora_cls.data.loaders import ImageDataset
+from lora_cls.data.splits import read_splits_json
 from lora_cls.errors import UserError
-from lora_cls.predict import collect_inputs, predict, register_predict_config
+from lora_cls.predict import collect_inputs, predict
 
-register_predict_config()
+register_configs()
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -36,8 +38,11 @@ def predict_cfg(tiny_run, compose_cfg, path_override):
 def test_predict_on_the_test_folder_matches_lora_eval(tiny_run, synthetic_root, predict_cfg, compose_cfg,
                                                       path_override, tmp_path):
     from lora_cls.augment import BatchAugment
-    from lora_cls.engine import evaluate, resolve_device, resolve_precision
-    from lora_cls.pipeline import eval_loader, evaluate_checkpoint, load_model_from_checkpoint
+    from lora_cls.build import load_model_from_checkpoint
+    from lora_cls.data.loaders import eval_loader
+    from lora_cls.device import resolve_device, resolve_precision
+    from lora_cls.engine import evaluate
+    from lora_cls.evaluate import evaluate_checkpoint
 
     rows = predict(predict_cfg(synthetic_root / "test"), tmp_path / "predict")
     written = read_csv(tmp_path / "predict" / "predictions.csv")

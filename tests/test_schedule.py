@@ -1,4 +1,4 @@
-"""The decay/noise/compensating-bias schedule of DESIGN.md §3."""
+"""The decay/noise/compensating-bias schedule of docs/DESIGN.md §3."""
 
 from __future__ import annotations
 
@@ -7,15 +7,8 @@ import torch
 from torch import nn
 
 from lora_cls.errors import UserError
-from lora_cls.lora import (
-    DecayState,
-    LoRAConv2d,
-    LoRALinear,
-    LoRAOptions,
-    get_decay_state,
-    inject_lora,
-    set_decay,
-)
+from lora_cls.inject import get_decay_state, inject_lora, set_decay
+from lora_cls.lora import DecayState, LoRAConv2d, LoRALinear, LoRAOptions
 from lora_cls.models import build_model, prepare_finetune
 from lora_cls.schedule import DecaySchedule, decay_factor
 

@@ -1,4 +1,4 @@
-"""The one place user mistakes become `error: <message>` and exit status 2 (DESIGN.md §8).
+"""The one place user mistakes become `error: <message>` and exit status 2 (docs/DESIGN.md §8).
 
 Before Hydra starts (and creates a run folder), the command-line overrides are composed and validated, so a
 bad value fails at once naming its key. Inside a job, a UserError ends a single run with `error:`; in a
@@ -8,7 +8,6 @@ multirun it marks the job failed (metrics.json status "failed") and the sweep go
 from __future__ import annotations
 
 import logging
-import shlex
 import signal
 import sys
 import traceback
@@ -16,16 +15,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from lora_cls import runfolder
+from lora_cls.cli.interrupt import caused_by_interrupt, interrupted, interrupted_outside_jobs, terminate
+from lora_cls.cli.overrides import override_value, override_variants
 from lora_cls.config import register_configs
 from lora_cls.errors import UserError
+from lora_cls.runfolder import RunDir, failed_metrics, read_metrics, write_json
 
 log = logging.getLogger("lora_cls")
 CONFIG_MODULE = "lora_cls.conf"
@@ -47,31 +48,6 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def _override_variants(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """Single-valued override lists covering every value of every sweep (one sweep varied at a time).
-
-    Call inside an initialised Hydra context: glob sweeps (`schedule=glob(*)`) need its config loader.
-    """
-    if not multirun:
-        return [overrides]
-    parsed = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(overrides)
-    first = []
-    sweeps: list[tuple[int, list[str]]] = []
-    for i, o in enumerate(parsed):
-        key = o.get_key_element()
-        if o.is_sweep_override():
-            values = [f"{key}={v}" for v in o.sweep_string_iterator()]
-            sweeps.append((i, values))
-            first.append(values[0] if values else o.input_line)
-        else:
-            first.append(o.input_line)
-    variants = [first]
-    for i, values in sweeps:
-        for v in values[1:]:
-            variants.append(first[:i] + [v] + first[i + 1:])
-    return variants
-
-
 def precheck(argv: list[str], config_name: str, validate: Callable[[DictConfig], None],
              check_run_dir: Callable[[DictConfig, Path], object] | None = None) -> None:
     """Compose and validate the config the way Hydra will, so a mistake fails before any folder is made."""
@@ -88,13 +64,13 @@ def precheck(argv: list[str], config_name: str, validate: Callable[[DictConfig],
     register_configs()
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-            variants = _override_variants(job_overrides, multirun)
+            variants = override_variants(job_overrides, multirun)
             configs = [compose(config_name=config_name, overrides=variant) for variant in variants]
             for cfg in configs:
                 validate(cfg)
             if hydra_overrides:  # a misspelt hydra.* key or launcher: Hydra's own message, as an `error:` line
                 # With the job's overrides: `sweep=rank` is what creates hydra.sweeper.params to override.
-                for variant in _override_variants(hydra_overrides, multirun):
+                for variant in override_variants(hydra_overrides, multirun):
                     compose(config_name=config_name, overrides=variants[0] + variant, return_hydra_config=True)
     except UserError:
         raise
@@ -104,23 +80,9 @@ def precheck(argv: list[str], config_name: str, validate: Callable[[DictConfig],
         check_run_dir(configs[0], Path(run_dir))
 
 
-def _split_override(override: str) -> tuple[str, str | None]:
-    """`key=value`, `+key=value` or `++key=value` -> (key, value); value None without `=`."""
-    key, sep, value = override.lstrip("+").partition("=")
-    return key, (value if sep else None)
-
-
-def override_value(overrides: list[str], key: str) -> str | None:
-    """The value Hydra will use for `key`: the last `key=`, `+key=` or `++key=` on the command line."""
-    values = [value for name, value in map(_split_override, overrides) if name == key and value is not None]
-    return values[-1] if values else None
-
-
 def check_fresh_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     """check_run_dir for the commands that only ever write a new folder (lora-eval, lora-predict, lora-data)."""
-    from lora_cls import reports  # imported here: matplotlib and scikit-learn would slow every --help
-
-    reports.check_fresh_run_dir(run_dir)
+    runfolder.check_fresh_run_dir(run_dir)
 
 
 def check_sweep_dir(sweep_dir: Path, job_overrides: list[str]) -> None:
@@ -167,15 +129,14 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig, Path], dict], metric_key
     """Run one Hydra job; failures end a single run with `error:` but only mark a multirun job failed."""
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    run = RunDir(run_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     training = hc.job.config_name == "train"
     try:
-        if multirun and training and (run_dir / "metrics.json").is_file():
+        if multirun and training and run.metrics.is_file():
             # A resumed sweep (check_sweep_dir): this job ended before the interruption; its result stays.
             log.info("job %s already ended in %s; kept", hc.job.num, run_dir)
-            from lora_cls import reports  # imported here: matplotlib and scikit-learn would slow every --help
-
-            metrics = reports.read_metrics(run_dir / "metrics.json") or {}
+            metrics = read_metrics(run.metrics) or {}
         else:
             metrics = job(cfg, run_dir)
     except (KeyboardInterrupt, Exception) as exc:
@@ -190,11 +151,8 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig, Path], dict], metric_key
             _log_to_file(f"error: {message}")  # the console gets it once, as the `error:` line
         else:
             log.error("internal error:\n%s", traceback.format_exc())
-        if not (run_dir / "metrics.json").exists():
-            from lora_cls import reports
-            from lora_cls.pipeline import failed_metrics
-
-            reports.write_json(run_dir / "metrics.json", failed_metrics(cfg if "trainer" in cfg else None, message))
+        if not run.metrics.exists():
+            write_json(run.metrics, failed_metrics(cfg if "trainer" in cfg else None, message))
         if multirun:
             return None
         if user:
@@ -205,73 +163,10 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig, Path], dict], metric_key
     return None
 
 
-def caused_by_interrupt(exc: BaseException) -> bool:
-    """True when a KeyboardInterrupt (Ctrl-C, or SIGTERM via _terminate) is in the exception's chain: a library
-    that catches it mid-operation and raises its own error still means the user stopped the run."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, KeyboardInterrupt):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
-
-
-def interrupted(run_dir: Path, overrides: list[str], training: bool = True, sweep_dir: Path | None = None,
-                argv: list[str] | None = None) -> None:
-    """Ctrl-C: a training run's last.pt (written at every epoch end) holds the last completed epoch; say how to
-    go on. Other commands, and a training run stopped before its first checkpoint, have nothing to resume.
-    In a sweep the way on is the same sweep command into the same folder (`check_sweep_dir`)."""
-    last = run_dir / "checkpoints" / "last.pt"
-    if training and sweep_dir is not None:
-        command = sweep_resume_command(sys.argv[1:] if argv is None else argv, sweep_dir)
-        print(f"\ninterrupted: the sweep stopped in job {run_dir.name}; finished jobs are kept in {sweep_dir}.\n"
-              f"resume the sweep with:\n  {command}", file=sys.stderr)
-    elif not training:
-        print("\ninterrupted.", file=sys.stderr)
-    elif not last.is_file():
-        print(f"\ninterrupted before the first checkpoint; nothing to resume in {run_dir}.", file=sys.stderr)
-    else:
-        print(f"\ninterrupted: the epoch in progress is lost; {last} holds the last completed epoch.",
-              file=sys.stderr)
-        kept = [o for o in overrides if _split_override(o)[0] != "hydra.run.dir"]
-        command = " ".join(["lora-train", *[shlex.quote(o) for o in kept], shlex.quote(f"hydra.run.dir={run_dir}")])
-        print(f"resume with:\n  {command}", file=sys.stderr)
-    sys.exit(130)
-
-
-def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM (kill, Slurm pre-emption) stops like Ctrl-C: last.pt kept, resume hint
-
-
-def sweep_resume_command(argv: list[str], sweep_dir: str | Path) -> str:
-    """The same sweep command line, into `sweep_dir` (check_sweep_dir then resumes it)."""
-    kept = [a for a in argv if _split_override(a)[0] != "hydra.sweep.dir"]
-    return " ".join(["lora-train", *[shlex.quote(a) for a in kept], shlex.quote(f"hydra.sweep.dir={sweep_dir}")])
-
-
-def _interrupted_outside_jobs(argv: list[str], config_name: str) -> None:
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    if not (multirun and config_name == "train"):
-        print("\ninterrupted.", file=sys.stderr)
-        sys.exit(130)
-    sweep_dir = override_value([a for a in argv if not a.startswith("-")], "hydra.sweep.dir")
-    if sweep_dir is None and HydraConfig.initialized():
-        sweep_dir = str(HydraConfig.get().sweep.dir)
-    if sweep_dir is None:
-        print("\ninterrupted: jobs that ended are kept in the sweep folder; resume with the same command and "
-              "hydra.sweep.dir=<that folder>.", file=sys.stderr)
-        sys.exit(130)
-    print(f"\ninterrupted: jobs that ended are kept in {sweep_dir}.\nresume the sweep with:\n  "
-          f"{sweep_resume_command(argv, sweep_dir)}", file=sys.stderr)
-    sys.exit(130)
-
-
 def main_with_errors(hydra_main: Callable[[], None], config_name: str, validate: Callable[[DictConfig], None],
                      check_run_dir: Callable[[DictConfig, Path], object] | None = None) -> None:
     register_configs()
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate)
     argv = sys.argv[1:]
     try:
         precheck(argv, config_name, validate, check_run_dir)
@@ -283,7 +178,7 @@ def main_with_errors(hydra_main: Callable[[], None], config_name: str, validate:
     try:
         hydra_main()
     except KeyboardInterrupt:  # outside any job (run_job handles those): a launcher waiting on its workers
-        _interrupted_outside_jobs(argv, config_name)
+        interrupted_outside_jobs(argv, config_name)
     failed = [r for r in sweep.last_summary if r.get("status") != "ok"]
     if failed:
         print(f"error: {len(failed)} of {len(sweep.last_summary)} sweep jobs failed; see summary.md at the sweep "

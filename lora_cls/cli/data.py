@@ -10,13 +10,14 @@ import hydra
 from omegaconf import DictConfig
 
 from lora_cls.cli.common import check_fresh_run_dir, fail, main_with_errors, run_job
-from lora_cls.config import register_configs
-from lora_cls.datacheck import register_datacheck_config, run_check, validate_datacheck
+from lora_cls.config import register_configs, validate_datacheck
+from lora_cls.data.layouts import DATASET_NAMES
+from lora_cls.datacheck import run_check
 
 register_configs()
-register_datacheck_config()
 
-USAGE = "usage: lora-data check [dataset=<synthetic|folder|smoking|malaria>] [key=value ...]  (lora-data check --help)"
+USAGE = (f"usage: lora-data check [dataset=<{'|'.join(DATASET_NAMES)}>] [key=value ...]  "
+         "(lora-data check --help)")
 COMMANDS = ("check",)
 _last_report: dict = {}
 

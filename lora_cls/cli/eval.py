@@ -1,4 +1,4 @@
-"""lora-eval: a thin Hydra entry point around lora_cls.pipeline.evaluate_checkpoint."""
+"""lora-eval: a thin Hydra entry point around lora_cls.evaluate.evaluate_checkpoint."""
 
 from pathlib import Path
 
@@ -12,7 +12,7 @@ register_configs()
 
 
 def _evaluate(cfg: DictConfig, run_dir: Path) -> dict:
-    from lora_cls.pipeline import evaluate_checkpoint  # imported when a job runs: fast --help
+    from lora_cls.evaluate import evaluate_checkpoint  # imported when a job runs: fast --help
 
     return evaluate_checkpoint(cfg, run_dir)
 

@@ -4,11 +4,10 @@ import hydra
 from omegaconf import DictConfig
 
 from lora_cls.cli.common import check_fresh_run_dir, main_with_errors, run_job
-from lora_cls.config import register_configs
-from lora_cls.predict import register_predict_config, run_predict, validate_predict
+from lora_cls.config import register_configs, validate_predict
+from lora_cls.predict import run_predict
 
 register_configs()
-register_predict_config()
 
 
 @hydra.main(config_path="pkg://lora_cls.conf", config_name="predict", version_base="1.3")

@@ -1,4 +1,4 @@
-"""lora-train: a thin Hydra entry point around lora_cls.pipeline.train."""
+"""lora-train: a thin Hydra entry point around lora_cls.train.train."""
 
 import sys
 from datetime import datetime
@@ -14,13 +14,13 @@ register_configs()
 
 
 def _train(cfg: DictConfig, run_dir: Path) -> dict:
-    from lora_cls.pipeline import train  # imported when a job runs, so --help and config errors answer fast
+    from lora_cls.train import train  # imported when a job runs, so --help and config errors answer fast
 
     return train(cfg, run_dir)
 
 
 def _check_run_dir(cfg: DictConfig, run_dir: Path):
-    from lora_cls.pipeline import prepare_run_dir
+    from lora_cls.resume import prepare_run_dir
 
     return prepare_run_dir(cfg, run_dir)
 

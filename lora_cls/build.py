@@ -1,0 +1,135 @@
+"""From a validated config to the objects a run needs, and a trained model back from its adapter file.
+
+Training: `train_runtime` (device, precision, processes), `load_data` (splits and loaders), `build_classifier`
+(the model with adapters), `build_trainer` (optimizer, schedules and the engine's settings). lora-eval and
+lora-predict use `load_model_from_checkpoint`, which needs nothing of the training loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+from lora_cls import checkpoint as ckpt
+from lora_cls import distributed
+from lora_cls.augment import BatchAugment
+from lora_cls.config import decay_schedule, lora_options, stored_train_config
+from lora_cls.data.layouts import prepare_splits
+from lora_cls.data.loaders import build_loaders
+from lora_cls.data.splits import DatasetSplits
+from lora_cls.device import Runtime, resolve_device, resolve_precision, seed_everything
+from lora_cls.engine import Trainer, TrainerSettings, build_optimizer, warmup_cosine
+from lora_cls.errors import UserError
+from lora_cls.models import build_model, model_spec, prepare_finetune
+
+log = logging.getLogger(__name__)
+
+
+def eval_batch_size(cfg: DictConfig) -> int:
+    return int(cfg.trainer.eval_batch_size or 2 * cfg.trainer.batch_size)
+
+
+def train_runtime(cfg: DictConfig, info: distributed.DistInfo) -> Runtime:
+    """Device (one GPU per process under torchrun), precision and seeds of a training run."""
+    tr = cfg.trainer
+    device = distributed.device_for(info, resolve_device(tr.device))
+    seed_everything(int(tr.seed), bool(tr.deterministic), device)
+    return Runtime(device, resolve_precision(tr.precision, device), bool(tr.channels_last), info,
+                   bool(tr.progress) and info.is_main)
+
+
+def load_data(cfg: DictConfig, runtime: Runtime) -> tuple[DatasetSplits, dict[str, DataLoader]]:
+    """The run's splits and their loaders (undecodable files either fail here or are dropped from the splits)."""
+    splits = prepare_splits(cfg.dataset)
+    workers = int(cfg.trainer.num_workers)
+    if workers and multiprocessing.current_process().daemon:
+        # A launcher's worker process (joblib) is daemonic and may not start DataLoader workers.
+        log.info("running inside a daemonic launcher process: loading data without DataLoader workers")
+        workers = 0
+    loaders = build_loaders(splits, cfg.dataset, int(cfg.trainer.batch_size), workers, int(cfg.trainer.seed),
+                            pin_memory=runtime.device.type == "cuda")
+    return splits, loaders
+
+
+def build_classifier(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, list[str], dict]:
+    """The configured model with its adapters (or baseline mode) and the identity of its frozen base weights.
+
+    The random state is seeded first, so `model.weights=null` gives the same base weights in lora-eval.
+    """
+    torch.manual_seed(int(cfg.trainer.seed))
+    name = cfg.model.name
+    model = build_model(name, cfg.model.weights, num_classes)
+    identity = {"weights": cfg.model.weights, "init_seed": int(cfg.trainer.seed),
+                "sha256": ckpt.base_fingerprint(model, model_spec(name).head)}
+    options = vars(lora_options(cfg)).copy()
+    adapted = prepare_finetune(model, name, cfg.finetune, targets=cfg.lora.targets, rank=options.pop("rank"),
+                               alpha=options.pop("alpha"), **options)
+    return model, adapted, identity
+
+
+def rank_train_loader(loader: DataLoader, seed: int, info: distributed.DistInfo) -> DataLoader:
+    """For N processes: the same global batches as one process would draw, each rank taking its slice."""
+    if not info.enabled:
+        return loader
+    global_batch = int(loader.batch_size)
+    distributed.per_rank_batch(global_batch, info)
+    # Seeded exactly as the single-process loader (data.loaders.build_loaders: train generator = seed + 0), and
+    # shared by loader and sampler in the same order, so the shuffles are those of a 1-process run.
+    generator = torch.Generator().manual_seed(seed)
+    batches = BatchSampler(RandomSampler(loader.dataset, generator=generator), global_batch, loader.drop_last)
+    return DataLoader(loader.dataset, batch_sampler=distributed.RankSliceBatchSampler(batches, info),
+                      generator=generator, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                      worker_init_fn=loader.worker_init_fn, persistent_workers=loader.persistent_workers)
+
+
+def build_trainer(cfg: DictConfig, model: nn.Module, runtime: Runtime, loaders: dict[str, DataLoader],
+                  splits: DatasetSplits) -> Trainer:
+    """Place the model (compiled, wrapped in DDP as configured) and set up its optimizer, schedules and engine."""
+    tr, op, info = cfg.trainer, cfg.optimizer, runtime.dist
+    runtime.place(model)
+    run_model: nn.Module = torch.compile(model) if tr.compile else model
+    if info.enabled:
+        # Gradients of the trainable parameters only are averaged: frozen weights never enter DDP's buckets.
+        device = runtime.device
+        run_model = DistributedDataParallel(run_model, device_ids=[device.index] if device.type == "cuda" else None)
+    aug = cfg.dataset.augment
+    preprocess = BatchAugment(aug.hflip, aug.rotation, aug.color_jitter).to(runtime.device)
+    train_loader = rank_train_loader(loaders["train"], int(tr.seed), info)
+    steps_per_epoch = len(train_loader)
+    if tr.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, int(tr.max_steps_per_epoch))
+    optimizer = build_optimizer(model.parameters(), op.name, op.lr, op.weight_decay, tuple(op.betas), op.momentum,
+                                op.nesterov, runtime.device)
+    total_steps = steps_per_epoch * int(tr.epochs)
+    schedule = decay_schedule(cfg)
+    if (unreached := schedule.unreached(total_steps)) is not None:
+        log.warning(unreached)
+    settings = TrainerSettings(
+        runtime=runtime, epochs=int(tr.epochs), steps_per_epoch=steps_per_epoch,
+        lr_factor=warmup_cosine(total_steps, op.warmup_fraction, op.min_lr_ratio), schedule=schedule,
+        classes=tuple(splits.classes), positive_class=splits.positive_class, eval_batch_size=eval_batch_size(cfg),
+        bn=cfg.lora.bn, monitor=tr.early_stopping.monitor, patience=int(tr.early_stopping.patience))
+    return Trainer(run_model, optimizer, preprocess, settings, train_loader, loaders["val"].dataset)
+
+
+def load_model_from_checkpoint(path: str | Path) -> tuple[nn.Module, DictConfig, dict]:
+    """Rebuild the trained model from an adapter file alone (its metadata holds config, classes, base identity)."""
+    tensors, meta = ckpt.load_adapter(path)
+    try:
+        stored, classes, identity = meta["config"], list(meta["classes"]), meta["base_weights"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"checkpoint {path} lacks lora-cls metadata ({exc})") from None
+    train_cfg = stored_train_config(stored, f"checkpoint {path}")
+    model, _, got_identity = build_classifier(train_cfg, len(classes))
+    if got_identity["sha256"] != identity.get("sha256"):
+        raise UserError(f"checkpoint {path} was trained on other base weights (model.weights={identity.get('weights')}); "
+                        "make the same base weights available (e.g. the same ImageNet file) and try again")
+    ckpt.apply_adapter(model, tensors, f"checkpoint {path}")
+    return model, train_cfg, meta

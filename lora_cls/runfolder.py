@@ -1,0 +1,195 @@
+"""The run folder (docs/DESIGN.md §6): its named files, the one atomic writer, and the fresh-folder guard.
+
+Every file lora-cls writes goes through `atomic_open` (temp file in the same folder, fsync, `os.replace`, the
+umask's normal permissions), so a killed process leaves either the previous version of a file or the new one,
+never half of one. `RunDir` names the files of a run folder, so no path is spelt out twice. This module imports
+neither torch nor matplotlib: the CLI's checks and the checkpoint code use it without the plotting stack.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from lora_cls.errors import UserError
+
+METRICS = "metrics.json"
+HISTORY = "history.csv"
+SPLITS = "splits.json"
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter.safetensors"
+LAST = "last.pt"
+PREDICTIONS = "predictions.csv"
+PREDICT_SUMMARY = "predict.json"
+DATACHECK = "datacheck.json"
+
+# Files that mark a folder as holding results: training's, lora-predict's and lora-data check's.
+RUN_MARKERS = (METRICS, HISTORY, CHECKPOINTS, PREDICTIONS, PREDICT_SUMMARY, DATACHECK)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of one run folder by name (docs/DESIGN.md §6)."""
+
+    path: Path
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def history(self) -> Path:
+        return self.path / HISTORY
+
+    @property
+    def splits(self) -> Path:
+        return self.path / SPLITS
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / CHECKPOINTS / ADAPTER
+
+    @property
+    def last(self) -> Path:
+        return self.path / CHECKPOINTS / LAST
+
+    @property
+    def curves(self) -> Path:
+        return self.path / "plots" / "curves.png"
+
+    @property
+    def predictions(self) -> Path:
+        return self.path / PREDICTIONS
+
+    @property
+    def predict_summary(self) -> Path:
+        return self.path / PREDICT_SUMMARY
+
+    @property
+    def datacheck(self) -> Path:
+        return self.path / DATACHECK
+
+    def reports(self, split: str) -> Path:
+        """The folder of one split's classification report and confusion matrix."""
+        return self.path / "reports" / split
+
+    @classmethod
+    def of_checkpoint(cls, adapter_path: str | os.PathLike) -> RunDir:
+        """The run folder an adapter file was written into (`<run>/checkpoints/adapter.safetensors`)."""
+        return cls(Path(adapter_path).parent.parent)
+
+
+def run_metrics(cfg: Any) -> dict:
+    """The head of every metrics.json: status and what was run (`cfg`: a training config)."""
+    return {"status": "ok", "error": None, "finetune": cfg.finetune, "dataset": cfg.dataset.name,
+            "model": cfg.model.name}
+
+
+def failed_metrics(cfg: Any | None, error: str) -> dict:
+    """metrics.json of a run that ended with an error (`cfg` None: before a training config existed)."""
+    return {**(run_metrics(cfg) if cfg is not None else {}), "status": "failed", "error": error}
+
+
+def check_fresh_run_dir(run_dir: str | os.PathLike) -> None:
+    """Runs never write into a folder that already holds another run's results."""
+    run_dir = Path(run_dir)
+    found = [m for m in RUN_MARKERS if (run_dir / m).exists()]
+    if found:
+        raise UserError(f"run folder {run_dir} already holds a run ({', '.join(found)}); choose another "
+                        "hydra.run.dir (runs never overwrite each other)")
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", newline: str | None = None) -> Iterator[IO]:
+    """Open `path` for writing ("w" text, UTF-8, or "wb") so that it appears complete or not at all.
+
+    Writes go to a hidden temp file next to `path`; on a clean exit it is fsynced and renamed over `path`,
+    on an exception it is removed and `path` keeps its previous content. Parent directories are created.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # 0o666 filtered by the umask, like open(); mkstemp's 0o600 would make outputs unreadable to others.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        try:
+            f = os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8", "newline": newline}))
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not every platform/filesystem lets a directory be opened.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """`obj` with numpy scalars/arrays, tuples and paths turned into JSON types, NaN/inf into None.
+
+    Strict JSON (no NaN tokens) keeps metrics.json readable by every JSON parser, not only Python's.
+    """
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy arrays and scalars, without importing numpy
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
+    """Write `obj` as indented JSON atomically (see `to_jsonable` for the conversions)."""
+    with atomic_open(path, "w") as f:
+        json.dump(to_jsonable(obj), f, indent=indent, allow_nan=False)
+        f.write("\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) atomically."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def read_metrics(path: str | os.PathLike) -> dict | None:
+    """A metrics.json as a dict; None when it is missing, unreadable or not a JSON object."""
+    try:
+        metrics = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) else None

@@ -1,0 +1,123 @@
+"""`train(cfg, run_dir)`: build → fit → final evaluation, writing the run folder (docs/DESIGN.md §6).
+
+A plain function (no Hydra), callable from tests; lora-train's entry point calls it once per job.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+from rich.console import Console
+from torch import nn
+
+from lora_cls import build, distributed, reports
+from lora_cls import checkpoint as ckpt
+from lora_cls.config import to_container, validate
+from lora_cls.data.splits import DatasetSplits, write_splits_json
+from lora_cls.engine import Trainer, evaluate_split
+from lora_cls.models import parameter_report, print_parameter_report
+from lora_cls.resume import prepare_run_dir, restore, resume_state
+from lora_cls.runfolder import RunDir, run_metrics, write_json
+
+log = logging.getLogger(__name__)
+console = Console(stderr=True)
+
+
+class RunRecorder:
+    """The Trainer's epoch callback: what the run folder keeps after each epoch (only the first process writes).
+
+    The best epoch's adapter when it improved; last.pt, history.csv and the curves every epoch.
+    """
+
+    def __init__(self, cfg: DictConfig, run: RunDir, model: nn.Module, metadata: dict, writes: bool) -> None:
+        self.cfg, self.run, self.model, self.metadata, self.writes = cfg, run, model, metadata, writes
+
+    def save_adapter(self, trainer: Trainer, **extra) -> None:
+        state = trainer.state
+        ckpt.save_adapter(self.run.adapter, state.best_state, {**self.metadata, "best_epoch": state.best_epoch,
+                                                                **extra})
+
+    def save_last(self, trainer: Trainer) -> None:
+        ckpt.save_last(self.run.last, resume_state(self.cfg, self.model, trainer))
+
+    def on_epoch_end(self, trainer: Trainer, row: dict, improved: bool) -> None:
+        if not self.writes:
+            return
+        if improved:
+            self.save_adapter(trainer, d=row["d"])
+        self.save_last(trainer)
+        reports.write_history(self.run.history, trainer.state.history)
+        reports.plot_curves(trainer.state.history, self.run.curves, trainer.state.best_epoch)
+
+
+def final_metrics(cfg: DictConfig, run: RunDir, trainer: Trainer, loaders: dict, splits: DatasetSplits,
+                  params: dict, adapted_layers: int) -> dict:
+    """metrics.json: the best epoch's weights (at the d they were validated at) evaluated on val and test, with
+    the reports of both splits written (by the first process only)."""
+    state, runtime = trainer.state, trainer.settings.runtime
+    ckpt.apply_adapter(trainer.base_model, state.best_state, "best-epoch state")
+    title = f"{cfg.model.name} {cfg.finetune} on {cfg.dataset.name}"
+    results = {}
+    for split in ("val", "test"):
+        out = evaluate_split(trainer.base_model, loaders[split].dataset, trainer.preprocess, runtime,
+                             trainer.settings.eval_batch_size, split, len(splits.classes))
+        results[split] = reports.split_results(out, splits.classes, splits.positive_class,
+                                               run.reports(split) if runtime.dist.is_main else None,
+                                               f"{title} — {split}")
+    return {**run_metrics(cfg), "params": {k: params[k] for k in ("total", "trainable", "trainable_pct")},
+            "best_epoch": state.best_epoch, "d": state.best_d, "epochs_run": state.epoch,
+            "val": results["val"], "test": results["test"],
+            "timing": {"train_seconds": round(state.train_seconds, 3),
+                       "train_images_per_second": round(state.train_images / max(state.train_seconds, 1e-9), 3)},
+            "device": str(runtime.device), "precision": runtime.precision.name, "adapted_layers": adapted_layers,
+            "processes": runtime.dist.world_size, "skipped_images": splits.skipped}
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Train per `cfg`, write the run folder, and return metrics.json's content."""
+    run = RunDir(run_dir)
+    validate(cfg)
+    resume = prepare_run_dir(cfg, run.path)
+    info = distributed.init_distributed()
+    runtime = build.train_runtime(cfg, info)
+    splits, loaders = build.load_data(cfg, runtime)
+    if info.is_main:
+        write_splits_json(splits, run.splits)
+    log.info("data: %s at %s, classes %s, train/val/test = %d/%d/%d", cfg.dataset.name, splits.root,
+             splits.classes, len(splits.train), len(splits.val), len(splits.test))
+
+    model, adapted, identity = build.build_classifier(cfg, len(splits.classes))
+    params = parameter_report(model)
+    if runtime.progress:
+        print_parameter_report(params, f"{cfg.model.name} · finetune={cfg.finetune}", console=console)
+    log.info("params: total %d, trainable %d (%.4f%%), %d adapted layers", params["total"], params["trainable"],
+             params["trainable_pct"], len(adapted))
+    trainer = build.build_trainer(cfg, model, runtime, loaders, splits)
+    metadata = {"config": to_container(cfg), "classes": splits.classes, "positive_class": splits.positive_class,
+                "base_weights": identity, "eval_batch_size": build.eval_batch_size(cfg),
+                "precision": runtime.precision.name}
+    recorder = RunRecorder(cfg, run, model, metadata, writes=info.is_main)
+    if resume is not None:
+        resume_from, state = resume
+        restore(state, model, trainer)
+        log.info("resuming from %s: %d of %d epochs done (global step %d)", resume_from, trainer.state.epoch,
+                 cfg.trainer.epochs, trainer.state.global_step)
+        if resume_from != run.last:  # continuing another folder's run: carry its best adapter over
+            recorder.save_adapter(trainer)
+    elif info.is_main:
+        recorder.save_last(trainer)
+
+    trainer.fit(recorder)
+
+    metrics = final_metrics(cfg, run, trainer, loaders, splits, params, len(adapted))
+    if not info.is_main:
+        return metrics
+    write_json(run.metrics, metrics)
+    if runtime.progress:
+        reports.print_metrics(metrics["test"], f"test ({len(splits.test)} images, best epoch {metrics['best_epoch']})",
+                              console=console)
+    log.info("done: best epoch %d (d %.3g), val accuracy %.4f, test accuracy %.4f; run folder %s",
+             metrics["best_epoch"], metrics["d"], metrics["val"]["accuracy"], metrics["test"]["accuracy"], run.path)
+    return metrics

@@ -1,0 +1,170 @@
+"""Resume exactly: after an interrupt, Ctrl-C and SIGTERM in a sweep; refusals that leave the run as it was."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import DETERMINISTIC_TINY, NOISY, train_cfg, without_timing
+
+from lora_cls import checkpoint as ckpt
+from lora_cls import engine
+from lora_cls.errors import UserError
+from lora_cls.resume import prepare_run_dir, resume_source
+from lora_cls.train import train
+
+
+@pytest.mark.slow
+def test_resume_after_interrupt_ends_with_the_same_metrics(noisy_reference, tmp_path, monkeypatch):
+    cfg, ref_dir, expected = noisy_reference
+    original = engine.Trainer.train_epoch
+
+    def interrupt_second_epoch(self):
+        if self.state.epoch == 1:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(engine.Trainer, "train_epoch", interrupt_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "killed")
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    assert len(list(csv.DictReader(open(tmp_path / "killed" / "history.csv")))) == 1
+    monkeypatch.setattr(engine.Trainer, "train_epoch", original)
+
+    # trainer.resume=<path> continues into a new folder from a copy of the killed run's state
+    shutil.copytree(tmp_path / "killed", tmp_path / "killed_copy")
+    resumed = train(cfg, tmp_path / "killed")  # trainer.resume=auto, same folder
+    assert without_timing(resumed) == without_timing(expected)
+    ref_losses = [r["train_loss"] for r in csv.DictReader(open(ref_dir / "history.csv"))]
+    assert [r["train_loss"] for r in csv.DictReader(open(tmp_path / "killed" / "history.csv"))] == ref_losses
+
+    other = train_cfg(*DETERMINISTIC_TINY, f"dataset.root={cfg.dataset.root}", *NOISY, f"trainer.resume={tmp_path / 'killed_copy'}")
+    assert without_timing(train(other, tmp_path / "elsewhere")) == without_timing(expected)
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_finished_run_and_a_changed_config(noisy_reference, tmp_path):
+    cfg, ref_dir, _ = noisy_reference
+    with pytest.raises(UserError, match="finished run"):
+        train(cfg, ref_dir)
+    changed = train_cfg(*DETERMINISTIC_TINY, f"dataset.root={cfg.dataset.root}", *NOISY, "lora.rank=4", f"trainer.resume={ref_dir}")
+    with pytest.raises(UserError, match=r"config differs.*lora.rank: 8 -> 4"):
+        train(changed, tmp_path / "changed")
+    assert not (tmp_path / "changed").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_a_refused_resume_leaves_the_interrupted_run_as_it_was(noisy_reference, run_cli, tmp_path):
+    cfg, ref_dir, _ = noisy_reference
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(ref_dir, unfinished)
+    (unfinished / "metrics.json").unlink()  # what a killed run looks like: last.pt, no metrics.json
+    before = {p: p.read_bytes() for p in unfinished.rglob("*") if p.is_file()}
+    changed = [*DETERMINISTIC_TINY, f"dataset.root={cfg.dataset.root}", *NOISY, "dataset.split_seed=1"]
+    with pytest.raises(UserError, match=r"config differs.*dataset.split_seed: 0 -> 1"):
+        train(train_cfg(*changed), unfinished)  # trainer.resume=auto: the folder's own last.pt
+    proc = run_cli("lora-train", *changed, f"hydra.run.dir={unfinished}", cwd=tmp_path)
+    assert proc.returncode == 2 and "dataset.split_seed: 0 -> 1" in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
+    # neither splits.json nor a failed metrics.json, nor Hydra's .hydra/ files were written over the run
+    assert {p: p.read_bytes() for p in unfinished.rglob("*") if p.is_file()} == before
+    assert resume_source("False", unfinished) is None  # `never` in any spelling YAML may produce
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_last_pt_prints_resume_command_and_exits_130(tmp_path):
+    run = tmp_path / "run"
+    cmd = [str(Path(sys.executable).parent / "lora-train"), *DETERMINISTIC_TINY[:-1], "trainer.epochs=6",
+           "dataset.synthetic.num_per_class=100", f"dataset.root={tmp_path / 'data'}", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.time() + 240
+    while not (run / "history.csv").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[-2] == "resume with:" and lines[-1].strip().endswith(f"hydra.run.dir={run}")
+    state = ckpt.load_last(run / "checkpoints" / "last.pt")
+    assert state["epoch"] >= 1 and not (run / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_mid_job_resumes_that_job_and_runs_the_rest(tmp_path, run_cli):
+    sweep = tmp_path / "sweep"
+    args = [*DETERMINISTIC_TINY[:-1], "trainer.early_stopping.patience=100", f"dataset.root={tmp_path / 'data'}",
+            "trainer.epochs=2,12"]
+    cmd = [str(Path(sys.executable).parent / "lora-train"), "-m", *args, f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.time() + 240
+    while not (sweep / "1" / "history.csv").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # job 1 (12 epochs) has finished at least one epoch
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    lines = err.strip().splitlines()
+    assert lines[-2] == "resume the sweep with:", err[-2000:]
+    assert lines[-1].strip().endswith(f"hydra.sweep.dir={sweep}")
+    stopped_at = ckpt.load_last(sweep / "1" / "checkpoints" / "last.pt")["epoch"]
+    assert 1 <= stopped_at < 12 and not (sweep / "summary.csv").exists()
+    job0 = (sweep / "0" / "metrics.json").read_bytes()
+
+    resumed = run_cli("lora-train", *shlex.split(lines[-1])[1:], cwd=tmp_path)  # the printed command, as is
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (sweep / "0" / "metrics.json").read_bytes() == job0  # kept, not trained again
+    log = (sweep / "1" / "train.log").read_text(encoding="utf-8")
+    assert f"{stopped_at} of 12 epochs done" in log
+    assert read_summary(sweep) == [("ok", "2"), ("ok", "12")]
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["epochs_run"] == 12
+
+
+def read_summary(sweep: Path) -> list[tuple[str, str]]:
+    with open(sweep / "summary.csv", newline="") as f:
+        return [(row["status"], row["trainer.epochs"]) for row in csv.DictReader(f)]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (exec, ("open(__import__('os').environ['EVIL_MARKER'], 'w').write('ran')",))
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    monkeypatch.setenv("EVIL_MARKER", str(marker))
+    evil = tmp_path / "last.pt"
+    torch.save({"epoch": 1, "payload": _Evil()}, evil)
+    with pytest.raises(UserError, match="cannot be loaded safely"):
+        ckpt.load_last(evil)
+    cfg = train_cfg(*DETERMINISTIC_TINY, f"dataset.root={tmp_path / 'data'}", f"trainer.resume={evil}")
+    with pytest.raises(UserError, match="cannot be loaded safely"):
+        train(cfg, tmp_path / "run")
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_resume_from_an_older_last_pt_treats_a_new_key_as_its_default(noisy_reference, tmp_path):
+    cfg, ref_dir, _ = noisy_reference
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(ref_dir, unfinished)
+    (unfinished / "metrics.json").unlink()
+    state = ckpt.load_last(unfinished / "checkpoints" / "last.pt")
+    del state["config"]["trainer.compile"]
+    state["config"]["lora.foo"] = 1  # a `+lora.foo=1` override, from before those were refused: never read
+    ckpt.save_last(unfinished / "checkpoints" / "last.pt", state)
+    assert prepare_run_dir(cfg, unfinished)[0] == unfinished / "checkpoints" / "last.pt"
+    compiled = train_cfg(*DETERMINISTIC_TINY, f"dataset.root={cfg.dataset.root}", *NOISY, "trainer.compile=true")
+    with pytest.raises(UserError, match=r"trainer.compile: False -> True"):
+        prepare_run_dir(compiled, unfinished)
+    state["config"] = None
+    ckpt.save_last(unfinished / "checkpoints" / "last.pt", state)
+    with pytest.raises(UserError, match=r"last.pt is not a lora-cls last.pt"):
+        prepare_run_dir(cfg, unfinished)
