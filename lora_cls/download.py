@@ -1,8 +1,8 @@
 """Fetching the real datasets (docs/DESIGN.md §5): resumable download, size and checksum check, safe unzip, and a
 layout check of what was unpacked. Used by scripts/download_malaria.py and scripts/download_smoking.py.
 
-lora_cls.data (and with it torch, seconds to import) is imported only by the layout check, so a script's
---help and its download instructions come at once.
+lora_cls.data (numpy and PIL) is imported only by the layout check, so a script's --help and its download
+instructions come at once.
 """
 
 from __future__ import annotations
