@@ -28,6 +28,7 @@ from lora_cls.device import Runtime, resolve_device, resolve_precision, seed_eve
 from lora_cls.engine import Trainer, TrainerSettings, build_optimizer, warmup_cosine
 from lora_cls.errors import UserError
 from lora_cls.models import build_model, model_spec, prepare_finetune
+from lora_cls.zoo import summarize
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,19 @@ def build_classifier(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, list
     The random state is seeded first, so `model.weights=null` gives the same base weights in lora-eval.
     """
     torch.manual_seed(int(cfg.trainer.seed))
-    name = cfg.model.name
-    model = build_model(name, cfg.model.weights, num_classes)
+    name, source, aux = cfg.model.name, cfg.model.source, bool(cfg.model.aux_heads)
+    model = build_model(name, cfg.model.weights, num_classes, source=source, image_size=int(cfg.dataset.image_size),
+                        aux=aux)
     identity = {"weights": cfg.model.weights, "init_seed": int(cfg.trainer.seed),
-                "sha256": ckpt.base_fingerprint(model, model_spec(name).head)}
+                "sha256": ckpt.base_fingerprint(model, model_spec(name, source).head)}
     options = vars(lora_options(cfg)).copy()
+    rank_pattern = dict(cfg.lora.rank_pattern) if cfg.lora.rank_pattern else None
     adapted = prepare_finetune(model, name, cfg.finetune, targets=cfg.lora.targets, rank=options.pop("rank"),
-                               alpha=options.pop("alpha"), **options)
+                               alpha=options.pop("alpha"), source=source, aux=aux, rank_pattern=rank_pattern,
+                               **options)
+    if cfg.finetune == "lora" and not cfg.lora.targets:
+        log.info("default targets of %s at rank %s: %d layers (%s)", name, cfg.lora.rank, len(adapted),
+                 summarize(adapted))
     return model, adapted, identity
 
 

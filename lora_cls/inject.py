@@ -5,22 +5,62 @@ and taking them out again as plain layers (`merge_lora`, `export_low_rank`). The
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
 
 from torch import nn
 
+from lora_cls.attention import LoRAMultiheadAttention, make_weight_aware
 from lora_cls.errors import UserError
-from lora_cls.lora import ADAPTER_FOR, DECAY_ATTR, DecayState, LoRALayer, LoRAOptions
+from lora_cls.lora import (
+    DECAY_ATTR,
+    DecayState,
+    LoRAConv2d,
+    LoRALayer,
+    LoRAOptions,
+    adapter_class,
+    is_depthwise,
+    rank_for_groups,
+)
 
 # -- target selection -----------------------------------------------------------------------------------
+# A unit is what one target adapts: a Conv2d (plain or grouped), a Linear (subclasses included), or a whole
+# nn.MultiheadAttention (its out_proj is read as a weight by the attention kernel, so it is not a unit alone).
+# Depthwise convolutions are never units: an adapter there would have more parameters than the layer.
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """"conv", "grouped", "depthwise", "linear", "attention" (nn.MultiheadAttention), or None (not adaptable)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return "attention"
+    adapter = adapter_class(module)
+    if adapter is LoRAConv2d:
+        return "depthwise" if is_depthwise(module) else ("grouped" if module.groups > 1 else "conv")
+    return "linear" if adapter is not None else None
+
+
+def adaptable_layers(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, str]:
+    """{qualified name: kind} of every unit LoRA can adapt, in model order, minus `exclude` and their insides."""
+    excluded = tuple(exclude)
+    inside = [n for n, m in model.named_modules() if isinstance(m, (nn.MultiheadAttention, LoRAMultiheadAttention))]
+    found = {}
+    for name, module in model.named_modules():
+        kind = layer_kind(module)
+        if kind in (None, "depthwise") or _under(name, excluded) or any(name.startswith(p + ".") for p in inside):
+            continue
+        found[name] = kind
+    return found
+
 
 def supported_layer_names(model: nn.Module, exclude: Iterable[str] = ()) -> list[str]:
-    """Qualified names of every layer LoRA can adapt (Conv2d with groups=1, Linear), minus `exclude`."""
-    excluded = set(exclude)
-    return [n for n, m in model.named_modules()
-            if type(m) in ADAPTER_FOR and n not in excluded and getattr(m, "groups", 1) == 1]
+    """Qualified names of every unit LoRA can adapt (see `adaptable_layers`), minus `exclude`."""
+    return list(adaptable_layers(model, exclude))
+
+
+def _under(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def _nearby(pattern: str, names: Sequence[str], n: int = 6) -> str:
@@ -32,22 +72,36 @@ def _nearby(pattern: str, names: Sequence[str], n: int = 6) -> str:
     return ", ".join(close)
 
 
-def select_targets(model: nn.Module, patterns: Sequence[str], exclude: Iterable[str] = ()) -> list[str]:
-    """Resolve glob patterns over qualified module names to the layers to adapt, in model order.
+def _pointwise_beside(model: nn.Module, name: str, valid: Sequence[str]) -> str:
+    """The 1x1 convolutions of the block around a depthwise convolution (the layers to adapt instead)."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:depth]) + "."
+        near = [n for n in valid if n.startswith(prefix) and isinstance(m := model.get_submodule(n), nn.Conv2d)
+                and tuple(m.kernel_size) == (1, 1)]
+        if near:
+            return ", ".join(near[:4])
+    return _nearby(name, valid)
 
-    A pattern naming a container selects every supported layer inside it; of a pattern's matches only the
-    top-most are expanded, so `layer3.*` means the blocks of layer3 and everything in them. A pattern that
-    selects nothing, or that names an unsupported module (or an excluded one, such as the new head), is a
-    UserError naming the pattern and nearby valid names.
+
+def select_targets(model: nn.Module, patterns: Sequence[str], exclude: Iterable[str] = ()) -> list[str]:
+    """Resolve glob patterns over qualified module names to the units to adapt, in model order.
+
+    A pattern naming a container selects every adaptable unit inside it (depthwise convolutions are skipped);
+    of a pattern's matches only the top-most are expanded, so `layer3.*` means the blocks of layer3 and
+    everything in them. A pattern that selects nothing, that names an unsupported module, a depthwise
+    convolution, a projection inside nn.MultiheadAttention, or an excluded module (the new head) is a UserError
+    naming the pattern and what to target instead.
     """
     if isinstance(patterns, str):
         patterns = [patterns]
     if not patterns:
         raise UserError("lora.targets is empty; name at least one layer pattern (e.g. 'layer4.*.conv1')")
-    excluded = set(exclude)
+    excluded = list(exclude)
     modules = dict(model.named_modules())
     names = [n for n in modules if n]
-    valid = supported_layer_names(model, excluded)
+    units = adaptable_layers(model, excluded)
+    valid = list(units)
     chosen: set[str] = set()
     for pattern in patterns:
         matched = [n for n in names if fnmatchcase(n, pattern)]
@@ -55,30 +109,80 @@ def select_targets(model: nn.Module, patterns: Sequence[str], exclude: Iterable[
         if not top:
             raise UserError(f"target pattern {pattern!r} matches no module; nearby valid names: "
                             f"{_nearby(pattern, valid)}")
-        for name in top:
-            module = modules[name]
-            if name in excluded:
-                raise UserError(f"target pattern {pattern!r} selects {name}, the new classification head, "
-                                "which is trained in full; remove it from lora.targets")
-            inner = [(name, module)] if not list(module.children()) else [
-                (f"{name}.{sub}", m) for sub, m in module.named_modules() if sub]
-            found = False
-            for qual, m in inner:
-                if qual in excluded:
-                    continue
-                if type(m) in ADAPTER_FOR:
-                    if getattr(m, "groups", 1) != 1:
-                        raise UserError(f"target pattern {pattern!r} selects {qual}, a grouped convolution "
-                                        f"(groups={m.groups}), which LoRA does not support here; "
-                                        f"narrow the pattern. Nearby valid names: {_nearby(qual, valid)}")
-                    chosen.add(qual)
-                    found = True
-            if not found:
-                raise UserError(f"target pattern {pattern!r} selects {name} ({type(module).__name__}), which "
-                                f"holds no layer LoRA supports (Conv2d, Linear); nearby valid names: "
-                                f"{_nearby(pattern, valid)}")
+        # A wildcard pattern passes over the depthwise convolutions it meets; one that selects only those, or
+        # names one exactly, is refused.
+        wildcard = any(c in pattern for c in "*?[")
+        found = [n for name in top for n in _expand(model, pattern, name, units, excluded, valid, wildcard)]
+        if not found:
+            _expand(model, pattern, top[0], units, excluded, valid, False)
+        chosen.update(found)
     order = {n: i for i, n in enumerate(names)}
     return sorted(chosen, key=order.__getitem__)
+
+
+def _expand(model: nn.Module, pattern: str, name: str, units: dict[str, str], excluded: list[str],
+            valid: list[str], wildcard: bool = False) -> list[str]:
+    """The units a matched module stands for (itself, or those inside it), or a UserError saying why none."""
+    module = model.get_submodule(name)
+    if _under(name, excluded):
+        raise UserError(f"target pattern {pattern!r} selects {name}, the new classification head, "
+                        "which is trained in full; remove it from lora.targets")
+    if name in units:
+        return [name]
+    kind = layer_kind(module)
+    if kind == "depthwise" and wildcard:
+        return []
+    if kind == "depthwise":
+        raise UserError(f"target pattern {pattern!r} selects {name}, a depthwise convolution (groups={module.groups}, "
+                        "one input channel per group): an adapter there would have more parameters than the layer "
+                        f"itself, so it is not adapted; adapt the pointwise convolutions beside it instead: "
+                        f"{_pointwise_beside(model, name, valid)}")
+    if kind == "linear":  # a projection inside nn.MultiheadAttention
+        owner = name.rpartition(".")[0]
+        raise UserError(f"target pattern {pattern!r} selects {name}, a projection that nn.MultiheadAttention "
+                        f"reads as a weight; target the attention module {owner} (adapts its q/k/v "
+                        "in-projection and out-projection)")
+    inside = [n for n in units if n.startswith(name + ".")]
+    if not inside:
+        raise UserError(f"target pattern {pattern!r} selects {name} ({type(module).__name__}), which "
+                        f"holds no layer LoRA supports (Conv2d, Linear, MultiheadAttention); nearby valid names: "
+                        f"{_nearby(pattern, valid)}")
+    return inside
+
+
+def _matches(name: str, pattern: str) -> bool:
+    parts = name.split(".")
+    return any(fnmatchcase(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1))
+
+
+def layer_ranks(model: nn.Module, names: Sequence[str], rank: int,
+                rank_pattern: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Each adapted unit's rank: the first `rank_pattern` glob that matches its name (or a container above it),
+    else `rank` (PEFT's rank_pattern). A grouped convolution needs a rank divisible by its groups."""
+    if rank_pattern is not None and not isinstance(rank_pattern, Mapping):
+        raise UserError(f"lora.rank_pattern: must be a mapping {{glob: rank}}, e.g. '{{\"layer4.*\": 16}}'; "
+                        f"got {rank_pattern!r}")
+    pattern = dict(rank_pattern or {})
+    for key, value in pattern.items():
+        if int(value) != value or value <= 0:
+            raise UserError(f"lora.rank_pattern: rank for {key!r} must be a positive integer, got {value}")
+    ranks, used = {}, set()
+    for name in names:
+        key = next((k for k in pattern if _matches(name, k)), None)
+        used.add(key)
+        ranks[name] = int(pattern[key]) if key is not None else int(rank)
+        module = model.get_submodule(name)
+        groups = getattr(module, "groups", 1)
+        if ranks[name] % groups:
+            raise UserError(f"{name} is a grouped convolution (groups={groups}): its rank must be divisible by "
+                            f"{groups} (one update per group), got {ranks[name]}; rank "
+                            f"{rank_for_groups(ranks[name], groups)} works, e.g. "
+                            f"lora.rank_pattern='{{\"{name}\": {rank_for_groups(ranks[name], groups)}}}'")
+    unused = [k for k in pattern if k not in used]
+    if unused:
+        raise UserError(f"lora.rank_pattern: {unused[0]!r} matches no adapted layer; adapted layers: "
+                        f"{_nearby(unused[0], list(names))}")
+    return ranks
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -96,25 +200,35 @@ def get_decay_state(model: nn.Module) -> DecayState | None:
 
 
 def inject_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float, *,
-                exclude: Iterable[str] = (), **options) -> list[str]:
-    """Replace the layers selected by `targets` with LoRA adapters, in place; return their names.
+                exclude: Iterable[str] = (), rank_pattern: Mapping[str, int] | None = None,
+                names: Sequence[str] | None = None, **options) -> list[str]:
+    """Replace the units selected by `targets` (or the already resolved `names`) with LoRA adapters, in place;
+    return their names.
 
-    `options` are the other LoRAOptions fields. The model gets one DecayState (attribute `lora_decay`) shared
-    by all its adapters. Freezing is the caller's business (see models.prepare_finetune): this only adds layers.
+    `options` are the other LoRAOptions fields; `rank_pattern` sets per-layer ranks (`layer_ranks`). The model
+    gets one DecayState (attribute `lora_decay` of its first adapter) shared by all its adapters. Freezing is the
+    caller's business (see models.prepare_finetune): this only adds layers.
     """
     opts = LoRAOptions(rank=rank, alpha=alpha, **options)
-    names = select_targets(model, targets, exclude)
+    names = list(names) if names is not None else select_targets(model, targets, exclude)
+    ranks = layer_ranks(model, names, rank, rank_pattern)
     decay = get_decay_state(model)
     owner_needed = decay is None
     if decay is None:
         decay = DecayState(1.0).to(next(model.parameters()).device)
     for name in names:
         base = model.get_submodule(name)
-        layer = ADAPTER_FOR[type(base)](base, opts, decay)
+        layer_opts = opts if ranks[name] == rank else dataclasses.replace(opts, rank=ranks[name])
+        if isinstance(base, nn.MultiheadAttention):
+            layer: nn.Module = LoRAMultiheadAttention(base, layer_opts, decay)
+        else:
+            layer = adapter_class(base)(base, layer_opts, decay)
         if owner_needed:
-            layer.add_module(DECAY_ATTR, decay)
+            next(m for m in layer.modules() if isinstance(m, LoRALayer)).add_module(DECAY_ATTR, decay)
             owner_needed = False
         _set_submodule(model, name, layer)
+        parent_name = name.rpartition(".")[0]
+        make_weight_aware(model.get_submodule(parent_name) if parent_name else model)
     return names
 
 
@@ -135,11 +249,21 @@ def set_merge_on_eval(model: nn.Module, enabled: bool) -> None:
         layer.merge_on_eval = enabled
 
 
+def adapted_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The top-most adapted modules (a LoRALayer, or a LoRAMultiheadAttention holding two), in model order."""
+    units: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, (LoRALayer, LoRAMultiheadAttention)) and not any(
+                name.startswith(u + ".") for u, _ in units):
+            units.append((name, module))
+    return units
+
+
 def _export(model: nn.Module, convert) -> nn.Module:
     out = copy.deepcopy(model)
     out.eval()
-    for name, layer in lora_layers(out):
-        _set_submodule(out, name, convert(layer))
+    for name, unit in adapted_units(out):
+        _set_submodule(out, name, convert(unit))
     return out
 
 

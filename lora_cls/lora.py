@@ -7,7 +7,7 @@ The math is docs/DESIGN.md §3. For a frozen layer with weight W and bias b, an 
 with s = alpha/r (rsLoRA: alpha/sqrt(r)), d the decay factor shared by all adapted layers of a model,
 N the variance-preserving weight noise (training only) and C a learnable per-output-channel bias.
 The only place the low-rank product B·A is formed is `LoRALayer.delta_weight`; merging, evaluation and
-export all go through it.
+export all go through it. A grouped convolution (groups g) gets one rank-r/g update per group (§4).
 
 Merging is never a mode that mutates the stored weights: evaluation uses a cached merged weight that is
 recomputed whenever a parameter changes (so it cannot be applied twice), and `merge_lora` / `export_low_rank`
@@ -49,6 +49,11 @@ class _StepCounter:
 register_optimizer_step_post_hook(_StepCounter.bump)
 LORA_INITS = ("kaiming", "gaussian")
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+
+
+def is_depthwise(conv: nn.Conv2d) -> bool:
+    """groups > 1 with one input channel per group: an adapter would hold more parameters than the layer."""
+    return conv.groups > 1 and conv.weight.shape[1] == 1
 
 
 class DecayState(nn.Module):
@@ -124,6 +129,7 @@ class LoRALayer(nn.Module):
 
     weight: nn.Parameter
     bias: nn.Parameter | None
+    groups: int = 1  # LoRAConv2d: the base convolution's groups (A and B are grouped the same way)
 
     def __init__(self, base: nn.Module, options: LoRAOptions, decay: DecayState, a_shape: Sequence[int],
                  b_shape: Sequence[int]) -> None:
@@ -174,10 +180,16 @@ class LoRALayer(nn.Module):
         Autocast is off here: a merge inside a bf16 autocast region would otherwise round B·A to bf16 before it
         is added to W (and the eval cache would keep that rounded weight for a later fp32 evaluation).
         """
-        b = self.lora_B.reshape(self.out_features, self.rank)
-        a = self.lora_A.reshape(self.rank, -1)
+        g = self.groups
         with torch.autocast(self.weight.device.type, enabled=False):
-            return (self.scaling * (b @ a)).reshape(self.weight.shape)
+            if g == 1:
+                b = self.lora_B.reshape(self.out_features, self.rank)
+                a = self.lora_A.reshape(self.rank, -1)
+                return (self.scaling * (b @ a)).reshape(self.weight.shape)
+            # Group j: B_j (C_out/g, r/g) @ A_j (r/g, C_in/g·k·k), stacked along C_out as W is.
+            b = self.lora_B.reshape(g, self.out_features // g, self.rank // g)
+            a = self.lora_A.reshape(g, self.rank // g, -1)
+            return (self.scaling * torch.bmm(b, a)).reshape(self.weight.shape)
 
     def merged_weight(self) -> torch.Tensor:
         """W' = d·W + delta_weight() (docs/DESIGN.md §3)."""
@@ -192,6 +204,17 @@ class LoRALayer(nn.Module):
         if self.lora_C is None:
             return b
         return self.lora_C if b is None else b + self.lora_C
+
+    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's effective (weight, bias) for a parent that reads them instead of calling the layer
+        (nn.MultiheadAttention, Swin's window attention; see attention.py): the cached merge in no-grad
+        evaluation, else d·W + N + ΔW formed densely (exact; adapter dropout does not apply on this path)."""
+        if not self.training and self.merge_on_eval and not torch.is_grad_enabled() and not _is_compiling():
+            return self._merged_for_eval()
+        weight = self.merged_weight()
+        if self.noise_active():
+            weight = weight + self.sample_noise()
+        return weight, self.merged_bias()
 
     # -- subclass primitives ------------------------------------------------------------------------------
     def _base_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -306,16 +329,23 @@ class LoRALayer(nn.Module):
 
 
 class LoRAConv2d(LoRALayer):
-    """Conv2d with a LoRA adapter: A is (r, C_in, k, k) with W's stride/padding/dilation/padding_mode, B is (C_out, r, 1, 1)."""
+    """Conv2d with a LoRA adapter: A is (r, C_in/g, k, k) with W's stride/padding/dilation/padding_mode and
+    groups g, B is (C_out, r/g, 1, 1) with groups g (g = 1: the plain conv of §3; g > 1: one update per group)."""
 
     def __init__(self, base: nn.Conv2d, options: LoRAOptions, decay: DecayState) -> None:
-        if base.groups != 1:
-            raise UserError(f"grouped convolution (groups={base.groups}) is not supported by LoRA here; "
-                            "choose targets without grouped or depthwise convolutions")
+        g = base.groups
+        if is_depthwise(base):
+            raise UserError(f"depthwise convolution (groups={g}, one input channel per group) is not adapted: "
+                            "an adapter would have more parameters than the layer; adapt the pointwise (1x1) "
+                            "convolutions beside it")
+        if options.rank % g:
+            raise UserError(f"grouped convolution (groups={g}) needs lora.rank divisible by {g} (one update "
+                            f"per group); rank {rank_for_groups(options.rank, g)} works")
         if isinstance(base.padding, str) and base.padding == "same" and any(s != 1 for s in base.stride):
             raise UserError("padding='same' with stride > 1 is not a valid convolution")
-        c_out, c_in, kh, kw = base.weight.shape
-        super().__init__(base, options, decay, (options.rank, c_in, kh, kw), (c_out, options.rank, 1, 1))
+        c_out, c_in_g, kh, kw = base.weight.shape
+        super().__init__(base, options, decay, (options.rank, c_in_g, kh, kw), (c_out, options.rank // g, 1, 1))
+        self.groups = g
         self.stride = base.stride
         self.padding = base.padding
         self.dilation = base.dilation
@@ -333,27 +363,29 @@ class LoRAConv2d(LoRALayer):
 
     def _base_op(self, x, weight, bias):
         x, padding = self._pad(x)
-        return F.conv2d(x, weight, bias, self.stride, padding, self.dilation)
+        return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
 
     def _adapter_op(self, x):
         x, padding = self._pad(self.lora_dropout(x))
-        h = F.conv2d(x, self.lora_A, None, self.stride, padding, self.dilation)
-        return F.conv2d(h, self._scaled_B())
+        h = F.conv2d(x, self.lora_A, None, self.stride, padding, self.dilation, self.groups)
+        return F.conv2d(h, self._scaled_B(), None, 1, 0, 1, self.groups)
 
     def to_merged(self) -> nn.Conv2d:
         w, b = self._merged_for_eval()
-        return _filled(self._plain_conv(w.shape[1], w.shape[0], w.shape[2:], b is not None), w, b)
+        return _filled(self._plain_conv(w.shape[1] * self.groups, w.shape[0], w.shape[2:], b is not None), w, b)
 
     def to_low_rank(self) -> nn.Sequential:
         self._check_pure_low_rank()
         bias = self.merged_bias()
-        a = self._plain_conv(self.lora_A.shape[1], self.rank, self.lora_A.shape[2:], False)
-        b = nn.Conv2d(self.rank, self.out_features, 1, bias=bias is not None, **self._factory())
+        a = self._plain_conv(self.lora_A.shape[1] * self.groups, self.rank, self.lora_A.shape[2:], False)
+        b = nn.Conv2d(self.rank, self.out_features, 1, bias=bias is not None, groups=self.groups,
+                      **self._factory())
         return nn.Sequential(_filled(a, self.lora_A, None), _filled(b, self.lora_B * self.scaling, bias))
 
     def _plain_conv(self, c_in: int, c_out: int, kernel, bias: bool) -> nn.Conv2d:
         return nn.Conv2d(c_in, c_out, tuple(kernel), stride=self.stride, padding=self.padding,
-                         dilation=self.dilation, bias=bias, padding_mode=self.padding_mode, **self._factory())
+                         dilation=self.dilation, groups=self.groups, bias=bias, padding_mode=self.padding_mode,
+                         **self._factory())
 
 
 class LoRALinear(LoRALayer):
@@ -394,3 +426,20 @@ def _filled(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 
 ADAPTER_FOR: dict[type[nn.Module], type[LoRALayer]] = {nn.Conv2d: LoRAConv2d, nn.Linear: LoRALinear}
+
+
+def adapter_class(module: nn.Module) -> type[LoRALayer] | None:
+    """The adapter for a Conv2d or Linear, subclasses included (e.g. NonDynamicallyQuantizableLinear) as long as
+    they compute what their base class computes: a subclass with its own forward (timm's Conv2dSame, StdConv2d)
+    would lose that computation inside an adapter, so it gets none."""
+    for base, adapter in ADAPTER_FOR.items():
+        if isinstance(module, base) and not isinstance(module, LoRALayer):
+            cls = type(module)
+            if cls.forward is base.forward and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None):
+                return adapter
+    return None
+
+
+def rank_for_groups(rank: int, groups: int) -> int:
+    """The smallest rank >= `rank` that a convolution with `groups` groups accepts (a multiple of groups)."""
+    return -(-rank // groups) * groups

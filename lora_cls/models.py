@@ -1,60 +1,93 @@
 """Backbones by name, their weights and new head, fine-tune modes, BatchNorm policy and the parameter report.
 
-Adding another torchvision classifier is one `MODELS` entry: its builder, its ImageNet weights, the qualified
-name of its final Linear (replaced by the new head) and its preset LoRA targets. The rank is `lora.rank` for
-every model (the seeds' VGG16 rank 5 is set by `experiment=malaria_vgg16`).
+Any torchvision classifier (and, with the timm extra, any timm model) is built by name (zoo.py: builder, head,
+auxiliary heads, input sizes, the default-target rule). `PRESETS` keeps the seeds' explicit LoRA targets; every
+other model gets the default rule. The rank is `lora.rank` for every model (the seeds' VGG16 rank 5 is set by
+`experiment=malaria_vgg16`), or per layer with `lora.rank_pattern`.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import socket
+import sys
 import urllib.error
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision.models as tvm
 from torch import nn
 
+from lora_cls import zoo
 from lora_cls.errors import UserError
 from lora_cls.inject import inject_lora, select_targets
 from lora_cls.lora import DECAY_ATTR, LoRALayer
 
+log = logging.getLogger(__name__)
 FINETUNE_MODES = ("lora", "full", "linear")
 BN_POLICIES = ("train", "frozen")
 DOWNLOAD_TIMEOUT_S = 30
+AUX_LOSS_WEIGHT = {"GoogLeNetOutputs": 0.3, "InceptionOutputs": 0.4}  # torchvision's reference recipes
+
+PRESETS: dict[str, tuple[str, ...]] = {
+    # The seeds: conv1/conv2 of every residual block in layer3 and layer4 at rank 8 (464,898 trainable, 2.14%).
+    "resnet34": ("layer3.*.conv1", "layer3.*.conv2", "layer4.*.conv1", "layer4.*.conv2"),
+    # The seeds: the three block5 convolutions at rank 5, head Linear(4096, 2) (84,994 trainable).
+    "vgg16": ("features.24", "features.26", "features.28"),
+}
 
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """builder(weights=None, image_size=224, aux=False): the model with random weights and its original head;
+    targets: the preset, or the default rule's layers at rank 8 (`default_target_names` for other ranks)."""
+
     builder: Callable[..., nn.Module]
-    weights: tvm.WeightsEnum
+    weights_url: str | None
     head: str
     targets: tuple[str, ...]
+    aux: tuple[str, ...] = ()
+    source: str = "torchvision"
+    name: str = ""
 
 
-MODELS: dict[str, ModelSpec] = {
-    # The seeds: conv1/conv2 of every residual block in layer3 and layer4 at rank 8 (464,898 trainable, 2.14%).
-    "resnet34": ModelSpec(tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, "fc",
-                          ("layer3.*.conv1", "layer3.*.conv2", "layer4.*.conv1", "layer4.*.conv2")),
-    # The seeds: the three block5 convolutions at rank 5, head Linear(4096, 2) (84,994 trainable).
-    "vgg16": ModelSpec(tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1, "classifier.6",
-                       ("features.24", "features.26", "features.28")),
-}
+@functools.lru_cache(maxsize=256)
+def model_spec(name: str, source: str = "torchvision") -> ModelSpec:
+    """The named model's spec; a UserError naming close matches for an unknown name."""
+    c = zoo.classifier(source, name)
+
+    def builder(weights=None, image_size: int = zoo.REFERENCE_SIZE, aux: bool = False) -> nn.Module:
+        if torch.get_default_device().type == "meta":  # a caller's `with torch.device("meta")`: shapes only
+            with torch.device("cpu"):
+                return zoo.on_meta(lambda: c.build(image_size, aux))
+        return c.build(image_size, aux)
+
+    preset = PRESETS.get(name) if source == "torchvision" else None
+    spec = ModelSpec(builder, c.weights_url, c.head, preset or (), c.aux, source, name)
+    if preset is None:
+        spec = ModelSpec(builder, c.weights_url, c.head, tuple(default_target_names(spec, 8)), c.aux, source, name)
+    return spec
 
 
-def model_spec(name: str) -> ModelSpec:
-    if name not in MODELS:
-        raise UserError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
-    return MODELS[name]
+def default_target_names(spec: ModelSpec, rank: int, rank_pattern: Mapping[str, int] | None = None) -> list[str]:
+    """The preset, or the default rule's layers (zoo.default_targets) at this rank."""
+    if spec.source == "torchvision" and spec.name in PRESETS:
+        return list(_resolved_targets(spec.name, PRESETS[spec.name]))
+    return _default_targets(spec, int(rank), tuple(sorted((rank_pattern or {}).items())))
+
+
+@functools.lru_cache(maxsize=256)
+def _default_targets(spec: ModelSpec, rank: int, rank_pattern: tuple) -> list[str]:
+    model = zoo.on_meta(lambda: spec.builder())
+    return zoo.default_targets(model, (spec.head, *spec.aux), rank, dict(rank_pattern))
 
 
 def imagenet_cache_path(name: str) -> Path:
     """Where torchvision looks for (and caches) this model's ImageNet weights."""
-    url = model_spec(name).weights.url
+    url = model_spec(name).weights_url
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
@@ -69,7 +102,7 @@ def _download_imagenet(url: str, dest: Path) -> None:
 
 
 def _imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
-    url = model_spec(name).weights.url
+    url = model_spec(name).weights_url
     path = imagenet_cache_path(name)
     if not path.exists():
         try:
@@ -81,6 +114,20 @@ def _imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
                 f"(or set TORCH_HOME), or pass model.weights=<path to a state dict>, or model.weights=null "
                 "for random initialisation") from None
     return _read_state_dict(path)
+
+
+def _timm_pretrained(spec: ModelSpec, model: nn.Module) -> None:
+    """timm's pretrained weights from the Hugging Face hub cache (downloaded if the hub can be reached)."""
+    import timm.models
+
+    try:
+        timm.models.load_pretrained(model, num_classes=model.pretrained_cfg.get("num_classes", 1000))
+    except Exception as exc:  # offline, or no weights for this name: the user's to supply
+        raise UserError(
+            f"timm weights for {spec.name} are not cached and could not be downloaded ({type(exc).__name__}). "
+            f"Download https://huggingface.co/{spec.weights_url}/resolve/main/model.safetensors on a machine with "
+            f"network access into the Hugging Face cache ($HF_HOME, default ~/.cache/huggingface), or pass "
+            "model.weights=<path to that file>, or model.weights=null for random initialisation") from None
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -101,89 +148,215 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_base_weights(model: nn.Module, name: str, weights: str | None) -> None:
+def _fit_to_model(model: nn.Module, spec: ModelSpec, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Position embeddings of a ViT built for another size, interpolated (torchvision / timm's own filter)."""
+    if spec.source == "timm":
+        fit = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+        return fit(state, model) if fit is not None else state
+    own = model.state_dict()
+    key = "encoder.pos_embedding"
+    if key in state and key in own and state[key].shape != own[key].shape:
+        from torchvision.models.vision_transformer import interpolate_embeddings
+
+        log.info("model.weights: position embeddings interpolated from %s to %s", tuple(state[key].shape),
+                 tuple(own[key].shape))
+        state = interpolate_embeddings(model.image_size, model.patch_size, state)
+    return state
+
+
+def load_base_weights(model: nn.Module, name: str, weights: str | None, source: str = "torchvision") -> None:
     """Load `imagenet`, a state-dict path, or nothing (None/'null': random init) into the unmodified model.
 
-    A state dict must fit the model except, possibly, its classification head (which is replaced anyway).
+    A state dict must fit the model except, possibly, its classification heads (which are replaced anyway; a
+    head of another shape is skipped, and the log says so).
     """
     if weights is None or str(weights).lower() in ("null", "none", "random"):
         return
+    spec = model_spec(name, source)
+    if weights == "imagenet" and source == "timm":
+        _timm_pretrained(spec, model)
+        return
     state = _imagenet_state_dict(name) if weights == "imagenet" else _read_state_dict(Path(weights).expanduser())
-    head = model_spec(name).head
+    state = _fit_to_model(model, spec, {k.removeprefix("module."): v for k, v in state.items()})
+    heads = tuple(h + "." for h in (spec.head, *spec.aux))
     own = model.state_dict()
-    state = {k.removeprefix("module."): v for k, v in state.items()}
     # State dicts saved before PyTorch 0.4.1 have no BatchNorm num_batches_tracked; torch's own loader accepts
     # them too (the counter only matters for momentum=None).
-    missing = [k for k in own if k not in state and not k.startswith(head + ".")
-               and not k.endswith(".num_batches_tracked")]
+    missing = [k for k in own if k not in state and not k.startswith(heads) and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                  if k in state and state[k].shape != v.shape and not k.startswith(head + ".")]
+                  if k in state and state[k].shape != v.shape and not k.startswith(heads)]
     if missing or unexpected or mismatched:
         detail = "; ".join(filter(None, [
             f"missing {len(missing)} (e.g. {', '.join(missing[:3])})" if missing else "",
             f"unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:3])})" if unexpected else "",
             f"wrong shape {len(mismatched)} (e.g. {', '.join(mismatched[:3])})" if mismatched else ""]))
         raise UserError(f"model.weights={weights} does not fit {name}: {detail}")
-    state = {k: v for k, v in state.items() if not (k.startswith(head + ".") and v.shape != own[k].shape)}
-    model.load_state_dict(state, strict=False)
+    skipped = [k for k, v in state.items() if k.startswith(heads) and v.shape != own[k].shape]
+    if skipped:
+        log.info("model.weights: head not loaded (%s in the file has another class count: %s); the new head "
+                 "starts from random", ", ".join(skipped), ", ".join(str(tuple(state[k].shape)) for k in skipped))
+    model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
 
 
-def replace_head(model: nn.Module, head: str, num_classes: int) -> nn.Linear:
+def replace_head(model: nn.Module, head: str, num_classes: int) -> nn.Module:
+    """A new trainable head for `num_classes`: a Linear for a Linear, a 1x1 Conv2d for SqueezeNet's conv head."""
     old = model.get_submodule(head)
-    if not isinstance(old, nn.Linear):
-        raise TypeError(f"head {head} of the registry entry is {type(old).__name__}, not Linear")
-    new = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+    factory = {"device": old.weight.device, "dtype": old.weight.dtype}
+    if isinstance(old, nn.Linear):
+        new: nn.Module = nn.Linear(old.in_features, num_classes, **factory)
+    elif isinstance(old, nn.Conv2d) and tuple(old.kernel_size) == (1, 1):
+        new = nn.Conv2d(old.in_channels, num_classes, 1, **factory)
+    else:
+        raise TypeError(f"head {head} is {type(old).__name__}, not a Linear or 1x1 Conv2d")
     parent_name, _, child = head.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return new
 
 
-def build_model(name: str, weights: str | None, num_classes: int) -> nn.Module:
-    """The named torchvision classifier with `weights` loaded and a new Linear head for `num_classes`."""
+def build_model(name: str, weights: str | None, num_classes: int, *, source: str = "torchvision",
+                image_size: int = zoo.REFERENCE_SIZE, aux: bool = False) -> nn.Module:
+    """The named classifier with `weights` loaded and new heads for `num_classes` (auxiliary heads of GoogLeNet
+    and Inception v3 kept, with new heads, only when `aux`). ViTs and MaxViT are built for `image_size`."""
     if num_classes < 2:
         raise UserError(f"a classifier needs at least 2 classes, got {num_classes}")
-    spec = model_spec(name)
-    model = spec.builder(weights=None)
-    load_base_weights(model, name, weights)
-    replace_head(model, spec.head, num_classes)
+    spec = model_spec(name, source)
+    model = spec.builder(image_size=image_size, aux=True)  # aux heads are in the weight files
+    load_base_weights(model, name, weights, source)
+    if weights == "imagenet" and hasattr(model, "transform_input"):
+        model.transform_input = True  # torchvision's GoogLeNet/Inception weights expect their own input scaling
+    if spec.aux and not aux and source == "torchvision":
+        zoo.drop_aux_heads(model, zoo.AUX_HEADS[name])
+    for head in (spec.head, *(spec.aux if aux else ())):
+        replace_head(model, head, num_classes)
     return model
 
 
-def check_targets(name: str, patterns: Sequence[str]) -> list[str]:
+def check_model(model_cfg, image_size: int) -> None:
+    """model.source, model.name, model.aux_heads and the input size (UserErrors naming their keys)."""
+    spec = model_spec(model_cfg.name, model_cfg.source)
+    if model_cfg.aux_heads and not spec.aux:
+        raise UserError(f"model.aux_heads: {model_cfg.name} has no auxiliary heads (GoogLeNet and Inception v3 do)")
+    zoo.check_image_size(model_cfg.source, model_cfg.name, int(image_size))
+
+
+def model_heads(spec: ModelSpec, aux: bool) -> list[str]:
+    """The heads that are trained in full (and never adapted)."""
+    return [spec.head, *(spec.aux if aux else ())]
+
+
+def loss_and_logits(outputs, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy and plain logits of a model's output: a tensor, or GoogLeNet/Inception's (logits, aux...)
+    tuple while training with auxiliary heads (loss = main + w·Σ aux, w = 0.3 GoogLeNet, 0.4 Inception v3)."""
+    import torch.nn.functional as F
+
+    logits = plain_logits(outputs)
+    loss = F.cross_entropy(logits.float(), y)
+    if isinstance(outputs, tuple):
+        weight = AUX_LOSS_WEIGHT.get(type(outputs).__name__, 0.3)
+        for aux in outputs[1:]:
+            if isinstance(aux, torch.Tensor):
+                loss = loss + weight * F.cross_entropy(aux.float(), y)
+    return loss, logits
+
+
+def plain_logits(outputs) -> torch.Tensor:
+    """The main logits of a model's output (the first element of an auxiliary-heads tuple)."""
+    return outputs[0] if isinstance(outputs, tuple) else outputs
+
+
+def check_targets(name: str, patterns: Sequence[str], source: str = "torchvision", aux: bool = False) -> list[str]:
     """Resolve target patterns on a weightless copy of the model (meta device: no memory, no weights, fast),
     so a bad `lora.targets` fails with the config checks, before any data or run folder is made."""
-    return list(_resolved_targets(name, tuple(patterns)))
+    return list(_resolved_targets(name, tuple(patterns), source, aux))
+
+
+def check_adapters(name: str, patterns: Sequence[str] | None, rank: int, rank_pattern: Mapping[str, int] | None,
+                   source: str = "torchvision", aux: bool = False) -> list[str]:
+    """Targets (the default rule when None) and per-layer ranks checked on the meta device; the adapted names."""
+    from lora_cls.inject import layer_ranks
+
+    spec = model_spec(name, source)
+    names = (list(_resolved_targets(name, tuple(patterns), source, aux)) if patterns
+             else default_target_names(spec, rank, rank_pattern))
+    layer_ranks(_meta_model(spec), names, rank, rank_pattern)
+    return names
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_model(spec: ModelSpec) -> nn.Module:
+    return zoo.on_meta(lambda: spec.builder(aux=True))
 
 
 @functools.lru_cache(maxsize=64)  # a sweep's precheck validates every job's config: one model build per value
-def _resolved_targets(name: str, patterns: tuple[str, ...]) -> tuple[str, ...]:
-    spec = model_spec(name)
+def _resolved_targets(name: str, patterns: tuple[str, ...], source: str = "torchvision",
+                      aux: bool = False) -> tuple[str, ...]:
+    spec = model_spec(name, source)
+    return tuple(select_targets(_meta_model(spec), list(patterns), exclude=model_heads(spec, True)))
+
+
+def full_rank_layers(name: str, patterns: Sequence[str] | None, rank: int,
+                     source: str = "torchvision") -> list[tuple[str, int]]:
+    """The adapted layers (the preset's when `patterns` is None) whose rank limit min(out, in·k·k) `rank`
+    reaches: there an adapter is no longer low rank and trains more parameters than the layer holds."""
+    targets = tuple(patterns or model_spec(name, source).targets)
+    return [(layer, limit) for layer, limit in _rank_limits(name, targets, source) if rank >= limit]
+
+
+@functools.lru_cache(maxsize=64)
+def _rank_limits(name: str, patterns: tuple[str, ...], source: str = "torchvision") -> tuple[tuple[str, int], ...]:
+    spec = model_spec(name, source)
     with torch.device("meta"):
         model = spec.builder(weights=None)
-    return tuple(select_targets(model, list(patterns), exclude=[spec.head]))
+    limits = []
+    for layer in _resolved_targets(name, patterns, source):
+        module = model.get_submodule(layer)
+        # (out, in/groups, k, k) or (out, in); nn.MultiheadAttention: the packed (3E, E) in-projection
+        weight = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
+        limits.append((layer, min(weight.shape[0], weight[0].numel())))
+    return tuple(limits)
+
+
+@functools.lru_cache(maxsize=64)
+def min_train_batch(name: str, image_size: int, source: str = "torchvision") -> int:
+    """The smallest training batch this model takes at `image_size` with BatchNorm in training mode: 2 when some
+    BatchNorm sees 1×1 maps (one value per channel is no batch statistic), else 1. A weightless forward on the
+    meta device: no memory, no weights."""
+    with torch.device("meta"):
+        model = model_spec(name, source).builder(weights=None, image_size=image_size).train()
+        try:
+            model(torch.empty(1, 3, image_size, image_size))
+        except ValueError as exc:
+            if "more than 1 value per channel" not in str(exc):
+                raise
+            return 2
+    return 1
 
 
 def prepare_finetune(model: nn.Module, name: str, finetune: str, targets: Sequence[str] | None = None,
-                     rank: int = 8, alpha: float | None = None, **lora_options) -> list[str]:
+                     rank: int = 8, alpha: float | None = None, *, source: str = "torchvision", aux: bool = False,
+                     rank_pattern: Mapping[str, int] | None = None, **lora_options) -> list[str]:
     """Set up `finetune` mode in place; return the names of the adapted layers (empty unless lora).
 
-    lora: adapters on `targets` (the model's preset when None); trainable = adapters (A, B, C) and head.
-    full: every parameter trainable. linear: only the head trainable (linear probe).
+    lora: adapters on `targets` (the preset or default rule when None), ranks by `rank_pattern`; trainable =
+    adapters (A, B, C) and heads. full: every parameter trainable. linear: only the heads (linear probe).
     """
     if finetune not in FINETUNE_MODES:
         raise UserError(f"finetune must be one of {', '.join(FINETUNE_MODES)}; got {finetune!r}")
-    spec = model_spec(name)
+    spec = model_spec(name, source)
+    heads = model_heads(spec, aux)
     adapted: list[str] = []
     if finetune == "full":
         model.requires_grad_(True)
         return adapted
     if finetune == "lora":
         alpha = float(rank) if alpha is None else alpha
-        adapted = inject_lora(model, list(targets) if targets else list(spec.targets), rank, alpha,
-                              exclude=[spec.head], **lora_options)
+        names = None if targets else default_target_names(spec, rank, rank_pattern)
+        adapted = inject_lora(model, list(targets or ()), rank, alpha, exclude=model_heads(spec, True),
+                              rank_pattern=rank_pattern, names=names, **lora_options)
     model.requires_grad_(False)
-    model.get_submodule(spec.head).requires_grad_(True)
+    for head in heads:
+        model.get_submodule(head).requires_grad_(True)
     for module in model.modules():
         if isinstance(module, LoRALayer):
             for p in (module.lora_A, module.lora_B, module.lora_C):

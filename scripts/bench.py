@@ -88,7 +88,7 @@ E2E_TARGET = 0.85  # lora-train's epoch throughput within 15% of the pure model 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="resnet34", help="registry name (lora_cls.models.MODELS)")
+    p.add_argument("--model", default="resnet34", help="any torchvision classifier (`lora-models` lists them)")
     p.add_argument("--weights", default=None,
                    help="base weights: imagenet, a state-dict path, or none (random)")
     p.add_argument("--rank", type=int, default=DEFAULT_RANK, help="LoRA rank (lora.rank's default)")

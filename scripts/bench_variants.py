@@ -151,7 +151,7 @@ class VariantBuilder:
         self.precisions = {"fast": fast or resolve_precision(args.precision, device),
                            "fp32": resolve_precision("32", device)}
         torch.manual_seed(args.seed)
-        self.base = build_model(args.model, args.weights, args.classes)
+        self.base = build_model(args.model, args.weights, args.classes, image_size=args.image_size)
         self.patterns = list(args.targets) if args.targets else list(self.spec.targets)
         self.targets = select_targets(self.base, self.patterns, exclude=[self.spec.head])
         if args.no_peft:

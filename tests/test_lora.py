@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from torch import nn
@@ -35,13 +37,41 @@ CASES = {
     "conv_reflect": lambda: (_seq(nn.Conv2d(6, 10, (3, 5), padding=(1, 2), padding_mode="reflect")),
                              torch.randn(2, 6, 13, 11), ["0"]),
     "linear": lambda: (_seq(nn.Linear(12, 7)), torch.randn(4, 12), ["0"]),
+    "grouped_stride2": lambda: (_seq(nn.Conv2d(8, 12, 3, stride=2, padding=1, groups=4)), torch.randn(2, 8, 13, 11),
+                                ["0"]),
+    "grouped_dilation2": lambda: (_seq(nn.Conv2d(8, 12, 3, dilation=2, padding=2, groups=2, bias=False)),
+                                  torch.randn(2, 8, 13, 11), ["0"]),
+    "grouped_reflect": lambda: (_seq(nn.Conv2d(8, 12, (3, 5), padding=(1, 2), padding_mode="reflect", groups=4)),
+                                torch.randn(2, 8, 13, 11), ["0"]),
+    "linear_subclass": lambda: (_seq(_MyLinear(12, 7)), torch.randn(4, 12), ["0"]),
+    "mha": lambda: (_Attn(nn.MultiheadAttention(12, 3, batch_first=True)), torch.randn(2, 5, 12), ["attn"]),
+    "mha_seq_first": lambda: (_Attn(nn.MultiheadAttention(12, 2, bias=False)), torch.randn(5, 2, 12), ["attn"]),
+    "swin_attention": lambda: (_swin_block(), torch.randn(2, 8, 8, 16), ["attn.qkv", "attn.proj"]),
     "resnet34": lambda: (build_model("resnet34", None, 2), torch.randn(2, 3, 32, 32),
                          ["layer3.*.conv1", "layer3.*.conv2", "layer4.*.conv1", "layer4.*.conv2"]),
     "vgg16": lambda: (build_model("vgg16", None, 2), torch.randn(1, 3, 32, 32),
                       ["features.24", "features.26", "features.28"]),
 }
 HEADS = {"resnet34": ["fc"], "vgg16": ["classifier.6"]}
+
+
+class _Attn(nn.Module):
+    """Self-attention through nn.MultiheadAttention, as torchvision's ViT calls it."""
+
+    def __init__(self, attn: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def _swin_block() -> nn.Module:
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    return nn.Sequential(collections.OrderedDict(attn=ShiftedWindowAttention(16, [4, 4], [2, 2], 2)))
 MODEL_CASES = {"resnet34", "vgg16"}
+ATTENTION_CASES = {"mha", "mha_seq_first"}
 
 
 def _make(case: str, seed: int = 0, **options):
@@ -76,9 +106,14 @@ def test_adapter_at_init_is_bit_identical(case):
         unmerged = model(x)
         set_merge_on_eval(model, True)
         merged = model(x)
-    assert torch.equal(unmerged, base_out)
-    assert torch.equal(merged, base_out)
-    assert torch.equal(merge_lora(model)(x), base_out)
+    if case in ATTENTION_CASES:
+        # nn.MultiheadAttention's own eval path is a fused kernel: equal to ours up to rounding, not bit for bit
+        for out in (unmerged, merged, merge_lora(model)(x)):
+            torch.testing.assert_close(out, base_out, atol=1e-12, rtol=0)
+    else:
+        assert torch.equal(unmerged, base_out)
+        assert torch.equal(merged, base_out)
+        assert torch.equal(merge_lora(model)(x), base_out)
     for _, layer in lora_layers(model):
         assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_C) == 0
         assert torch.count_nonzero(layer.lora_A) > 0
@@ -169,7 +204,7 @@ def test_linear_probe_and_full_finetune_gradients():
 
 @pytest.mark.parametrize("d", [0.0])
 def test_low_rank_export_at_d0_matches_and_is_smaller(d):
-    for case in ("conv_reflect", "conv_stride2", "linear"):
+    for case in ("conv_reflect", "conv_stride2", "linear", "grouped_stride2", "grouped_reflect"):
         model, x, _ = _make(case, bias_comp=True)
         _randomize(model, 0.5)
         set_decay(model, d)
@@ -229,12 +264,35 @@ def test_gaussian_init_and_shapes():
     assert lin.lora_A.abs().max().item() <= bound
 
 
-def test_grouped_conv_is_refused():
-    with pytest.raises(UserError, match="grouped convolution"):
-        LoRAConv2d(nn.Conv2d(4, 8, 3, groups=2), LoRAOptions(), _decay())
+def test_grouped_conv_needs_rank_divisible_by_groups_and_depthwise_is_refused():
+    with pytest.raises(UserError, match=r"groups=4\) needs lora.rank divisible by 4.*rank 8 works"):
+        LoRAConv2d(nn.Conv2d(8, 8, 3, groups=4), LoRAOptions(rank=6), _decay())
+    grouped = LoRAConv2d(nn.Conv2d(8, 12, 3, groups=4), LoRAOptions(rank=8), _decay())
+    assert grouped.lora_A.shape == (8, 2, 3, 3) and grouped.lora_B.shape == (12, 2, 1, 1)
+    with pytest.raises(UserError, match="depthwise convolution"):
+        LoRAConv2d(nn.Conv2d(4, 4, 3, groups=4), LoRAOptions(), _decay())
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 4, 1))
-    with pytest.raises(UserError, match=r"'0'.*grouped"):
+    with pytest.raises(UserError, match=r"'0' selects 0, a depthwise convolution.*instead: 1"):
         select_targets(model, ["0"])
+    assert select_targets(model, ["*"]) == ["1"]  # a wildcard pattern passes over depthwise convolutions
+
+
+class _MyLinear(nn.Linear):
+    """A subclass that computes what nn.Linear does (as NonDynamicallyQuantizableLinear)."""
+
+
+class _OwnForward(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_linear_subclasses_are_adapted_unless_they_have_their_own_forward():
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+    model = nn.Sequential(NonDynamicallyQuantizableLinear(6, 5), _MyLinear(5, 4), _OwnForward(4, 3))
+    assert select_targets(model, ["0", "1"]) == ["0", "1"]
+    with pytest.raises(UserError, match="holds no layer LoRA supports"):
+        select_targets(model, ["2"])
 
 
 @pytest.mark.parametrize("bad, key", [({"rank": 0}, "lora.rank"), ({"alpha": 0}, "lora.alpha"),
@@ -349,3 +407,16 @@ def test_merge_under_bf16_autocast_keeps_the_exact_fp32_weight():
     merged, _ = adapted._merged_for_eval()
     assert merged.dtype == torch.float32
     torch.testing.assert_close(merged, exact, atol=1e-6, rtol=0)  # bf16 rounding of B·A would be ~1e-2
+
+
+def test_mha_merge_adds_delta_to_in_proj_weight_and_low_rank_export_runs_at_d0():
+    model, x, _ = _make("mha", bias_comp=True)
+    _randomize(model, 0.5)
+    unit = model.attn
+    merged = merge_lora(model).attn
+    assert type(merged) is nn.MultiheadAttention
+    expected = unit.in_proj.weight + unit.in_proj.delta_weight()
+    torch.testing.assert_close(merged.in_proj_weight, expected, atol=1e-12, rtol=0)
+    set_decay(model, 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(export_low_rank(model)(x), model(x), atol=1e-10, rtol=0)

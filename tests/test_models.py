@@ -103,7 +103,7 @@ def test_empty_targets_and_unknown_names():
     model = build_model("resnet34", None, 2)
     with pytest.raises(UserError, match="lora.targets is empty"):
         select_targets(model, [])
-    with pytest.raises(UserError, match="unknown model 'resnet35'; available: resnet34, vgg16"):
+    with pytest.raises(UserError, match="unknown torchvision model 'resnet35'; close matches: resnet"):
         build_model("resnet35", None, 2)
     with pytest.raises(UserError, match="finetune must be one of"):
         prepare_finetune(model, "resnet34", "partial")
