@@ -7,6 +7,7 @@ a file. What goes into last.pt, and how a run continues from it, is `lora_cls.re
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 from pathlib import Path
@@ -46,9 +47,33 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of `tensors` (in name order): what a file's tensors must
+    still be when it is read back."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], stored_sha256: str | None, source: str) -> None:
+    """Refuse tensors that changed since they were written (checksum) or hold NaN/inf (damaged or diverged)."""
+    if stored_sha256 is not None and tensors_sha256(tensors) != stored_sha256:
+        raise UserError(f"{source} is damaged: its tensors do not match the checksum written with them; use "
+                        "another copy of the file or train again")
+    bad = [name for name, t in sorted(tensors.items()) if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise UserError(f"{source} holds non-finite values (NaN/inf) in {', '.join(bad[:3])}"
+                        f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}; the file is damaged or comes "
+                        "from a diverged run")
+
+
 def save_adapter(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     meta["format"] = FORMAT
+    meta["tensors_sha256"] = tensors_sha256(tensors)
     with atomic_open(path, "wb") as f:
         f.write(save(tensors, metadata=meta))
 
@@ -70,6 +95,8 @@ def load_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     if raw_meta.get("format") != FORMAT:
         raise UserError(f"checkpoint {path} was not written by lora-cls (format {raw_meta.get('format')!r})")
+    # Files from before checksums were written have none: their tensors are still checked for NaN/inf.
+    check_tensors(tensors, raw_meta.get("tensors_sha256"), f"checkpoint {path}")
     meta = {}
     for key, value in raw_meta.items():
         try:
@@ -120,9 +147,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# The parts of last.pt that are model weights: checksummed and checked for NaN/inf.
+_WEIGHT_KEYS = ("trainable", "best_state")
+
+
 def save_last(path: str | Path, state: dict[str, Any]) -> None:
+    state = {**state, "tensors_sha256": {k: tensors_sha256(state[k]) for k in _WEIGHT_KEYS if k in state}}
+    buffer = io.BytesIO()  # serialised first, so a full disk is an OSError of the write, not torch's own error
+    torch.save(state, buffer)
     with atomic_open(path, "wb") as f:
-        torch.save(state, f)
+        f.write(buffer.getbuffer())
 
 
 def load_last(path: str | Path) -> dict[str, Any]:
@@ -130,7 +164,13 @@ def load_last(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"resume state {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a pickle that would run code, a truncated file: never executed, always refused
         raise UserError(f"resume state {path} cannot be loaded safely ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    if isinstance(state, dict):
+        sums = state.get("tensors_sha256") if isinstance(state.get("tensors_sha256"), dict) else {}
+        for key in _WEIGHT_KEYS:
+            if isinstance(state.get(key), dict):
+                check_tensors(state[key], sums.get(key), f"resume state {path} ({key})")
+    return state

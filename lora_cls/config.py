@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "32", "bf16", "16")
 OPTIMIZERS = ("adamw", "sgd")
+EXPORT_FORMATS = ("torchvision", "lowrank", "onnx", "torchscript")
 MONITORS = ("val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_loss")
 
 
@@ -61,6 +62,7 @@ class DatasetConfig:
     split_seed: int = 0
     positive_class: str | None = None
     skip_bad: bool = False
+    max_image_pixels: int | None = 89_478_485  # larger images are refused as undecodable; null: no limit
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -70,6 +72,8 @@ class DatasetConfig:
 class ModelConfig:
     name: str = "resnet34"
     weights: str | None = "imagenet"
+    source: str = "torchvision"  # torchvision | timm (the optional extra)
+    aux_heads: bool = False  # GoogLeNet / Inception v3: train with their auxiliary heads
 
 
 @dataclass
@@ -80,7 +84,10 @@ class LoRAConfig:
     rslora: bool = False
     init: str = "kaiming"
     targets: list[str] | None = None
+    # per-layer ranks {glob: rank} (PEFT's rank_pattern); Any, so that a command-line dict replaces the null
+    rank_pattern: Any = None
     bn: str = "train"
+    allow_high_rank: bool = False  # allow a rank that reaches a layer's min(out, in·k·k) (no longer low rank)
 
 
 @dataclass
@@ -154,13 +161,24 @@ class EvalConfig:
 @dataclass
 class PredictConfig:
     ckpt: str = MISSING  # a lora-train run folder or its checkpoints/adapter.safetensors
-    input: str = MISSING  # an image, a folder (searched recursively) or a glob
+    input: str | None = None  # an image, a folder (searched recursively) or a glob
+    split: str | None = None  # instead of input: train, val or test of the run's own splits.json
     device: str = "auto"
     precision: str | None = None  # null: the training run's precision
     batch_size: int | None = None  # null: the training run's eval batch size
     skip_bad: bool = False  # skip undecodable inputs (listed in predict.json) instead of stopping
     show: int = 20  # rows of the console table
     progress: bool = True
+
+
+@dataclass
+class ExportConfig:
+    ckpt: str = MISSING  # a lora-train run folder or its checkpoints/adapter.safetensors
+    format: str = "torchvision"  # torchvision | lowrank | onnx | torchscript
+    lowrank: bool = False  # onnx/torchscript: the low-rank model (d = 0) instead of the merged one
+    tolerance: float = 1e-4  # max |logit difference| allowed against the trained model, × max(1, largest |logit|)
+    images: int = 16  # test images the export is verified on
+    opset: int = 17  # ONNX opset
 
 
 @dataclass
@@ -178,6 +196,7 @@ def register_configs() -> None:
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="predict_schema", node=PredictConfig)
     cs.store(name="datacheck_schema", node=DataCheckConfig)
+    cs.store(name="export_schema", node=ExportConfig)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -197,11 +216,10 @@ def validate(cfg: DictConfig | Any) -> None:
            f"is required for dataset={d.name}; set dataset.root=<folder>")
     _check(d.name in DATASET_NAMES, "dataset.name",
            f"unknown dataset {d.name!r}; choose one of {', '.join(DATASET_NAMES)}")
-    from lora_cls.models import BN_POLICIES, FINETUNE_MODES, MODELS
+    from lora_cls.models import BN_POLICIES, FINETUNE_MODES, check_model
 
-    _check(cfg.model.name in MODELS, "model.name",
-           f"unknown model {cfg.model.name!r}; choose one of {', '.join(sorted(MODELS))}")
     _check(d.image_size >= 16, "dataset.image_size", f"must be >= 16, got {d.image_size}")
+    check_model(cfg.model, d.image_size)  # model.source, model.name, model.aux_heads, the sizes the model runs at
     for key in ("val_fraction", "test_fraction"):
         _check(0.0 <= d[key] < 1.0, f"dataset.{key}", f"must be in [0, 1), got {d[key]}")
     _check(d.val_fraction + d.test_fraction < 1.0, "dataset.val_fraction",
@@ -212,10 +230,13 @@ def validate(cfg: DictConfig | Any) -> None:
     _check(lo.targets is None or len(lo.targets) > 0, "lora.targets", "is empty; use null for the model's preset")
     _check(cfg.finetune in FINETUNE_MODES, "finetune",
            f"must be {', '.join(FINETUNE_MODES[:-1])} or {FINETUNE_MODES[-1]}, got {cfg.finetune!r}")
-    if lo.targets and cfg.finetune == "lora":
-        from lora_cls.models import check_targets
+    if cfg.finetune == "lora":
+        from lora_cls.models import check_adapters
 
-        check_targets(cfg.model.name, list(lo.targets))
+        check_adapters(cfg.model.name, list(lo.targets) if lo.targets else None, int(lo.rank),
+                       dict(lo.rank_pattern) if lo.rank_pattern else None, cfg.model.source, cfg.model.aux_heads)
+    if cfg.finetune == "lora" and not lo.allow_high_rank:
+        _check_rank_is_low(cfg)
     _check(op.name in OPTIMIZERS, "optimizer.name", f"must be one of {', '.join(OPTIMIZERS)}, got {op.name!r}")
     _check(op.lr > 0, "optimizer.lr", f"must be > 0, got {op.lr}")
     _check(op.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {op.weight_decay}")
@@ -223,6 +244,14 @@ def validate(cfg: DictConfig | Any) -> None:
     _check(0.0 <= op.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio", f"must be in [0, 1], got {op.min_lr_ratio}")
     _check(tr.epochs >= 1, "trainer.epochs", f"must be >= 1, got {tr.epochs}")
     _check(tr.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {tr.batch_size}")
+    if tr.batch_size == 1 and lo.bn == "train":
+        from lora_cls.models import min_train_batch
+
+        smallest = min_train_batch(cfg.model.name, d.image_size, cfg.model.source)
+        _check(smallest == 1, "trainer.batch_size",
+               f"1 is too small for {cfg.model.name} at {d.image_size} px: its last BatchNorm layers see 1x1 maps, "
+               f"and training statistics need more than one value per channel; use trainer.batch_size={smallest} "
+               "or more, a larger dataset.image_size, or lora.bn=frozen")
     _check(tr.eval_batch_size is None or tr.eval_batch_size >= 1, "trainer.eval_batch_size", "must be >= 1")
     _check(str(tr.precision) in PRECISIONS, "trainer.precision",
            f"must be one of {', '.join(PRECISIONS)}, got {tr.precision!r}")
@@ -232,6 +261,19 @@ def validate(cfg: DictConfig | Any) -> None:
     _check(tr.early_stopping.patience >= 1, "trainer.early_stopping.patience", "must be >= 1")
     _check(tr.max_steps_per_epoch is None or tr.max_steps_per_epoch >= 1, "trainer.max_steps_per_epoch", "must be >= 1")
     check_device(tr.device, "trainer.device")
+
+
+def _check_rank_is_low(cfg: DictConfig | Any) -> None:
+    from lora_cls.models import full_rank_layers
+
+    lo = cfg.lora
+    full = full_rank_layers(cfg.model.name, list(lo.targets) if lo.targets else None, int(lo.rank),
+                            cfg.model.source)
+    if full:
+        layer, limit = min(full, key=lambda item: item[1])
+        raise UserError(f"lora.rank: {lo.rank} reaches the full rank of {len(full)} adapted layer(s) (e.g. {layer}: "
+                        f"min(out, in·k·k) = {limit}), where LoRA is no longer low rank and trains more parameters "
+                        f"than the layer itself; use lora.rank={limit - 1} or less, or lora.allow_high_rank=true")
 
 
 def decay_schedule(cfg: DictConfig | Any) -> DecaySchedule:
@@ -274,7 +316,10 @@ def validate_eval(cfg: DictConfig | Any) -> None:
 
 def validate_predict(cfg: Any) -> None:
     check_required(cfg, "ckpt", "lora-predict ckpt=outputs/train/<run> input=photos/")
-    check_required(cfg, "input", "lora-predict ckpt=outputs/train/<run> input=photos/")
+    _check((cfg.input is None) != (cfg.split is None), "input",
+           "give either input=<image, folder or glob> or split=test (the run's own split), e.g. "
+           "lora-predict ckpt=outputs/train/<run> input=photos/")
+    _check(cfg.split in (None, "train", "val", "test"), "split", f"must be train, val or test, got {cfg.split!r}")
     check_device(cfg.device, "device")
     if cfg.precision is not None and str(cfg.precision) not in PRECISIONS:
         raise UserError(f"precision: must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
@@ -282,8 +327,17 @@ def validate_predict(cfg: Any) -> None:
         raise UserError(f"batch_size: must be >= 1, got {cfg.batch_size}")
     if cfg.show < 0:
         raise UserError(f"show: must be >= 0, got {cfg.show}")
-    if not str(cfg.input).strip():
+    if cfg.input is not None and not str(cfg.input).strip():
         raise UserError("input: give an image, a folder or a glob such as 'photos/*.jpg'")
+
+
+def validate_export(cfg: Any) -> None:
+    check_required(cfg, "ckpt", "lora-export ckpt=outputs/train/<run> format=onnx")
+    _check(cfg.format in EXPORT_FORMATS, "format", f"must be one of {', '.join(EXPORT_FORMATS)}, got {cfg.format!r}")
+    _check(cfg.tolerance >= 0, "tolerance", f"must be >= 0, got {cfg.tolerance}")
+    _check(cfg.images >= 1, "images", f"must be >= 1, got {cfg.images}")
+    _check(not cfg.lowrank or cfg.format != "torchvision", "lowrank",
+           "the torchvision format is the merged model; use format=lowrank for the low-rank one")
 
 
 def validate_datacheck(cfg: Any) -> None:

@@ -24,7 +24,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from lora_cls.config import splits_file, validate_datacheck
-from lora_cls.data.decode import UnreadableImage, decode_image, io_threads
+from lora_cls.data.decode import DEFAULT_MAX_PIXELS, UnreadableImage, decode_image, io_threads
 from lora_cls.data.layouts import collected_warnings, malaria_patient, prepare_splits
 from lora_cls.data.splits import SPLIT_NAMES, DatasetSplits, read_splits_json
 from lora_cls.errors import UserError
@@ -40,7 +40,7 @@ class FileInfo(NamedTuple):
     reason: str | None  # why it is not a usable image; None when it decodes
 
 
-def inspect_file(path: Path) -> FileInfo:
+def inspect_file(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> FileInfo:
     """Read a file once: sha256 of its bytes, its stored width and height, and whether it decodes the way
     training decodes it (`decode_image`: EXIF orientation, any mode to RGB, resize)."""
     try:
@@ -49,7 +49,7 @@ def inspect_file(path: Path) -> FileInfo:
         return FileInfo(None, None, None, f"cannot read: {exc.strerror or exc}")
     digest = hashlib.sha256(data).hexdigest()
     try:
-        decode_image(io.BytesIO(data), 8)  # type: ignore[arg-type]  (PIL opens file objects too)
+        decode_image(io.BytesIO(data), 8, max_pixels)  # type: ignore[arg-type]  (PIL opens file objects too)
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
     except UnreadableImage as exc:
@@ -87,12 +87,13 @@ def check_dataset(cfg: Any) -> dict[str, Any]:
     """
     validate_datacheck(cfg)
     splits, source, name, notes = _load_split(cfg)
+    max_pixels = cfg.dataset.max_image_pixels
     if not splits.root.is_dir():
         raise UserError(f"dataset root {splits.root} (from {source}) is not a folder")
     classes = splits.classes
     entries = [(split, path, label) for split in SPLIT_NAMES for path, label in splits.split(split)]
     with ThreadPoolExecutor(io_threads()) as pool:
-        infos = list(tqdm(pool.map(lambda e: inspect_file(splits.root / e[1]), entries), total=len(entries),
+        infos = list(tqdm(pool.map(lambda e: inspect_file(splits.root / e[1], max_pixels), entries), total=len(entries),
                           desc=f"checking {len(entries)} files", unit="img", leave=False,
                           disable=not cfg.progress or None))
 

@@ -43,17 +43,22 @@ class Precision:
     name: str  # "32" | "bf16" | "16"
     dtype: torch.dtype | None  # autocast dtype, None for float32
     use_scaler: bool  # fp16 needs loss scaling against gradient underflow; bf16 has float32's range
+    reason: str = field(default="", compare=False)  # why this precision (logged at the start of a run)
 
 
 def resolve_precision(spec: str, device: torch.device) -> Precision:
     spec = str(spec)
+    reason = "as set"
     if spec == "auto":
         if device.type == "cuda":
-            spec = "bf16" if torch.cuda.is_bf16_supported() else "16"
+            bf16 = torch.cuda.is_bf16_supported()
+            spec, reason = ("bf16", "auto: the GPU has bf16") if bf16 else ("16", "auto: the GPU has no bf16")
+        elif cpu_supports_bf16():
+            spec, reason = "bf16", "auto: the CPU has native bf16 (AVX-512 BF16 or AMX)"
         else:
-            spec = "bf16" if cpu_supports_bf16() else "32"
+            spec, reason = "32", "auto: the CPU has no native bf16 (AVX-512 BF16 or AMX), where bf16 is emulated"
     if spec == "32":
-        return Precision("32", None, False)
+        return Precision("32", None, False, reason)
     if spec == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError("trainer.precision=bf16 but this GPU has no bf16; use trainer.precision=16 or 32")
@@ -63,11 +68,11 @@ def resolve_precision(spec: str, device: torch.device) -> Precision:
             # 9x as long as in fp32 (docs/BENCHMARKS.md).
             log.warning("precision bf16 on a CPU without native bf16 (no AVX-512 BF16 or AMX) is emulated: "
                         "about 10-30x slower than fp32 here; precision 32 (or auto) is faster on this machine")
-        return Precision("bf16", torch.bfloat16, False)
+        return Precision("bf16", torch.bfloat16, False, reason)
     if spec == "16":
         if device.type != "cuda":
             raise UserError("trainer.precision=16 (fp16 + GradScaler) needs a CUDA device; on CPU use bf16 or 32")
-        return Precision("16", torch.float16, True)
+        return Precision("16", torch.float16, True, reason)
     raise UserError(f"trainer.precision must be auto, 32, bf16 or 16; got {spec!r}")
 
 
@@ -119,6 +124,13 @@ class Runtime:
 
     def autocast(self):
         return autocast(self.device, self.precision)
+
+    def describe(self) -> str:
+        """One line for the log: where and how the run computes."""
+        threads = f", {torch.get_num_threads()} CPU threads" if self.device.type == "cpu" else ""
+        processes = f", {self.dist.world_size} processes" if self.dist.enabled else ""
+        return (f"device {self.device}, precision {self.precision.name} ({self.precision.reason}), "
+                f"channels_last {'on' if self.channels_last else 'off'}{threads}{processes}")
 
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
         """`model` moved to the device in the memory format its batches come in."""

@@ -27,7 +27,7 @@ from lora_cls.device import Precision, Runtime, autocast, prepare_batch
 from lora_cls.errors import UserError
 from lora_cls.inject import get_decay_state
 from lora_cls.metrics import classification_metrics
-from lora_cls.models import set_train_mode, trainable_state
+from lora_cls.models import loss_and_logits, plain_logits, set_train_mode, trainable_state
 from lora_cls.schedule import DecaySchedule
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def evaluate(model: nn.Module, loader: Iterable, preprocess: nn.Module, device: 
             x = preprocess(prepare_batch(x, device, channels_last))
             y = y.to(device, non_blocking=True)
             with autocast(device, precision):
-                logits = model(x)
+                logits = plain_logits(model(x))
             logits = logits.float()
             losses.append(F.cross_entropy(logits, y, reduction="sum"))
             labels.append(y)
@@ -110,8 +110,12 @@ def evaluate(model: nn.Module, loader: Iterable, preprocess: nn.Module, device: 
     if not labels:
         raise UserError(f"the {desc} split is empty")
     y_true = torch.cat(labels).cpu().numpy()
-    return EvalOutput(loss=float(torch.stack(losses).sum().item() / len(y_true)), y_true=y_true,
-                      probs=torch.cat(probs).cpu().numpy(), seconds=time.perf_counter() - start)
+    loss = float(torch.stack(losses).sum().item() / len(y_true))
+    if not math.isfinite(loss):  # never a NaN loss reported as a result: the weights themselves are broken
+        raise UserError(f"evaluation on the {desc} split gave a non-finite loss (NaN/inf): the model's weights "
+                        "hold non-finite values (a damaged checkpoint or a diverged run)")
+    return EvalOutput(loss=loss, y_true=y_true, probs=torch.cat(probs).cpu().numpy(),
+                      seconds=time.perf_counter() - start)
 
 
 def evaluate_split(model: nn.Module, dataset: Dataset, preprocess: nn.Module, runtime: Runtime, batch_size: int,
@@ -155,6 +159,10 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, preprocess: nn.Mod
         m.train()
     with torch.no_grad():
         for x, _ in loader:
+            if x.shape[0] == 1 and len(loader) > 1:
+                # A last batch of one image: BatchNorm cannot take statistics of one value per channel (1x1
+                # maps), and the cumulative average over the other batches barely moves without it.
+                continue
             with autocast(device, precision):
                 model(preprocess(prepare_batch(x, device, channels_last)))
     for m, momentum in zip(bns, momenta):
@@ -174,6 +182,7 @@ class FitState:
     best_epoch: int = 0
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)  # adapter tensors of the best epoch
     epochs_without_improvement: int = 0
+    stopped_early: bool = False  # ended by early stopping before the last epoch
     train_seconds: float = 0.0
     train_images: int = 0
     history: list[dict] = field(default_factory=list)
@@ -238,6 +247,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(settings.runtime.device.type, enabled=settings.runtime.precision.use_scaler)
         self.decay = get_decay_state(self.base_model)
         self.state = FitState()
+        self._waiting_for_d_min = False
 
     @property
     def d(self) -> float:
@@ -252,8 +262,8 @@ class Trainer:
         x = self.preprocess(rt.batch(x))
         y = y.to(rt.device, non_blocking=True)
         with rt.autocast():
-            logits = self.model(x)
-        loss = F.cross_entropy(logits.float(), y)
+            outputs = self.model(x)
+        loss, logits = loss_and_logits(outputs, y)  # GoogLeNet/Inception with aux heads: (logits, aux...)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -288,8 +298,9 @@ class Trainer:
                 mean_loss = loss_sum.item() / seen
                 if not math.isfinite(mean_loss) and not rt.dist.enabled:
                     raise NonFiniteLoss(self.state.global_step)  # (processes decide together, at epoch end)
+                elapsed = time.perf_counter() - start
                 bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{correct.item() / seen:.3f}",
-                                img_s=f"{seen / (time.perf_counter() - start):.1f}", d=f"{self.d:.3f}")
+                                img_s=f"{seen / elapsed:.1f}", d=f"{self.d:.3f}", run_left=self._run_eta(elapsed, i + 1))
             bar.update(1)
         if rt.device.type == "cuda":
             torch.cuda.synchronize(rt.device)
@@ -309,6 +320,12 @@ class Trainer:
                 "train_accuracy": correct.item() / max(1, seen), "images_per_second": seen / seconds,
                 "seconds": seconds}
 
+    def _run_eta(self, epoch_seconds: float, epoch_steps: int) -> str:
+        """Time left for the whole run's training steps, at this epoch's pace (validation not counted)."""
+        left = max(0, self.settings.total_steps - self.state.global_step) * epoch_seconds / max(1, epoch_steps)
+        minutes, seconds = divmod(int(left + 0.5), 60)
+        return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
+
     def validate(self) -> dict:
         """Validation metrics of the model as it is now (BN statistics recomputed first under bn=train)."""
         s = self.settings
@@ -323,7 +340,7 @@ class Trainer:
         """Train until `epochs` or early stopping; `callback.on_epoch_end(trainer, row, improved)` after each
         validation, once this epoch's row is in the history and an improvement is in `state.best_state`."""
         s, state = self.settings, self.state
-        while state.epoch < s.epochs and state.epochs_without_improvement < s.patience:
+        while state.epoch < s.epochs and not self._stops_early():
             row = self.train_epoch()
             metrics = self.validate()
             row.update({f"val_{k}": metrics.get(k) for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1")})
@@ -342,9 +359,25 @@ class Trainer:
                      row["val_accuracy"], row["lr"], row["d"], row["images_per_second"], "  *" if improved else "")
             if callback is not None:
                 callback.on_epoch_end(self, row, improved)
-        if state.epochs_without_improvement >= s.patience:
-            log.info("early stopping: %s has not improved for %d epochs", s.monitor, s.patience)
+        state.stopped_early = state.epoch < s.epochs
+        if state.stopped_early:
+            log.info("early stopping at epoch %d of %d: %s has not improved for %d epochs", state.epoch, s.epochs,
+                     s.monitor, state.epochs_without_improvement)
         return state
+
+    def _stops_early(self) -> bool:
+        """Patience ran out, and a decay schedule (if any) has reached d_min: stopping earlier would end the
+        hand-over from W to the adapter half-way and save an epoch that still leans on the frozen weight."""
+        s, state = self.settings, self.state
+        if state.epochs_without_improvement < s.patience:
+            return False
+        if s.schedule.reached_end(state.global_step, s.total_steps):
+            return True
+        if not self._waiting_for_d_min:
+            self._waiting_for_d_min = True
+            log.info("%s has not improved for %d epochs, but d (%.3g) has not reached d_min=%g yet: training goes "
+                     "on until it does", s.monitor, state.epochs_without_improvement, self.d, s.schedule.d_min)
+        return False
 
 
 class NonFiniteLoss(UserError):

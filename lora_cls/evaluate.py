@@ -23,6 +23,7 @@ from lora_cls.data.splits import DatasetSplits, read_splits_json
 from lora_cls.device import Runtime, resolve_device, resolve_precision
 from lora_cls.engine import evaluate
 from lora_cls.errors import UserError
+from lora_cls.mistakes import write_errors
 from lora_cls.runfolder import RunDir, check_fresh_run_dir, run_metrics, write_json
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     ds = train_cfg.dataset
     skip_bad = ds.skip_bad if cfg.dataset.skip_bad is None else cfg.dataset.skip_bad
     dataset = ImageDataset(splits.root, splits.split(cfg.split), int(ds.image_size), cache=bool(ds.cache.enabled),
-                           max_cache_bytes=int(float(ds.cache.max_gb) * 2**30), skip_bad=bool(skip_bad))
+                           max_cache_bytes=int(float(ds.cache.max_gb) * 2**30), skip_bad=bool(skip_bad),
+                           max_pixels=ds.max_image_pixels)
     if dataset.skipped:
         log.warning("skipped %d undecodable image(s) (dataset.skip_bad=true): %s", len(dataset.skipped),
                     ", ".join(dataset.skipped[:5]) + (" ..." if len(dataset.skipped) > 5 else ""))
@@ -89,10 +91,12 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     title = f"{train_cfg.model.name} {train_cfg.finetune} (eval)"
     split_result = reports.split_results(out, splits.classes, splits.positive_class, run.reports(cfg.split),
                                          f"{title} — {cfg.split}")
+    errors = write_errors(run.reports(cfg.split), [str(splits.root / p) for p, _ in dataset.samples],
+                          lambda i: dataset[i][0].permute(1, 2, 0).numpy(), out.y_true, out.probs, splits.classes)
     metrics = {**run_metrics(train_cfg), "checkpoint": str(path), "split": cfg.split,
                "data_root": str(splits.root), cfg.split: split_result, "device": str(device),
                "precision": precision.name, "best_epoch": meta.get("best_epoch"), "images": len(dataset),
-               "skipped_images": dataset.skipped}
+               "skipped_images": dataset.skipped, "misclassified": errors}
     write_json(run.metrics, metrics)
     if cfg.progress:
         reports.print_metrics(split_result, f"{cfg.split} ({len(dataset)} images)", console=console)

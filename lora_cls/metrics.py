@@ -57,9 +57,9 @@ def classification_metrics(
     y_true holds a single class or the probabilities are not finite), `"sensitivity"` (recall of the positive
     class), `"specificity"` (recall of the other one) and `"positive_class"` (its name).
 
-    Every class gets a per-class row (support 0 when absent) and counts in macro F1, as in the
-    classification report; undefined ratios are 0 (sklearn's zero_division=0). Balanced accuracy is
-    sklearn's: the mean recall over the classes present in y_true.
+    Every class gets a per-class row (support 0 when absent); `classes_absent` names the classes with no
+    sample in y_true. Macro F1 and balanced accuracy (sklearn's) average over the classes present in y_true;
+    undefined ratios are 0 (sklearn's zero_division=0).
     """
     y_true, probs = _checked(y_true, probs, len(classes))
     num_classes = len(classes)
@@ -72,13 +72,17 @@ def classification_metrics(
             y_true, y_pred, labels=labels, zero_division=0
         )
         balanced = balanced_accuracy_score(y_true, y_pred)
-        macro_f1 = f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+        # Over the classes present in y_true: a class with no image in the split has no F1 to average (it
+        # would pull the mean towards 0 whatever the model does); the absent ones are named in the result.
+        present = sorted(set(y_true.tolist()))
+        macro_f1 = f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
 
     out: dict = {
         "loss": None if loss is None else float(loss),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(balanced),
         "macro_f1": float(macro_f1),
+        "classes_absent": [str(classes[k]) for k in labels if k not in present],
     }
     if num_classes == 2:
         pos = resolve_positive_class(classes, positive_class)

@@ -36,10 +36,18 @@ from lora_cls.data.decode import (
     is_image,
     verify_image,
 )
+from lora_cls.data.splits import read_splits_json
 from lora_cls.device import Precision, autocast, prepare_batch, resolve_device, resolve_precision
 from lora_cls.errors import UserError
 from lora_cls.inject import merge_lora
-from lora_cls.runfolder import PREDICT_SUMMARY, PREDICTIONS, atomic_open, check_fresh_run_dir, write_json
+from lora_cls.runfolder import (
+    PREDICT_SUMMARY,
+    PREDICTIONS,
+    RunDir,
+    atomic_open,
+    check_fresh_run_dir,
+    write_json,
+)
 
 
 def collect_inputs(spec: str) -> list[Path]:
@@ -66,14 +74,26 @@ def collect_inputs(spec: str) -> list[Path]:
     raise UserError(f"input {spec} does not exist; give an image, a folder or a glob such as 'photos/*.jpg'")
 
 
+def split_inputs(adapter: Path, split: str) -> list[Path]:
+    """The images of split `split` in the splits.json of the run that wrote `adapter`, in the split's order."""
+    splits_path = RunDir.of_checkpoint(adapter).splits
+    if not splits_path.is_file():
+        raise UserError(f"split={split}: no splits.json beside the checkpoint (looked for {splits_path}); "
+                        "use input=<folder> instead")
+    splits = read_splits_json(splits_path)
+    if not splits.split(split):
+        raise UserError(f"split={split}: the run's {split} split is empty ({splits_path})")
+    return [splits.root / p for p, _ in splits.split(split)]
+
+
 def _batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
 
-def _decode(path: Path, size: int) -> torch.Tensor | str:
+def _decode(path: Path, size: int, max_pixels: int | None) -> torch.Tensor | str:
     try:
-        return decode_image(path, size)
+        return decode_image(path, size, max_pixels)
     except UnreadableImage as exc:
         return exc.reason or "undecodable"
 
@@ -107,7 +127,7 @@ def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, A
     validate_predict(cfg)
     check_fresh_run_dir(run_dir)
     path = resolve_checkpoint(cfg.ckpt)
-    files = collect_inputs(str(cfg.input))
+    files = collect_inputs(str(cfg.input)) if cfg.input is not None else split_inputs(path, cfg.split)
     model, train_cfg, meta = load_model_from_checkpoint(path)
     classes = [str(c) for c in meta["classes"]]
     device = resolve_device(cfg.device, "device")
@@ -117,12 +137,14 @@ def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, A
     del model
     merged.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     size = int(train_cfg.dataset.image_size)
+    max_pixels = train_cfg.dataset.max_image_pixels
     batch_size = int(cfg.batch_size or meta.get("eval_batch_size") or 2 * int(train_cfg.trainer.batch_size))
 
     progress = None if cfg.progress else True  # tqdm's disable: None = only on a terminal
     with ThreadPoolExecutor(io_threads()) as pool:
         # A cheap pass first (PIL open + verify), so a broken input stops the command before the long part.
-        reasons = list(tqdm(pool.map(verify_image, files), total=len(files), desc=f"checking {len(files)} images",
+        reasons = list(tqdm(pool.map(lambda f: verify_image(f, max_pixels), files), total=len(files),
+                            desc=f"checking {len(files)} images",
                             unit="img", leave=False, disable=progress))
     bad = [(str(f), r) for f, r in zip(files, reasons) if r is not None]
     if bad and not cfg.skip_bad:
@@ -133,7 +155,7 @@ def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, A
     with ThreadPoolExecutor(io_threads()) as pool, tqdm(total=len(todo), desc="predicting", unit="img",
                                                          leave=False, disable=progress) as bar:
         for chunk in _batches(todo, batch_size):
-            decoded = list(pool.map(lambda f: _decode(f, size), chunk))
+            decoded = list(pool.map(lambda f: _decode(f, size, max_pixels), chunk))
             good = [(f, t) for f, t in zip(chunk, decoded) if isinstance(t, torch.Tensor)]
             bad += [(str(f), t) for f, t in zip(chunk, decoded) if isinstance(t, str)]
             if good:
@@ -149,7 +171,8 @@ def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, A
         raise UserError(f"input {cfg.input}: none of the {len(files)} file(s) could be decoded")
 
     write_predictions(run_dir / PREDICTIONS, rows, classes)
-    summary = {"status": "ok", "checkpoint": str(path), "input": str(cfg.input), "classes": classes,
+    summary = {"status": "ok", "checkpoint": str(path), "input": cfg.input and str(cfg.input), "split": cfg.split,
+               "classes": classes,
                "images": len(rows), "class_counts": class_counts(rows, classes),
                "skipped": [{"path": p, "reason": r} for p, r in bad], "image_size": size,
                "device": str(device), "precision": precision.name}
@@ -170,22 +193,43 @@ def write_predictions(path: Path, rows: Sequence[dict[str, Any]], classes: Seque
         writer.writerows(rows)
 
 
+def _cut(text: str, width: int, keep_end: bool = False) -> str:
+    """`text` cut to `width` characters with an ellipsis; `keep_end` keeps the end (a path's file name)."""
+    if len(text) <= width:
+        return text
+    return "…" + text[len(text) - width + 1:] if keep_end else text[:width - 1] + "…"
+
+
 def print_predictions(rows: Sequence[dict[str, Any]], classes: Sequence[str], show: int = 20,
                       console: Console | None = None) -> None:
-    """The first `show` rows and the number of images predicted per class."""
+    """The first `show` rows and the number of images predicted per class, readable at 80 columns: a column per
+    class for up to three classes, else the predicted class's probability and the runner-up."""
     console = console or Console()
     shown = rows[:show]
     # Paths relative to the folder they share keep the table narrow; the CSV keeps them whole.
     base = os.path.commonpath([os.path.dirname(r["path"]) for r in shown]) if len(shown) > 1 else ""
     title = f"predictions ({len(shown)} of {len(rows)})" + (f", paths under {base}" if base else "")
+    names = [str(c) for c in classes]
+    lw = min(14, max(9, *map(len, names)))  # class names are cut to this width
+    per_class = len(names) <= 3
+    widths = [lw, *([max(6, min(10, len(c))) for c in names] if per_class else [6, lw + 5])]
+    # Each column adds a border and two spaces of padding; the path takes what is left of the console.
+    path_width = max(12, console.width - sum(widths) - 3 * (len(widths) + 1) - 1)
     table = Table(title=title, header_style="bold")
-    table.add_column("path", overflow="fold")
-    table.add_column("predicted")
-    for c in classes:
-        table.add_column(f"p({c})", justify="right")
+    headers = ["path", "predicted", *([_cut(c, w) for c, w in zip(names, widths[1:])] if per_class
+                                      else ["p", "runner-up"])]
+    for i, (header, width) in enumerate(zip(headers, [path_width, *widths])):
+        table.add_column(header, width=width, no_wrap=True,
+                         justify="right" if 2 <= i < 2 + len(names) and per_class or header == "p" else "left")
     for row in shown:
-        table.add_row(os.path.relpath(row["path"], base) if base else row["path"], row["predicted"],
-                      *(f"{row[f'prob_{c}']:.4f}" for c in classes))
+        path = _cut(os.path.relpath(row["path"], base) if base else row["path"], path_width, keep_end=True)
+        probs = {c: row[f"prob_{c}"] for c in names}
+        if per_class:
+            table.add_row(path, _cut(row["predicted"], lw), *(f"{probs[c]:.4f}" for c in names))
+        else:
+            second = max((c for c in names if c != row["predicted"]), key=probs.__getitem__)
+            table.add_row(path, _cut(row["predicted"], lw), f"{probs[row['predicted']]:.4f}",
+                          f"{_cut(second, lw)} {probs[second]:.2f}")
     console.print(table)
     counts = Table(title="predicted classes", header_style="bold")
     counts.add_column("class")

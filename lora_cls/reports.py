@@ -102,6 +102,10 @@ def write_split_reports(
             f"specificity (recall of {classes[neg]}): {_row_recall(cm, neg):.4f}\n\n"
         )
 
+    absent = [classes[k] for k in labels if not (y_true == k).any()]
+    if absent:
+        header += (f"no image of class(es) {', '.join(absent)} in this split: their rows have support 0, and the "
+                   "macro F1 and balanced accuracy in metrics.json average over the classes present\n\n")
     paths = {
         name: out_dir / name
         for name in (

@@ -7,6 +7,7 @@ interrupted run as it was.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,16 @@ from lora_cls.config import flatten, schema_defaults, to_container
 from lora_cls.engine import Trainer
 from lora_cls.errors import UserError
 from lora_cls.models import trainable_state
-from lora_cls.runfolder import CHECKPOINTS, LAST, RunDir, check_fresh_run_dir, read_metrics
+from lora_cls.runfolder import (
+    CHECKPOINTS,
+    LAST,
+    RunDir,
+    check_fresh_run_dir,
+    read_metrics,
+    remove_stale_temp_files,
+)
+
+log = logging.getLogger(__name__)
 
 # Keys that may differ between a run and its resumption (they do not change what is computed).
 RESUME_FREE_KEYS = {"trainer.resume", "trainer.progress", "trainer.num_workers", "dataset.root"}
@@ -68,6 +78,7 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict] | None:
     resume_from = resume_source(str(cfg.trainer.resume), Path(run_dir))
     if resume_from is None:
         check_fresh_run_dir(run_dir)
+        _remove_half_written(run_dir)
         return None
     state = ckpt.load_last(resume_from)
     if not isinstance(state, dict) or state.get("format") != ckpt.FORMAT or not isinstance(state.get("config"), dict):
@@ -82,7 +93,13 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict] | None:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
         raise UserError(f"cannot resume: the config differs from the interrupted run's ({detail}); resume with the "
                         "same overrides")
+    _remove_half_written(run_dir)
     return resume_from, state
+
+
+def _remove_half_written(run_dir: Path) -> None:
+    for stale in remove_stale_temp_files(run_dir):  # a killed run's half-written files: never read, now gone
+        log.info("removed %s, a file a killed run left half-written", stale)
 
 
 def restore(state: dict, model: nn.Module, trainer: Trainer) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -29,9 +30,11 @@ LAST = "last.pt"
 PREDICTIONS = "predictions.csv"
 PREDICT_SUMMARY = "predict.json"
 DATACHECK = "datacheck.json"
+EXPORT_SUMMARY = "export.json"
 
 # Files that mark a folder as holding results: training's, lora-predict's and lora-data check's.
-RUN_MARKERS = (METRICS, HISTORY, CHECKPOINTS, PREDICTIONS, PREDICT_SUMMARY, DATACHECK)
+RUN_MARKERS = (METRICS, HISTORY, f"{CHECKPOINTS}/{LAST}", f"{CHECKPOINTS}/{ADAPTER}", PREDICTIONS, PREDICT_SUMMARY,
+               DATACHECK, EXPORT_SUMMARY)
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,8 @@ def failed_metrics(cfg: Any | None, error: str) -> dict:
 
 
 def check_fresh_run_dir(run_dir: str | os.PathLike) -> None:
-    """Runs never write into a folder that already holds another run's results."""
+    """Runs never write into a folder that already holds another run's results. (An empty checkpoints/ is no
+    result: a run killed while writing its first last.pt leaves only that, and starts again there.)"""
     run_dir = Path(run_dir)
     found = [m for m in RUN_MARKERS if (run_dir / m).exists()]
     if found:
@@ -121,9 +125,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", newline: str | None = 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    # 0o666 filtered by the umask, like open(); mkstemp's 0o600 would make outputs unreadable to others.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
+        # 0o666 filtered by the umask, like open(); mkstemp's 0o600 would make outputs unreadable to others.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             f = os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8", "newline": newline}))
         except BaseException:
@@ -134,9 +138,13 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", newline: str | None = 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, str(tmp)):
+            # A full disk or a read-only folder shows up in a write, fsync or rename that names no file (or
+            # only the hidden temp file): name the file that could not be written.
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     _fsync_dir(path.parent)
 
@@ -184,6 +192,41 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` (UTF-8) atomically."""
     with atomic_open(path, "w") as f:
         f.write(text)
+
+
+def remove_stale_temp_files(run_dir: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Delete the hidden temp files (`.<name>.<8 hex>.tmp`) that a killed process left in a run folder; each
+    stands beside the complete previous version of its file, or beside nothing. Returns what was removed."""
+    removed = []
+    for tmp in (Path(run_dir).rglob if recursive else Path(run_dir).glob)(".*.tmp"):
+        if _TEMP_NAME.fullmatch(tmp.name) and tmp.is_file():
+            with suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+
+
+def check_writable(folder: str | os.PathLike, key: str = "hydra.run.dir") -> None:
+    """A folder a command will create (or write into) can be written: its nearest existing ancestor is a
+    writable folder on a writable filesystem. Checked before Hydra makes the folder."""
+    path = Path(folder).absolute()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"cannot write the run folder {path}: {probe} is a file; choose another {key}")
+    try:
+        read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (Windows) or no answer: let the writes themselves tell
+        read_only = False
+    if read_only:
+        raise UserError(f"cannot write the run folder {path}: read-only filesystem; choose a writable {key}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the run folder {path}: permission denied on {probe}; choose a "
+                        f"writable {key}")
 
 
 def read_metrics(path: str | os.PathLike) -> dict | None:

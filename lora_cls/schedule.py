@@ -67,6 +67,10 @@ class DecaySchedule:
             return 1.0
         return decay_factor(step, total, self.start, self.end, self.d_min)
 
+    def reached_end(self, steps_taken: int, total: int) -> bool:
+        """True once the last of `steps_taken` steps ran at d's final value (d_min); always for `none`."""
+        return self.kind == "none" or steps_taken - 1 >= round(self.end * total)
+
     def unreached(self, total: int) -> str | None:
         """Why d stays above d_min at the last of `total` steps (end too close to 1, or too few steps), or None.
 

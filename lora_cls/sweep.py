@@ -70,21 +70,35 @@ def write_sweep_summary(sweep_dir: str | os.PathLike, title: str | None = None) 
     override_keys: list[str] = []
     for job_overrides in overrides.values():
         override_keys.extend(k for k in job_overrides if k not in override_keys and k != "job")
-    rows = [_summary_row(d.relative_to(sweep_dir).as_posix(), overrides[d], d) for d in job_dirs]
-    columns = _summary_columns(override_keys)
+    jobs = [(d.relative_to(sweep_dir).as_posix(), overrides[d], d) for d in job_dirs]
+    rows, columns = summary_table(jobs, override_keys)
+    write_summary_files(sweep_dir, rows, columns, override_keys, title)
+    return rows
+
+
+def summary_table(jobs: Sequence[tuple[str, dict[str, Any], Path]], keys: list[str]) -> tuple[list[dict], list[str]]:
+    """Rows and columns of a summary: one row per (label, {key: value}, run folder), the label in column `job`,
+    then `keys`, then SUMMARY_FIELDS read from the folder's metrics.json (lora-compare shares this)."""
+    rows = [_summary_row(label, values, folder) for label, values, folder in jobs]
+    columns = _summary_columns(keys)
     for row in rows:
         for column in columns:
             row.setdefault(column, None)
-    rows = [{column: row[column] for column in columns} for row in rows]
+    return [{column: row[column] for column in columns} for row in rows], columns
 
-    with atomic_open(sweep_dir / "summary.csv", "w", newline="") as f:
+
+def write_summary_files(folder: Path, rows: list[dict], columns: list[str], keys: list[str], title: str | None,
+                        stem: str = "summary") -> None:
+    """<stem>.md, <stem>.png (accuracy against the first numeric key that varies) and <stem>.csv in `folder`."""
+    # The CSV last: summary.csv marks a finished sweep (a restart refuses the folder), so it may only exist once
+    # the table and the plot do.
+    write_text(folder / f"{stem}.md", _summary_markdown(rows, columns, folder, title))
+    _plot_sweep(rows, keys, folder / f"{stem}.png", title)
+    with atomic_open(folder / f"{stem}.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for row in rows:
             writer.writerow(["" if row[c] is None else row[c] for c in columns])
-    write_text(sweep_dir / "summary.md", _summary_markdown(rows, columns, sweep_dir, title))
-    _plot_sweep(rows, override_keys, sweep_dir / "summary.png", title)
-    return rows
 
 
 def _summary_columns(override_keys: list[str]) -> list[str]:
@@ -322,25 +336,29 @@ def _plot_sweep_lines(
 
     params_ax = ax.twinx()
     colors = [f"C{i % 10}" for i in range(len(groups))]
+    # One line per quantity: with a single group, each gets its own colour (test, val, parameters); with several
+    # groups the colour tells the groups apart and the marker and dash the quantity.
+    series_colors = ("C0", "C1", "C2") if len(groups) == 1 else None
     handles = []
     all_params: list[float] = []
     for color, (label, group) in zip(colors, groups.items()):
         group.sort(key=lambda r: r[x_key])
         x = [r[x_key] for r in group]
         suffix = f" ({label})" if label else ""
+        test_c, val_c, params_c = series_colors or (color, color, color)
         handles += ax.plot(
-            x, [r["test_accuracy"] for r in group], "o-", color=color, label=f"test accuracy{suffix}"
+            x, [r["test_accuracy"] for r in group], "o-", color=test_c, label=f"test accuracy{suffix}"
         )
         val = [(xi, r["val_accuracy"]) for xi, r in zip(x, group) if r.get("val_accuracy") is not None]
         if val:
             handles += ax.plot(
-                *zip(*val), "s--", color=color, alpha=0.6, markersize=4, label=f"val accuracy{suffix}"
+                *zip(*val), "s--", color=val_c, alpha=0.6, markersize=4, label=f"val accuracy{suffix}"
             )
         params = [(xi, r["trainable"]) for xi, r in zip(x, group) if _is_number(r.get("trainable"))]
         if params:
             all_params += [p for _, p in params]
             handles += params_ax.plot(
-                *zip(*params), "^:", color=color, alpha=0.8, label=f"trainable params{suffix}"
+                *zip(*params), "^:", color=params_c, alpha=0.8, label=f"trainable params{suffix}"
             )
 
     ok_ids = {id(r) for r in ok_rows}
@@ -356,7 +374,13 @@ def _plot_sweep_lines(
             label="failed / missing",
         )
 
-    xs = sorted({r[x_key] for r in rows if _is_number(r.get(x_key))})
+    _label_axes(ax, params_ax, sorted({r[x_key] for r in rows if _is_number(r.get(x_key))}), x_key, all_params)
+    if handles:
+        ax.legend(handles=handles, labels=[h.get_label() for h in handles], fontsize=8, loc="best")
+
+
+def _label_axes(ax: Any, params_ax: Any, xs: list, x_key: str, all_params: list[float]) -> None:
+    """Ticks at the swept values (a log2 axis when they span 4x or more), a log axis for parameter counts."""
     if xs and xs[0] > 0 and xs[-1] / xs[0] >= 4:
         ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [f"{v:g}" for v in xs])
@@ -366,8 +390,6 @@ def _plot_sweep_lines(
     params_ax.set_ylabel("trainable parameters")
     ax.set_xlabel(x_key)
     ax.set_ylabel("accuracy")
-    if handles:
-        ax.legend(handles=handles, labels=[h.get_label() for h in handles], fontsize=8, loc="best")
 
 
 def _plot_sweep_bars(ax: Any, rows: list[dict], override_keys: list[str]) -> None:
@@ -395,7 +417,7 @@ def _plot_sweep_bars(ax: Any, rows: list[dict], override_keys: list[str]) -> Non
     ax.set_ylabel("test accuracy")
 
 
-def print_sweep_summary(rows: Sequence[dict], console: Console | None = None) -> None:
+def print_sweep_summary(rows: Sequence[dict], console: Console | None = None, title: str = "Sweep summary") -> None:
     """Print sweep summary rows (from `write_sweep_summary`) as a rich table."""
     console = console or Console()
     columns: list[str] = []
@@ -404,14 +426,15 @@ def print_sweep_summary(rows: Sequence[dict], console: Console | None = None) ->
     # The terminal gets what tells jobs apart: swept keys that vary, status and the headline numbers
     # (summary.csv and summary.md keep every column).
     headline = ("job", "status", "trainable", "val_accuracy", "test_accuracy", "train_seconds", "error")
-    varying = [c for c in columns if c not in SUMMARY_FIELDS and c != "job"
+    # `finetune` is both a summary field and an override (finetune=lora,full,linear): shown when it varies.
+    varying = [c for c in columns if (c not in SUMMARY_FIELDS or c == "finetune") and c != "job"
                and len({repr(r.get(c)) for r in rows}) > 1]
     shown = ["job", *varying, *[c for c in headline[1:] if c in columns]]
     if not any(r.get("error") for r in rows):
         shown.remove("error") if "error" in shown else None
     columns = shown
     table = Table(
-        title=f"Sweep summary ({len(rows)} job{'s' if len(rows) != 1 else ''})", header_style="bold"
+        title=f"{title} ({len(rows)} job{'s' if len(rows) != 1 else ''})", header_style="bold"
     )
     for column in columns:
         table.add_column(

@@ -56,7 +56,11 @@ def final_metrics(cfg: DictConfig, run: RunDir, trainer: Trainer, loaders: dict,
                   params: dict, adapted_layers: int) -> dict:
     """metrics.json: the best epoch's weights (at the d they were validated at) evaluated on val and test, with
     the reports of both splits written (by the first process only)."""
-    state, runtime = trainer.state, trainer.settings.runtime
+    state, runtime, schedule = trainer.state, trainer.settings.runtime, trainer.settings.schedule
+    if schedule.kind != "none" and state.best_d > schedule.d_min:
+        log.warning("the best epoch (%d, by %s) ran at d=%.3g, before d reached d_min=%g: the adapter saved and "
+                    "evaluated still leans on the frozen weight", state.best_epoch, trainer.settings.monitor,
+                    state.best_d, schedule.d_min)
     ckpt.apply_adapter(trainer.base_model, state.best_state, "best-epoch state")
     title = f"{cfg.model.name} {cfg.finetune} on {cfg.dataset.name}"
     results = {}
@@ -68,11 +72,20 @@ def final_metrics(cfg: DictConfig, run: RunDir, trainer: Trainer, loaders: dict,
                                                f"{title} — {split}")
     return {**run_metrics(cfg), "params": {k: params[k] for k in ("total", "trainable", "trainable_pct")},
             "best_epoch": state.best_epoch, "d": state.best_d, "epochs_run": state.epoch,
+            "stopped_early": state.stopped_early,
             "val": results["val"], "test": results["test"],
             "timing": {"train_seconds": round(state.train_seconds, 3),
                        "train_images_per_second": round(state.train_images / max(state.train_seconds, 1e-9), 3)},
             "device": str(runtime.device), "precision": runtime.precision.name, "adapted_layers": adapted_layers,
             "processes": runtime.dist.world_size, "skipped_images": splits.skipped}
+
+
+def _data_cache_note(loaders: dict) -> str:
+    datasets = [loader.dataset for loader in loaders.values()]
+    if not datasets[0].cached:
+        return "decoded every epoch (the set is larger than dataset.cache.max_gb)"
+    mib = sum(len(d) for d in datasets) * 3 * datasets[0].image_size ** 2 / 2**20
+    return f"decoded once, held in memory ({mib:.1f} MiB)" if mib < 10 else f"decoded once, held in memory ({mib:.0f} MiB)"
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -87,6 +100,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         write_splits_json(splits, run.splits)
     log.info("data: %s at %s, classes %s, train/val/test = %d/%d/%d", cfg.dataset.name, splits.root,
              splits.classes, len(splits.train), len(splits.val), len(splits.test))
+    log.info("run: %s; images %s", runtime.describe(), _data_cache_note(loaders))
+    log.info("images per class: %s", "; ".join(f"{split} " + ", ".join(f"{c} {n}" for c, n in counts.items())
+                                                for split, counts in splits.class_counts().items()))
 
     model, adapted, identity = build.build_classifier(cfg, len(splits.classes))
     params = parameter_report(model)

@@ -52,7 +52,7 @@ def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
 def make_cfg(name: str, root: Path, **overrides) -> SimpleNamespace:
     cfg = SimpleNamespace(
         name=name, root=str(root), image_size=16, val_fraction=0.2, test_fraction=0.2, split_seed=0,
-        positive_class=None, skip_bad=False,
+        positive_class=None, skip_bad=False, max_image_pixels=89_478_485,
         synthetic=SimpleNamespace(num_per_class=10, source_size=32, seed=0),
         augment=SimpleNamespace(hflip=True, rotation=10.0, color_jitter=0.1),
         cache=SimpleNamespace(enabled=True, max_gb=1.0),

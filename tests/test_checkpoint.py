@@ -78,3 +78,37 @@ def test_a_checkpoint_from_an_older_schema_still_loads_and_a_foreign_key_is_drop
         ckpt.save_adapter(tmp_path / "bad.safetensors", tensors, {**meta, "config": bad})
         with pytest.raises(UserError, match=message):
             load_model_from_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_damaged_or_non_finite_checkpoints_are_refused_naming_the_file(noisy_reference, tmp_path):
+    _, run, _ = noisy_reference
+    good = (run / "checkpoints" / "adapter.safetensors").read_bytes()
+    header = int.from_bytes(good[:8], "little")
+    damaged = bytearray(good)
+    for i in range(8 + header + 16, len(damaged), 97):  # flip tensor bytes, keep the header intact
+        damaged[i] ^= 0xFF
+    path = tmp_path / "damaged.safetensors"
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(UserError, match=rf"checkpoint {path} is damaged: its tensors do not match the checksum"):
+        load_model_from_checkpoint(path)
+
+    tensors, meta = ckpt.load_adapter(run / "checkpoints" / "adapter.safetensors")
+    name = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name][0] = float("nan")  # a diverged run's weights, written with a matching checksum
+    ckpt.save_adapter(tmp_path / "nan.safetensors", tensors, meta)
+    with pytest.raises(UserError, match=rf"holds non-finite values \(NaN/inf\) in {name}"):
+        load_model_from_checkpoint(tmp_path / "nan.safetensors")
+
+    state = ckpt.load_last(run / "checkpoints" / "last.pt")
+    key = next(iter(state["trainable"]))
+    state["trainable"][key] = state["trainable"][key].clone().fill_(float("inf"))
+    ckpt.save_last(tmp_path / "last.pt", state)
+    with pytest.raises(UserError, match=r"resume state .*last.pt \(trainable\) holds non-finite values"):
+        ckpt.load_last(tmp_path / "last.pt")
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert set(state["tensors_sha256"]) == {"trainable", "best_state"}  # both weight sets are checksummed
+    state["best_state"][key] = state["best_state"][key] + 1e-3  # changed after it was written
+    torch.save(state, tmp_path / "changed.pt")
+    with pytest.raises(UserError, match=r"changed.pt \(best_state\) is damaged: its tensors do not match"):
+        ckpt.load_last(tmp_path / "changed.pt")

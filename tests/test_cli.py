@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import console_script
 from safetensors import safe_open
 
 from lora_cls.cli.interrupt import interrupted
@@ -447,3 +450,33 @@ def test_sweep_with_a_failing_job_still_summarises(run_cli, tiny_overrides, path
     failed = read_json(sweep_dir / rows[1]["job"] / "metrics.json")
     assert failed["status"] == "failed"
     assert str(missing) in failed["error"]
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_up_during_a_run_ends_in_one_error_line_and_keeps_last_pt(tiny_overrides, tmp_path):
+    """The real command, with os.fsync failing like a full disk from the 7th file written on (sitecustomize):
+    exit 2, one `error:` line naming the disk and the file, and the last completed epoch's last.pt intact."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import errno, os\n"
+        "_real, _calls = os.fsync, [0]\n"
+        "def _fsync(fd):\n"
+        "    _calls[0] += 1\n"
+        "    if _calls[0] >= 7:\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "    return _real(fd)\n"
+        "os.fsync = _fsync\n")
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(hook), "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.run([str(console_script("lora-train")), *tiny_overrides, "trainer.epochs=3",
+                           f"hydra.run.dir={run}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: the disk is full: could not write {run}"), last_line
+    assert f"{run / 'checkpoints' / 'last.pt'} (the last completed epoch) is intact: resume with lora-train" in last_line
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] >= 0 and not (run / "metrics.json").exists()
+    assert not list(run.rglob(".*.tmp"))  # no half-written file left behind

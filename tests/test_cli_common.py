@@ -193,3 +193,58 @@ def test_glob_sweeps_are_expanded_and_checked():
     precheck(["-m", "schedule=glob(*)", "model.weights=null"], "train", validate)
     with pytest.raises(UserError, match="lora.rank"):
         precheck(["-m", "lora.rank=4,0"], "train", validate)
+
+
+def test_a_non_ascii_path_error_shows_the_quoting_that_works(tmp_path):
+    with pytest.raises(UserError) as info:
+        precheck([f"dataset.root={tmp_path}/données"], "train", validate)
+    message = str(info.value)
+    assert message.startswith("invalid config: ") and "\n" not in message
+    assert f"""'dataset.root="{tmp_path}/données"'""" in message
+    precheck([f'dataset.root="{tmp_path}/données"', "model.weights=null"], "train", validate)  # the quoted form
+
+
+def test_a_read_only_run_folder_is_an_error_before_hydra_makes_it(tmp_path, monkeypatch):
+    import os
+
+    from lora_cls import runfolder
+
+    real_statvfs = os.statvfs
+
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+
+    monkeypatch.setattr(runfolder.os, "statvfs", lambda p: ReadOnly() if str(p).startswith(str(tmp_path))
+                        else real_statvfs(p))
+    target = tmp_path / "ro" / "run"
+    with pytest.raises(UserError, match=rf"^cannot write the run folder {target}: read-only filesystem; choose a "
+                                        r"writable hydra.run.dir"):
+        precheck([f"hydra.run.dir={target}", "model.weights=null"], "train", validate)
+    with pytest.raises(UserError, match=r"read-only filesystem; choose a writable hydra.sweep.dir"):
+        precheck(["-m", f"hydra.sweep.dir={target}", "lora.rank=2,4"], "train", validate)
+    assert not target.exists()
+    precheck([f"hydra.run.dir={tmp_path.parent / 'elsewhere' / 'run'}", "model.weights=null"], "train", validate)
+
+
+def test_environment_faults_become_one_line_with_what_to_do(tmp_path):
+    import errno
+
+    from lora_cls.cli.common import environment_fault
+    from lora_cls.runfolder import RunDir
+
+    run = RunDir(tmp_path / "run")
+    full = OSError(errno.ENOSPC, "No space left on device", str(run.history))
+    assert environment_fault(full) == (f"the disk is full: could not write {run.history}; free space on that disk "
+                                       "(or choose a run folder on another one)")
+    run.last.parent.mkdir(parents=True)
+    run.last.write_bytes(b"x")
+    message = environment_fault(RuntimeError("wrapped").with_traceback(None), run.path, ["lora.rank=4"], True)
+    assert message is None  # not an environment fault
+    wrapped = RuntimeError("saving failed")
+    wrapped.__cause__ = full
+    message = environment_fault(wrapped, run.path, ["lora.rank=4"], training=True)
+    assert f"{run.last} (the last completed epoch) is intact: resume with lora-train lora.rank=4 " \
+           f"hydra.run.dir={run.path}" in message
+    assert "too many open files" in environment_fault(OSError(errno.EMFILE, "Too many open files"))
+    assert "permission denied" in environment_fault(OSError(errno.EACCES, "Permission denied", "/x"))
+    assert environment_fault(OSError(errno.ENOENT, "No such file")) is None

@@ -231,7 +231,7 @@ def test_eval_config_bad_values_name_the_key(compose_cfg, override, key):
 
 
 def test_unknown_model_name_fails_validation_naming_the_key():
-    with pytest.raises(UserError, match="model.name: unknown model 'resnet99'"):
+    with pytest.raises(UserError, match="model.name: unknown torchvision model 'resnet99'"):
         validate(train_cfg("model.name=resnet99"))
 
 
@@ -258,3 +258,25 @@ def test_random_config_values_validate_or_fail_with_a_user_error(values):
         precheck(overrides, "train", validate)
     except UserError as exc:
         assert str(exc) and "\n" not in str(exc)
+
+
+def test_a_batch_of_one_is_refused_where_batchnorm_sees_1x1_maps(compose_cfg):
+    with pytest.raises(UserError) as info:
+        validate(compose_cfg("experiment=demo", "trainer.batch_size=1"))  # resnet34 at 32 px: layer4 is 1x1
+    message = str(info.value)
+    assert message.startswith("trainer.batch_size: 1 is too small for resnet34 at 32 px")
+    assert "trainer.batch_size=2" in message and "lora.bn=frozen" in message
+    validate(compose_cfg("experiment=demo", "trainer.batch_size=1", "dataset.image_size=64"))  # 2x2 maps: fine
+    validate(compose_cfg("experiment=demo", "trainer.batch_size=1", "lora.bn=frozen"))  # BN in eval mode: fine
+
+
+def test_a_rank_that_reaches_a_layers_full_rank_is_refused_unless_allowed(compose_cfg):
+    with pytest.raises(UserError) as info:
+        validate(compose_cfg("model.weights=null", "lora.rank=1000"))
+    message = str(info.value)
+    assert message.startswith("lora.rank: 1000 reaches the full rank of 18 adapted layer(s)")  # all of the preset
+    assert "min(out, in·k·k) = 256" in message and "lora.rank=255 or less" in message
+    assert "lora.allow_high_rank=true" in message
+    validate(compose_cfg("model.weights=null", "lora.rank=255"))
+    validate(compose_cfg("model.weights=null", "lora.rank=1000", "lora.allow_high_rank=true"))
+    validate(compose_cfg("model.weights=null", "lora.rank=1000", "finetune=full"))  # no adapters, no limit

@@ -23,7 +23,7 @@ def dataset_cfg(name: str, root: Path, **overrides) -> SimpleNamespace:
     d = SimpleNamespace(name=name, root=str(root), image_size=16, val_fraction=0.2, test_fraction=0.2,
                         split_seed=0, positive_class=None, skip_bad=False,
                         synthetic=SimpleNamespace(num_per_class=10, source_size=32, seed=0),
-                        cache=SimpleNamespace(enabled=True, max_gb=1.0))
+                        cache=SimpleNamespace(enabled=True, max_gb=1.0), max_image_pixels=89_478_485)
     for key, value in overrides.items():
         setattr(d, key, value)
     return d

@@ -106,3 +106,18 @@ def test_corrupted_image_bytes_never_crash_the_loader(png_bytes, tmp_path, data)
         assert str(path) in str(exc)
     else:
         assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
+
+
+def test_an_image_over_max_image_pixels_is_refused_in_one_line_naming_the_setting(tmp_path, recwarn):
+    from lora_cls.data.decode import verify_image
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(path)
+    with pytest.raises(UnreadableImage) as info:
+        decode_image(path, 16, max_pixels=1000)
+    assert "40x30 = 1,200 pixels" in info.value.reason and "dataset.max_image_pixels=null" in info.value.reason
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert verify_image(path, max_pixels=1000) == info.value.reason
+    assert decode_image(path, 16, max_pixels=None).shape == (3, 16, 16)  # null: no limit
+    assert decode_image(path, 16, max_pixels=1200).shape == (3, 16, 16)  # the limit itself is allowed
+    assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]  # PIL's own guard is off

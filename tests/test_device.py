@@ -34,3 +34,16 @@ def test_forced_bf16_warns_only_on_a_cpu_without_native_bf16(monkeypatch, caplog
         assert warnings == []
     else:
         assert len(warnings) == 1 and "without native bf16" in warnings[0]
+
+
+@pytest.mark.parametrize("native, reason", [(True, "auto: the CPU has native bf16"), (False, "auto: the CPU has no "
+                                                                                                   "native bf16")])
+def test_the_start_of_a_run_says_which_precision_and_why(monkeypatch, native, reason):
+    from lora_cls.device import Runtime
+
+    monkeypatch.setattr(device, "cpu_supports_bf16", lambda: native)
+    precision = resolve_precision("auto", torch.device("cpu"))
+    line = Runtime(torch.device("cpu"), precision, channels_last=True).describe()
+    assert line.startswith(f"device cpu, precision {precision.name} ({reason}")
+    assert "channels_last on" in line and f"{torch.get_num_threads()} CPU threads" in line
+    assert resolve_precision("32", torch.device("cpu")).reason == "as set"

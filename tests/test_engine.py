@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -86,3 +87,59 @@ def test_trainer_sees_the_module_inside_compile_and_its_step_trains_it():
     assert trainer.state.global_step == 1 and logits.shape == (4, 4) and loss.ndim == 0
     assert not torch.equal(model[0].lora_B, before)
     assert all(not k.startswith("_orig_mod") for k in trainable_state(trainer.base_model, "train"))
+
+
+def test_the_progress_bar_gives_the_time_left_for_the_whole_run():
+    from lora_cls.device import Runtime
+    from lora_cls.engine import Trainer, TrainerSettings
+
+    model = nn.Linear(2, 2)
+    settings = TrainerSettings(Runtime(torch.device("cpu"), Precision("32", None, False), False, progress=False),
+                               epochs=10, steps_per_epoch=10)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.Identity(), settings)
+    trainer.state.global_step = 40
+    assert trainer._run_eta(epoch_seconds=10.0, epoch_steps=10) == "1m00s"  # 60 steps left at 1 s a step
+    assert trainer._run_eta(epoch_seconds=1000.0, epoch_steps=10) == "1h40m"  # 100 s a step
+
+
+def _stalled_fit(kind: str, caplog, patience: int = 1, end: float = 0.9) -> tuple:
+    """10 epochs of 2 steps with lr 0 (validation never improves), schedule `kind`."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lora_cls.device import Runtime
+    from lora_cls.engine import Trainer, TrainerSettings
+    from lora_cls.schedule import DecaySchedule
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(8, 3, 2, 2), torch.tensor([0, 1] * 4))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    settings = TrainerSettings(Runtime(torch.device("cpu"), Precision("32", None, False), False, progress=False),
+                               epochs=10, steps_per_epoch=2, schedule=DecaySchedule(kind, end=end), classes=("a", "b"),
+                               eval_batch_size=8, bn="frozen", patience=patience)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), nn.Identity(), settings,
+                      DataLoader(data, batch_size=4), data)
+    with caplog.at_level(logging.INFO, logger="lora_cls.engine"):
+        state = trainer.fit()
+    return state, caplog.text
+
+
+def test_early_stopping_never_ends_a_decay_schedule_before_d_min(caplog):
+    from lora_cls.schedule import DecaySchedule
+
+    state, log = _stalled_fit("none", caplog)
+    assert state.epoch == 2 and state.stopped_early  # plain LoRA: patience 1 ends it after the second epoch
+    assert "early stopping at epoch 2 of 10" in log
+    caplog.clear()
+    state, log = _stalled_fit("decay", caplog, end=0.5)
+    # d = d_min from step round(0.5 * 20) = 10 on (the 11th step, in epoch 6): the first epoch that trained at
+    # d_min is the 6th, and the run stops after it, not one epoch earlier
+    assert state.epoch == 6 and state.global_step == 12 and state.stopped_early
+    schedule = DecaySchedule("decay", end=0.5)  # (this model has no adapters: d is read off the schedule)
+    assert schedule.factor(state.global_step - 1, 20) == 0.0 and schedule.factor(state.global_step - 3, 20) > 0.0
+    assert "has not reached d_min=0 yet: training goes on" in log and "early stopping at epoch 6 of 10" in log
+
+
+def test_a_run_that_reaches_its_last_epoch_does_not_claim_early_stopping(caplog):
+    state, log = _stalled_fit("none", caplog, patience=10)
+    assert state.epoch == 10 and not state.stopped_early
+    assert "early stopping" not in log

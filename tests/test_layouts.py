@@ -233,3 +233,14 @@ def test_malaria_missing_data_says_how_to_get_it(tmp_path):
     (tmp_path / "cell_images" / "Parasitized").mkdir(parents=True)
     with pytest.raises(UserError, match="cell_images.zip"):
         prepare_splits(make_cfg("malaria", tmp_path))
+
+
+def test_a_class_too_small_for_every_split_is_named_in_a_warning(tmp_path, caplog):
+    make_flat_tree(tmp_path, {"common": 20, "rare": 2})  # 2 images at 15 %: one to train, one to val, none to test
+    with caplog.at_level(logging.WARNING, logger="lora_cls.data"):
+        splits = prepare_splits(make_cfg("folder", tmp_path, val_fraction=0.15, test_fraction=0.15))
+    counts = splits.class_counts()
+    assert counts["test"]["rare"] == 0 and counts["train"]["rare"] >= 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("class(es) rare have no image in the test split (2 image(s) in all)")

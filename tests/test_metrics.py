@@ -88,7 +88,8 @@ def test_multiclass_absent_class_gets_a_zero_support_row():
 
     m = classification_metrics(y_true, probs, classes)
 
-    assert set(m) == {"loss", "accuracy", "balanced_accuracy", "macro_f1", "per_class", "n"}
+    assert set(m) == {"loss", "accuracy", "balanced_accuracy", "macro_f1", "classes_absent", "per_class", "n"}
+    assert m["classes_absent"] == ["c"]
     assert m["loss"] is None
     assert list(m["per_class"]) == classes
     assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
@@ -98,18 +99,19 @@ def test_multiclass_absent_class_gets_a_zero_support_row():
     # b: precision 2/2, recall 2/3 -> F1 = 0.8
     assert m["per_class"]["b"] == pytest.approx({"precision": 1.0, "recall": 2 / 3, "f1": 0.8, "support": 3})
     assert m["accuracy"] == pytest.approx(4 / 6)
-    # Balanced accuracy averages over classes present in y_true; macro F1 over all K classes.
+    # Balanced accuracy and macro F1 both average over the classes present in y_true ("c" is named as absent).
     assert m["balanced_accuracy"] == pytest.approx(2 / 3)
-    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 0.0) / 3)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
 
 
-def test_macro_f1_counts_a_class_neither_true_nor_predicted():
+def test_macro_f1_averages_over_the_classes_present_and_names_the_absent_one():
     classes = ["a", "b", "c"]
     y_true = np.array([0, 0, 1, 1])
     y_pred = np.array([0, 1, 1, 1])  # F1(a) = 2/3, F1(b) = 0.8, "c" nowhere
     m = classification_metrics(y_true, np.eye(3)[y_pred], classes)
-    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 0.0) / 3)
-    assert m["per_class"]["c"]["support"] == 0
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)  # not (2/3 + 0.8 + 0) / 3: "c" has no image here
+    assert m["per_class"]["c"]["support"] == 0 and m["classes_absent"] == ["c"]
+    assert classification_metrics(y_true, np.eye(2)[y_pred], ["a", "b"])["classes_absent"] == []
 
 
 def test_metrics_are_plain_json_serialisable_types():
@@ -121,6 +123,9 @@ def test_metrics_are_plain_json_serialisable_types():
     def walk(value):
         if isinstance(value, dict):
             for v in value.values():
+                walk(v)
+        elif isinstance(value, list):  # classes_absent: a list of class names
+            for v in value:
                 walk(v)
         else:
             assert value is None or type(value) in (float, int, str), (value, type(value))

@@ -142,3 +142,25 @@ def test_lora_predict_cli_writes_predictions_and_reports_errors(run_cli, tiny_ru
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: input ") and "does not exist" in last
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 12])
+def test_the_prediction_table_is_readable_at_80_columns(n_classes):
+    """No line wider than the terminal, no path folded into slivers, probabilities with all their digits."""
+    from rich.console import Console
+
+    from lora_cls.predict import print_predictions
+
+    classes = [f"a_rather_long_class_name_{i}" for i in range(n_classes)]
+    rows = []
+    for i in range(4):
+        probs = [0.5 if k == i % n_classes else 0.5 / (n_classes - 1) for k in range(n_classes)]
+        rows.append({"path": f"/data/a/rather/long/folder/holding/the/images/batch_{i}/garden_{i:04d}.jpg",
+                     "predicted": classes[i % n_classes], **{f"prob_{c}": p for c, p in zip(classes, probs)}})
+    console = Console(width=80, record=True)
+    print_predictions(rows, classes, console=console)
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for i in range(4):
+        row = next(line for line in lines if f"garden_{i:04d}.jpg" in line)  # the file name, whole
+        assert "0.5000" in row  # the predicted class's probability, whole

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shlex
 import shutil
 import signal
@@ -168,3 +169,80 @@ def test_resume_from_an_older_last_pt_treats_a_new_key_as_its_default(noisy_refe
     ckpt.save_last(unfinished / "checkpoints" / "last.pt", state)
     with pytest.raises(UserError, match=r"last.pt is not a lora-cls last.pt"):
         prepare_run_dir(cfg, unfinished)
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_at_random_moments_ends_as_an_uninterrupted_sweep(tmp_path):
+    """SIGKILL at seeded random moments (some while a file is being written), restarted each time with the
+    documented command (the same sweep command into the same folder), until it finishes: every job's
+    metrics equal an uninterrupted sweep's, every file reads back whole, and no folder is left unreported."""
+    import random
+
+    from PIL import Image
+
+    from lora_cls.data.layouts import prepare_splits
+
+    data = tmp_path / "data" / "synthetic"
+    base = [*DETERMINISTIC_TINY, "dataset.synthetic.num_per_class=60", "trainer.epochs=6",
+            "trainer.early_stopping.patience=100", f"dataset.root={data}"]
+    prepare_splits(train_cfg(*base).dataset)  # the data exists before the kills (its generation is atomic anyway)
+    script = str(Path(sys.executable).parent / "lora-train")
+    args = ["-m", *base, "lora.rank=2,4,8"]
+    reference = subprocess.run([script, *args, f"hydra.sweep.dir={tmp_path / 'reference'}"], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=900)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    sweep = tmp_path / "sweep"
+    command = [script, *args, f"hydra.sweep.dir={sweep}"]  # README "Sweeps": the same command resumes a sweep
+    # Each atomic write's rename waits 30 ms (sitecustomize in the killed processes only), so that a kill can
+    # land while a file is being written: without it the window is too short to hit from outside.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, time\n_replace = os.replace\n"
+        "def _slow(src, dst, *a, **k):\n"
+        "    if str(src).endswith('.tmp'):\n        time.sleep(0.03)\n"
+        "    return _replace(src, dst, *a, **k)\n"
+        "os.replace = _slow\n")
+    env = {**os.environ, "PYTHONPATH": str(hook)}
+    rng = random.Random(0)
+    kills = kills_at_writes = 0
+    while True:
+        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        if kills < 20:
+            at_write = rng.random() < 0.4
+            # A kill at a random moment, or at the next file write (waiting as long as it takes to get there)
+            deadline = time.time() + (120 if at_write else rng.uniform(0.5, 4.5))
+            left_before = set(sweep.rglob(".*.tmp"))  # by earlier kills, removed when their job runs again
+            saw_write = False
+            while proc.poll() is None and time.time() < deadline and not saw_write:
+                saw_write = at_write and any(p not in left_before for p in sweep.rglob(".*.tmp"))
+                time.sleep(0.005 if at_write else 0.02)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                kills += 1
+                kills_at_writes += saw_write
+                continue
+        _, err = proc.communicate(timeout=900)
+        finished_before = proc.returncode == 2 and "already holds a finished sweep" in err  # killed on its way out
+        assert proc.returncode == 0 or finished_before, err[-3000:]
+        break
+    assert kills >= 20 and kills_at_writes >= 2, (kills, kills_at_writes)
+
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2"]  # no orphan folder
+    with open(sweep / "summary.csv", newline="") as f:
+        assert [(r["job"], r["status"]) for r in csv.DictReader(f)] == [("0", "ok"), ("1", "ok"), ("2", "ok")]
+    for job in ("0", "1", "2"):
+        got = json.loads((sweep / job / "metrics.json").read_text())
+        want = json.loads((tmp_path / "reference" / job / "metrics.json").read_text())
+        assert without_timing(got) == without_timing(want), job
+        ckpt.load_adapter(sweep / job / "checkpoints" / "adapter.safetensors")  # whole, checksum verified
+        assert ckpt.load_last(sweep / job / "checkpoints" / "last.pt")["epoch"] == 6
+        assert len(list(csv.DictReader(open(sweep / job / "history.csv")))) == 6
+    for png in sweep.rglob("*.png"):
+        with Image.open(png) as image:
+            image.verify()
+    assert not list(sweep.rglob(".*.tmp"))  # no half-written file left behind
+    print(f"crash test: {kills} kills survived, {kills_at_writes} of them while a file was being written")

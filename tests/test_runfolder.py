@@ -65,3 +65,21 @@ def test_atomic_files_respect_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "r.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_full_disk_names_the_file_that_could_not_be_written(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    with runfolder.atomic_open(path, "wb") as f:
+        f.write(b"epoch 1")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as os.fsync raises it: no file name
+
+    monkeypatch.setattr(runfolder.os, "fsync", full)
+    with pytest.raises(OSError) as info:
+        with runfolder.atomic_open(path, "wb") as f:
+            f.write(b"epoch 2")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert path.read_bytes() == b"epoch 1" and os.listdir(path.parent) == ["last.pt"]

@@ -191,3 +191,31 @@ def test_print_sweep_summary_lists_every_job(tmp_path):
     out = console.export_text()
     assert "lora.rank" in out and "0.9100" in out and "116,224" in out
     assert "failed" in out and "boom" in out
+
+
+def test_console_summary_shows_a_varying_finetune_column(tmp_path):
+    for i, mode in enumerate(("lora", "full", "linear")):
+        metrics = {**job_metrics(8, 0.9 + 0.01 * i), "finetune": mode}
+        make_job(tmp_path, str(i), [f"finetune={mode}"], metrics)
+    console = Console(record=True, width=200)
+    print_sweep_summary(write_sweep_summary(tmp_path), console=console)
+    lines = console.export_text().splitlines()
+    header = next(line for line in lines if "job" in line and "status" in line)
+    assert "finetune" in header
+    assert [m for m in ("lora", "full", "linear") if any(f" {m} " in line for line in lines)] == ["lora", "full",
+                                                                                               "linear"]
+
+
+def test_a_single_rank_sweep_draws_test_val_and_parameters_in_three_colours(tmp_path):
+    from matplotlib.colors import to_hex
+    from matplotlib.figure import Figure
+
+    for i, rank in enumerate((2, 4, 8)):
+        make_job(tmp_path, str(i), [f"lora.rank={rank}"], job_metrics(rank, 0.9 + 0.01 * i))
+    rows = write_sweep_summary(tmp_path)
+    ax = Figure().add_subplot()
+    sweep._plot_sweep_lines(ax, rows, rows, ["lora.rank"], "lora.rank")
+    lines = ax.get_lines() + ax.figure.axes[1].get_lines()
+    colours = {line.get_label(): to_hex(line.get_color()) for line in lines}
+    assert set(colours) == {"test accuracy", "val accuracy", "trainable params"}
+    assert len(set(colours.values())) == 3

@@ -7,6 +7,7 @@ multirun it marks the job failed (metrics.json status "failed") and the sweep go
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import sys
@@ -22,11 +23,17 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from lora_cls import runfolder
-from lora_cls.cli.interrupt import caused_by_interrupt, interrupted, interrupted_outside_jobs, terminate
+from lora_cls.cli.interrupt import (
+    caused_by_interrupt,
+    interrupted,
+    interrupted_outside_jobs,
+    run_resume_command,
+    terminate,
+)
 from lora_cls.cli.overrides import override_value, override_variants
 from lora_cls.config import register_configs
 from lora_cls.errors import UserError
-from lora_cls.runfolder import RunDir, failed_metrics, read_metrics, write_json
+from lora_cls.runfolder import RunDir, check_writable, failed_metrics, read_metrics, write_json
 
 log = logging.getLogger("lora_cls")
 CONFIG_MODULE = "lora_cls.conf"
@@ -46,6 +53,16 @@ def _one_line(exc: BaseException) -> str:
     text = "; ".join(p.strip() for p in parts if p.strip())
     text = text.split("Config search path")[0]  # Hydra's search-path dump says nothing a user can act on
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _quoting_hint(overrides: list[str]) -> str:
+    """Hydra's grammar takes only ASCII (and some punctuation) in an unquoted value: say how to quote one."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if value and not value.isascii() and value[:1] not in "'\"":
+            return (f"; a value with non-ASCII characters (or spaces, quotes, brackets) needs Hydra's quotes "
+                    f"inside the shell's: '{key}=\"{value}\"'")
+    return ""
 
 
 def precheck(argv: list[str], config_name: str, validate: Callable[[DictConfig], None],
@@ -68,14 +85,17 @@ def precheck(argv: list[str], config_name: str, validate: Callable[[DictConfig],
             configs = [compose(config_name=config_name, overrides=variant) for variant in variants]
             for cfg in configs:
                 validate(cfg)
-            if hydra_overrides:  # a misspelt hydra.* key or launcher: Hydra's own message, as an `error:` line
-                # With the job's overrides: `sweep=rank` is what creates hydra.sweeper.params to override.
-                for variant in override_variants(hydra_overrides, multirun):
-                    compose(config_name=config_name, overrides=variants[0] + variant, return_hydra_config=True)
+            # A misspelt hydra.* key or launcher fails here with Hydra's own message, as an `error:` line. With
+            # the job's overrides: `sweep=rank` is what creates hydra.sweeper.params to override.
+            for variant in override_variants(hydra_overrides, multirun):
+                hydra_cfg = compose(config_name=config_name, overrides=variants[0] + variant,
+                                    return_hydra_config=True).hydra
+            output, key = (hydra_cfg.sweep.dir, "hydra.sweep.dir") if multirun else (hydra_cfg.run.dir, "hydra.run.dir")
     except UserError:
         raise
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        raise UserError(f"invalid config: {_one_line(exc)}") from None
+        raise UserError(f"invalid config: {_one_line(exc)}{_quoting_hint(overrides)}") from None
+    check_writable(output, key)  # before Hydra makes the folder: a read-only place is an `error:`, not a traceback
     if run_dir and not multirun and check_run_dir is not None:
         check_run_dir(configs[0], Path(run_dir))
 
@@ -103,6 +123,7 @@ def check_sweep_dir(sweep_dir: Path, job_overrides: list[str]) -> None:
         raise UserError(f"sweep folder {sweep_dir} already holds results of another sweep "
                         f"({found[0].relative_to(sweep_dir)}; its overrides were {' '.join(previous)}); choose another "
                         "hydra.sweep.dir, or repeat those overrides in the same order to resume it")
+    runfolder.remove_stale_temp_files(sweep_dir, recursive=False)  # a summary a kill left half-written
     # Logging is not set up yet (Hydra does that per job), so this goes straight to the terminal.
     print(f"resuming the interrupted sweep in {sweep_dir}: jobs that ended are kept", file=sys.stderr)
 
@@ -125,6 +146,40 @@ def _log_to_file(message: str) -> None:
             handler.handle(record)
 
 
+# Environment faults (not the user's config, not a bug): what happened, and what to do about it.
+_FAULTS = {
+    errno.ENOSPC: ("the disk is full", "free space on that disk (or choose a run folder on another one)"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space (or choose a run folder elsewhere)"),
+    errno.EROFS: ("read-only filesystem", "choose a writable hydra.run.dir (or hydra.sweep.dir)"),
+    errno.EACCES: ("permission denied", "fix the permissions or choose another folder"),
+    errno.EPERM: ("permission denied", "fix the permissions or choose another folder"),
+    errno.EMFILE: ("too many open files", "raise the limit (ulimit -n) or lower trainer.num_workers"),
+    errno.ENFILE: ("too many open files on this machine", "close other programs or lower trainer.num_workers"),
+}
+
+
+def environment_fault(exc: BaseException, run_dir: Path | None = None, overrides: list[str] | None = None,
+                      training: bool = False) -> str | None:
+    """The one-line `error:` message for an environment fault anywhere in `exc`'s chain (a full disk, a
+    read-only folder, a permission, too many open files), or None when `exc` is not one. For a training run
+    it says what is kept: last.pt of the last completed epoch, and the command that resumes from it."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in _FAULTS:
+            what, advice = _FAULTS[current.errno]
+            where = f": could not write {current.filename}" if current.filename else ""
+            message = f"{what}{where}; {advice}"
+            last = RunDir(run_dir).last if run_dir is not None else None
+            if training and last is not None and last.is_file():
+                message += (f"; {last} (the last completed epoch) is intact: resume with "
+                            f"{run_resume_command(overrides or [], run_dir)}")
+            return message
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def run_job(cfg: DictConfig, job: Callable[[DictConfig, Path], dict], metric_key: str | None = None):
     """Run one Hydra job; failures end a single run with `error:` but only mark a multirun job failed."""
     hc = HydraConfig.get()
@@ -143,8 +198,9 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig, Path], dict], metric_key
         if caused_by_interrupt(exc):  # also when a library (torch.save) turned the Ctrl-C into its own error
             interrupted(run_dir, list(hc.overrides.task), training=training,
                         sweep_dir=Path(hc.sweep.dir) if multirun else None)
-        user = isinstance(exc, UserError)
-        message = str(exc) if user else f"{type(exc).__name__}: {exc}"
+        fault = environment_fault(exc, run_dir, list(hc.overrides.task), training and not multirun)
+        user = isinstance(exc, UserError) or fault is not None
+        message = fault or (str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
         if user and multirun:
             log.error("job %s failed: %s", hc.job.num, message)
         elif user:
@@ -152,7 +208,10 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig, Path], dict], metric_key
         else:
             log.error("internal error:\n%s", traceback.format_exc())
         if not run.metrics.exists():
-            write_json(run.metrics, failed_metrics(cfg if "trainer" in cfg else None, message))
+            try:
+                write_json(run.metrics, failed_metrics(cfg if "trainer" in cfg else None, message))
+            except OSError as write_error:  # the same full disk or read-only folder: the error line says it all
+                log.debug("metrics.json not written: %s", write_error)
         if multirun:
             return None
         if user:

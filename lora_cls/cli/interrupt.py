@@ -45,10 +45,14 @@ def interrupted(run_dir: Path, overrides: list[str], training: bool = True, swee
     else:
         print(f"\ninterrupted: the epoch in progress is lost; {last} holds the last completed epoch.",
               file=sys.stderr)
-        kept = [o for o in overrides if split_override(o)[0] != "hydra.run.dir"]
-        command = " ".join(["lora-train", *[shlex.quote(o) for o in kept], shlex.quote(f"hydra.run.dir={run_dir}")])
-        print(f"resume with:\n  {command}", file=sys.stderr)
+        print(f"resume with:\n  {run_resume_command(overrides, run_dir)}", file=sys.stderr)
     sys.exit(130)
+
+
+def run_resume_command(overrides: list[str], run_dir: str | Path) -> str:
+    """The same lora-train command line, into `run_dir` (trainer.resume=auto then continues from its last.pt)."""
+    kept = [o for o in overrides if split_override(o)[0] != "hydra.run.dir"]
+    return " ".join(["lora-train", *[shlex.quote(o) for o in kept], shlex.quote(f"hydra.run.dir={run_dir}")])
 
 
 def terminate(signum, frame) -> None:

@@ -65,6 +65,23 @@ class UnreadableImage(UserError):
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
                   Image.DecompressionBombError)
 
+# PIL's own guard against decompression bombs (it warns above this many pixels and refuses above twice as many)
+# is replaced by one limit, `dataset.max_image_pixels`, checked from the header before any pixel is decoded.
+DEFAULT_MAX_PIXELS = 89_478_485
+Image.MAX_IMAGE_PIXELS = None
+
+
+def _check_pixels(image: Image.Image, max_pixels: int | None) -> None:
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise _TooLarge(f"{width}x{height} = {width * height:,} pixels, over dataset.max_image_pixels="
+                        f"{max_pixels:,} (a guard against decompression bombs); set dataset.max_image_pixels=null "
+                        "(or a larger number) to allow large images")
+
+
+class _TooLarge(ValueError):
+    pass
+
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode → 8-bit RGB. Alpha is composited over white; 16/32-bit integer greys are scaled
@@ -88,11 +105,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(path: str | Path, size: int) -> torch.Tensor:
+def decode_image(path: str | Path, size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Decode `path` to a uint8 tensor (3, size, size): EXIF orientation applied, any mode made RGB,
-    resized with antialiased bilinear filtering (aspect ratio not kept). Raises UnreadableImage."""
+    resized with antialiased bilinear filtering (aspect ratio not kept). Raises UnreadableImage (also for an
+    image of more than `max_pixels` pixels; None: no limit)."""
     try:
         with Image.open(path) as image:
+            _check_pixels(image, max_pixels)
             image = ImageOps.exif_transpose(image)
             rgb = _to_rgb(image)
             if rgb.size != (size, size):
@@ -100,6 +119,8 @@ def decode_image(path: str | Path, size: int) -> torch.Tensor:
             pixels = np.array(rgb, dtype=np.uint8)
     except FileNotFoundError:
         raise UnreadableImage(path, FILE_NOT_FOUND) from None
+    except _TooLarge as e:
+        raise UnreadableImage(path, str(e)) from None
     except _DECODE_ERRORS as e:
         raise UnreadableImage(path, f"{type(e).__name__}: {e}") from e
     if pixels.shape != (size, size, 3):
@@ -109,13 +130,16 @@ def decode_image(path: str | Path, size: int) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
-def verify_image(path: str | Path) -> str | None:
+def verify_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> str | None:
     """Cheap check without decoding pixels (PIL open + verify): None if fine, else the reason."""
     try:
         with Image.open(path) as image:
+            _check_pixels(image, max_pixels)
             image.verify()
     except FileNotFoundError:
         return FILE_NOT_FOUND
+    except _TooLarge as e:
+        return str(e)
     except _DECODE_ERRORS as e:
         return f"{type(e).__name__}: {e}"
     return None

@@ -281,8 +281,23 @@ def prepare_splits(cfg: Any, need: Sequence[str] = SPLIT_NAMES) -> DatasetSplits
     if positive is not None and positive not in layout.classes:
         raise UserError(f"dataset.positive_class={positive!r} is not a class of {root}; "
                         f"choose one of {layout.classes} or null")
-    return DatasetSplits(root=root, classes=list(layout.classes), positive_class=positive, train=layout.train,
-                         val=layout.val, test=layout.test, skipped=[], ignored=layout.ignored)
+    splits = DatasetSplits(root=root, classes=list(layout.classes), positive_class=positive, train=layout.train,
+                           val=layout.val, test=layout.test, skipped=[], ignored=layout.ignored)
+    _warn_absent_classes(splits, need)
+    return splits
+
+
+def _warn_absent_classes(splits: DatasetSplits, need: Sequence[str]) -> None:
+    """A class with no image in a split (a class of 2 images split 70/15/15) is named: that split's report
+    cannot measure it, and its macro metrics average over the classes present."""
+    counts = splits.class_counts()
+    for split in need:
+        absent = [c for c, n in counts[split].items() if n == 0]
+        if absent and sum(counts[split].values()):
+            log.warning(f"class(es) {', '.join(absent)} have no image in the {split} split "
+                        f"({sum(counts['train'][c] + counts['val'][c] + counts['test'][c] for c in absent)} image(s) "
+                        f"in all): its metrics there cover the other classes only; add images or change "
+                        "dataset.val_fraction/test_fraction")
 
 
 @contextmanager

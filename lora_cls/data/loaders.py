@@ -19,7 +19,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from lora_cls.data.decode import UndecodableImages, UnreadableImage, decode_image, io_threads, verify_image
+from lora_cls.data.decode import (
+    DEFAULT_MAX_PIXELS,
+    UndecodableImages,
+    UnreadableImage,
+    decode_image,
+    io_threads,
+    verify_image,
+)
 from lora_cls.data.splits import SPLIT_NAMES, DatasetSplits, Sample
 from lora_cls.errors import UserError
 
@@ -38,9 +45,11 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, root: str | Path, samples: Sequence[Sample], image_size: int, cache: bool = True,
-                 max_cache_bytes: int = 4 * 2**30, skip_bad: bool = False) -> None:
+                 max_cache_bytes: int = 4 * 2**30, skip_bad: bool = False,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         self.root = Path(root)
         self.image_size = int(image_size)
+        self.max_pixels = max_pixels
         self.skipped: list[str] = []
         samples = list(samples)
         self.cached = cache and len(samples) * 3 * self.image_size**2 <= max_cache_bytes
@@ -70,7 +79,7 @@ class ImageDataset(Dataset):
 
         def load(path: str) -> torch.Tensor | UnreadableImage:
             try:
-                return decode_image(self.root / path, s)
+                return decode_image(self.root / path, s, self.max_pixels)
             except UnreadableImage as e:
                 return e
 
@@ -88,7 +97,7 @@ class ImageDataset(Dataset):
     def _verify_all(self, samples: list[Sample]) -> list[tuple[str, str]]:
         paths = [path for path, _ in samples]
         with ThreadPoolExecutor(io_threads()) as pool:
-            reasons = list(tqdm(pool.map(lambda p: verify_image(self.root / p), paths), total=len(paths),
+            reasons = list(tqdm(pool.map(lambda p: verify_image(self.root / p, self.max_pixels), paths), total=len(paths),
                                 desc=f"checking {len(paths)} images", unit="img", leave=False, disable=None))
         return [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
 
@@ -99,7 +108,7 @@ class ImageDataset(Dataset):
         path, label = self.samples[index]
         if self._images is not None:
             return self._images[index], label
-        return decode_image(self.root / path, self.image_size), label
+        return decode_image(self.root / path, self.image_size, self.max_pixels), label
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -131,7 +140,8 @@ def build_loaders(splits: DatasetSplits, cfg: Any, batch_size: int, num_workers:
     for name in SPLIT_NAMES:
         try:
             datasets[name] = ImageDataset(splits.root, splits.split(name), size, cache=cache,
-                                          max_cache_bytes=max_bytes, skip_bad=bool(cfg.skip_bad))
+                                          max_cache_bytes=max_bytes, skip_bad=bool(cfg.skip_bad),
+                                          max_pixels=cfg.max_image_pixels)
         except UndecodableImages as e:
             bad += e.bad  # keep checking the other splits: one error listing every bad file
     if bad:

@@ -50,6 +50,11 @@ class DatasetSplits:
             raise KeyError(name)
         return getattr(self, name)
 
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Images per class in each split: {split: {class: count}}."""
+        return {name: {c: sum(1 for _, label in self.split(name) if label == i) for i, c in enumerate(self.classes)}
+                for name in SPLIT_NAMES}
+
     @property
     def positive_index(self) -> int | None:
         """Label index of `positive_class` (None when there is none)."""
