@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import random
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,10 @@ def apply_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], source: st
             f"missing {missing[:3]}" if missing else ""]))
         raise UserError(f"{source} does not fit the model built from its own config ({detail}); "
                         "it is for another model or class set")
-    model.load_state_dict(tensors, strict=False)
+    # With the model's own state-dict metadata: modules that check their version on load (MNASNet) need it.
+    state = OrderedDict(tensors)
+    state._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
+    model.load_state_dict(state, strict=False)
 
 
 # -- last.pt ---------------------------------------------------------------------------------------------------

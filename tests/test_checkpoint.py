@@ -112,3 +112,18 @@ def test_damaged_or_non_finite_checkpoints_are_refused_naming_the_file(noisy_ref
     torch.save(state, tmp_path / "changed.pt")
     with pytest.raises(UserError, match=r"changed.pt \(best_state\) is damaged: its tensors do not match"):
         ckpt.load_last(tmp_path / "changed.pt")
+
+
+def test_an_adapter_loads_into_a_model_that_checks_its_state_dict_version():
+    """MNASNet refuses a state dict without its version metadata; adapter tensors are loaded with the model's."""
+    from lora_cls.models import build_model, prepare_finetune, trainable_state
+
+    torch.manual_seed(0)
+    trained = build_model("mnasnet0_5", None, 2)
+    prepare_finetune(trained, "mnasnet0_5", "lora")
+    fresh = build_model("mnasnet0_5", None, 2)
+    prepare_finetune(fresh, "mnasnet0_5", "lora")
+    with torch.no_grad():
+        trained.classifier[1].weight.add_(1.0)
+    ckpt.apply_adapter(fresh, trainable_state(trained, "train"))
+    assert torch.equal(fresh.classifier[1].weight, trained.classifier[1].weight)
