@@ -78,7 +78,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     skip_bad = ds.skip_bad if cfg.dataset.skip_bad is None else cfg.dataset.skip_bad
     dataset = ImageDataset(splits.root, splits.split(cfg.split), int(ds.image_size), cache=bool(ds.cache.enabled),
                            max_cache_bytes=int(float(ds.cache.max_gb) * 2**30), skip_bad=bool(skip_bad),
-                           max_pixels=ds.max_image_pixels)
+                           max_pixels=ds.max_image_pixels, cache_dir=getattr(ds.cache, "dir", None))
     if dataset.skipped:
         log.warning("skipped %d undecodable image(s) (dataset.skip_bad=true): %s", len(dataset.skipped),
                     ", ".join(dataset.skipped[:5]) + (" ..." if len(dataset.skipped) > 5 else ""))

@@ -215,7 +215,8 @@ def verification_images(adapter: Path, image_size: int, count: int) -> tuple[tor
     try:
         splits = read_splits_json(splits_path)
         name = "test" if splits.test else "val"
-        data = ImageDataset(splits.root, splits.split(name)[:count], image_size, skip_bad=True)
+        # A handful of images: decoded directly, not written to the decoded-image cache as an entry of their own.
+        data = ImageDataset(splits.root, splits.split(name)[:count], image_size, cache=False, skip_bad=True)
         if len(data):
             return torch.stack([data[i][0] for i in range(len(data))]), f"{len(data)} {name} images of {splits_path}"
         reason = f"no readable {name} image in {splits_path}"

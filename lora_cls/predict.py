@@ -36,6 +36,7 @@ from lora_cls.data.decode import (
     is_image,
     verify_image,
 )
+from lora_cls.data.loaders import ImageDataset
 from lora_cls.data.splits import read_splits_json
 from lora_cls.device import Precision, autocast, prepare_batch, resolve_device, resolve_precision
 from lora_cls.errors import UserError
@@ -91,6 +92,21 @@ def _batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
         yield items[start:start + size]
 
 
+def _split_lookup(train_cfg: Any, adapter: Path, split: str) -> dict[Path, torch.Tensor | str] | None:
+    """split=: the split's images from the decoded-image cache, as training and lora-eval read them, by path (an
+    undecodable file's value is the reason); None when the run did not use the cache."""
+    ds = train_cfg.dataset
+    if not ds.cache.enabled:
+        return None
+    splits = read_splits_json(RunDir.of_checkpoint(adapter).splits)
+    data = ImageDataset(splits.root, splits.split(split), int(ds.image_size), skip_bad=True,
+                        max_cache_bytes=int(float(ds.cache.max_gb) * 2**30), max_pixels=ds.max_image_pixels,
+                        cache_dir=getattr(ds.cache, "dir", None))
+    lookup: dict[Path, torch.Tensor | str] = {splits.root / p: data.images[i] for i, (p, _) in enumerate(data.samples)}
+    lookup.update({splits.root / p: reason for p, reason in data.bad})
+    return lookup
+
+
 def _decode(path: Path, size: int, max_pixels: int | None) -> torch.Tensor | str:
     try:
         return decode_image(path, size, max_pixels)
@@ -141,11 +157,15 @@ def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, A
     batch_size = int(cfg.batch_size or meta.get("eval_batch_size") or 2 * int(train_cfg.trainer.batch_size))
 
     progress = None if cfg.progress else True  # tqdm's disable: None = only on a terminal
-    with ThreadPoolExecutor(io_threads()) as pool:
-        # A cheap pass first (PIL open + verify), so a broken input stops the command before the long part.
-        reasons = list(tqdm(pool.map(lambda f: verify_image(f, max_pixels), files), total=len(files),
-                            desc=f"checking {len(files)} images",
-                            unit="img", leave=False, disable=progress))
+    lookup = _split_lookup(train_cfg, path, cfg.split) if cfg.input is None else None
+    if lookup is not None:
+        reasons = [found if isinstance(found, str) else None for found in map(lookup.__getitem__, files)]
+    else:
+        with ThreadPoolExecutor(io_threads()) as pool:
+            # A cheap pass first (PIL open + verify), so a broken input stops the command before the long part.
+            reasons = list(tqdm(pool.map(lambda f: verify_image(f, max_pixels), files), total=len(files),
+                                desc=f"checking {len(files)} images",
+                                unit="img", leave=False, disable=progress))
     bad = [(str(f), r) for f, r in zip(files, reasons) if r is not None]
     if bad and not cfg.skip_bad:
         raise _bad_inputs_error(bad)
@@ -155,7 +175,8 @@ def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, A
     with ThreadPoolExecutor(io_threads()) as pool, tqdm(total=len(todo), desc="predicting", unit="img",
                                                          leave=False, disable=progress) as bar:
         for chunk in _batches(todo, batch_size):
-            decoded = list(pool.map(lambda f: _decode(f, size, max_pixels), chunk))
+            decoded = ([lookup[f] for f in chunk] if lookup is not None
+                       else list(pool.map(lambda f: _decode(f, size, max_pixels), chunk)))
             good = [(f, t) for f, t in zip(chunk, decoded) if isinstance(t, torch.Tensor)]
             bad += [(str(f), t) for f, t in zip(chunk, decoded) if isinstance(t, str)]
             if good:

@@ -8,7 +8,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -81,6 +81,22 @@ def make_flat_tree(root: Path, sizes: dict[str, int]) -> set[tuple[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session", autouse=True)
+def decoded_image_cache(tmp_path_factory) -> Iterator[Path]:
+    """The decoded-image cache of the whole session (and of the CLIs it starts) in a temp folder, never in
+    ~/.cache: shared by the session's tests, as runs share it (tests of the cache itself pass their own folder)."""
+    from lora_cls.data.cache import ENV_DIR
+
+    folder = tmp_path_factory.mktemp("decoded_cache")
+    previous = os.environ.get(ENV_DIR)
+    os.environ[ENV_DIR] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop(ENV_DIR, None)
+    else:
+        os.environ[ENV_DIR] = previous
 
 
 @pytest.fixture(scope="session")

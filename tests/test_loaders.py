@@ -34,8 +34,9 @@ def make_samples(root: Path, n: int = 6) -> list[tuple[str, int]]:
 def test_cached_and_streaming_datasets_give_identical_tensors(tmp_path):
     samples = make_samples(tmp_path)
     cached = ImageDataset(tmp_path, samples, 16, cache=True)
-    streaming = ImageDataset(tmp_path, samples, 16, cache=True, max_cache_bytes=100)
+    streaming = ImageDataset(tmp_path, samples, 16, cache=False)
     assert cached.cached and not streaming.cached
+    assert cached.images.shape == (6, 3, 16, 16) and streaming.images is None
     assert len(cached) == len(streaming) == 6
     for i in range(6):
         (a, label_a), (b, label_b) = cached[i], streaming[i]
@@ -174,3 +175,25 @@ def test_build_loaders_skip_bad_records_skipped_files(flat_splits, caplog):
     assert splits.skipped == [bad]
     assert bad not in [path for path, _ in splits.val]
     assert len(loaders["val"].dataset) == len(splits.val) == 9
+
+
+def test_cached_batches_are_gathered_in_one_op_without_per_sample_calls(flat_splits, monkeypatch):
+    """From the cache a batch is one indexing op (`__getitems__`), in the order a per-sample loader would give,
+    also through a Subset (sharded evaluation) and the rank loader's batch sampler."""
+    from torch.utils.data import Subset
+
+    from lora_cls.data.loaders import eval_loader
+
+    splits, cfg = flat_splits
+    loaders = build_loaders(splits, cfg, 4, 0, seed=5)
+    train = loaders["train"]
+    expected = epoch_order(build_loaders(splits, cfg, 4, 0, seed=5)["train"])
+
+    def per_sample(self, index):
+        raise AssertionError("a cached batch must not be assembled sample by sample")
+
+    monkeypatch.setattr(ImageDataset, "__getitem__", per_sample)
+    assert epoch_order(train) == expected
+    dataset = loaders["val"].dataset
+    x, y = next(iter(eval_loader(Subset(dataset, [3, 0, 2]), 3)))
+    assert torch.equal(x, dataset.images[[3, 0, 2]]) and y.tolist() == dataset.labels[[3, 0, 2]].tolist()

@@ -10,8 +10,10 @@ The flow is one way, one module a step:
 - `synthetic`: the generated blood-cell set (`ensure_synthetic`, `generate_synthetic`, `render_cell`).
 - `decode`: the one image-file rule (`is_image`), decoding any image to uint8 RGB (`decode_image`), the cheap
   check (`verify_image`), their errors, and the thread count for I/O (`io_threads`).
-- `loaders`: `build_loaders(splits, cfg, ...)` decodes the images into `ImageDataset`s and wraps them in
-  DataLoaders; `eval_loader` is the plain in-order loader of evaluation.
+- `cache`: the decoded-image cache on disk (`load_or_decode`: one memory-mapped entry per file list and size,
+  written atomically, shared by processes, size-capped; `entries`, `clear` for `lora-data cache`).
+- `loaders`: `build_loaders(splits, cfg, ...)` decodes the images into `ImageDataset`s (through `cache`) and wraps
+  them in DataLoaders; `eval_loader` is the plain in-order loader of evaluation.
 
 Batches are uint8 (N, 3, S, S); normalisation and augmentation happen on the batch, on the training device
 (`lora_cls.augment`). Only `loaders` imports torch (`decode` imports it when it first decodes), so config

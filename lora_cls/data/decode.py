@@ -105,10 +105,21 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# Bumped whenever decode_array's output for the same file changes: it is part of the decoded-image cache key.
+DECODER_VERSION = 1
+
+
 def decode_image(path: str | Path, size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Decode `path` to a uint8 tensor (3, size, size): EXIF orientation applied, any mode made RGB,
     resized with antialiased bilinear filtering (aspect ratio not kept). Raises UnreadableImage (also for an
     image of more than `max_pixels` pixels; None: no limit)."""
+    import torch  # here, not at the top: the layout readers import this module for `is_image` without torch
+
+    return torch.from_numpy(decode_array(path, size, max_pixels)).permute(2, 0, 1).contiguous()
+
+
+def decode_array(path: str | Path, size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """`decode_image` as a uint8 numpy array (size, size, 3), without torch (the cache's decoding processes)."""
     try:
         with Image.open(path) as image:
             _check_pixels(image, max_pixels)
@@ -125,9 +136,7 @@ def decode_image(path: str | Path, size: int, max_pixels: int | None = DEFAULT_M
         raise UnreadableImage(path, f"{type(e).__name__}: {e}") from e
     if pixels.shape != (size, size, 3):
         raise UnreadableImage(path, f"decoded to shape {pixels.shape}")
-    import torch  # here, not at the top: the layout readers import this module for `is_image` without torch
-
-    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+    return pixels
 
 
 def verify_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> str | None:

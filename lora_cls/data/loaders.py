@@ -1,13 +1,14 @@
-"""DataLoaders (docs/DESIGN.md §5): decoded uint8 images of each split, cached in memory when they fit.
+"""DataLoaders (docs/DESIGN.md §5): decoded uint8 images of each split, from the on-disk decoded-image cache.
 
-`build_loaders(splits, cfg, ...)` decodes the images of a `DatasetSplits` into `ImageDataset`s and wraps them
-in seeded DataLoaders yielding (uint8 (B, 3, S, S), int64 (B,)) batches; `eval_loader` is the plain in-order
-loader of evaluation and prediction.
+`build_loaders(splits, cfg, ...)` decodes the images of a `DatasetSplits` into `ImageDataset`s (once: later runs
+map them from `lora_cls.data.cache`) and wraps them in seeded DataLoaders yielding (uint8 (B, 3, S, S), int64 (B,))
+batches; `eval_loader` is the plain in-order loader of evaluation and prediction.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,83 +17,62 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from lora_cls.data.decode import (
-    DEFAULT_MAX_PIXELS,
-    UndecodableImages,
-    UnreadableImage,
-    decode_image,
-    io_threads,
-    verify_image,
-)
+from lora_cls.data.cache import load_or_decode
+from lora_cls.data.decode import DEFAULT_MAX_PIXELS, UndecodableImages, decode_image, io_threads, verify_image
 from lora_cls.data.splits import SPLIT_NAMES, DatasetSplits, Sample
 from lora_cls.errors import UserError
 
 # The one logger of all lora_cls.data modules, so that `collected_warnings` hears every one of them.
 log = logging.getLogger("lora_cls.data")
 
+DEFAULT_CACHE_BYTES = 10 * 2**30  # dataset.cache.max_gb's default
+
 
 class ImageDataset(Dataset):
     """Images of one split as `(uint8 tensor (3, S, S), int label)`.
 
-    When `cache` is on and N·3·S·S bytes fit in `max_cache_bytes`, every image is decoded once at
-    construction into one uint8 tensor (N, 3, S, S); otherwise images are decoded in `__getitem__` after a
-    verification pass (PIL open + verify, which catches missing, non-image and most corrupt files; damage
-    that only decoding finds raises UnreadableImage from `__getitem__`). Undecodable files raise one
-    UserError listing them all, or with `skip_bad=True` are dropped and listed in `.skipped`.
+    With `cache` (the default) every image is decoded once into the decoded-image cache in `cache_dir`
+    (`lora_cls.data.cache`; `max_cache_bytes` caps that folder) and `.images` is the whole split, uint8
+    (N, 3, S, S), memory-mapped from it: a split larger than memory streams from disk. `.cache_hit` says
+    whether the images were already there. Without `cache`, images are decoded in `__getitem__` after a
+    verification pass (PIL open + verify, which catches missing, non-image and most corrupt files; damage that
+    only decoding finds raises UnreadableImage from `__getitem__`), and `.images` is None. Undecodable files
+    raise one UserError listing them all, or with `skip_bad=True` are dropped and listed in `.skipped`.
     """
 
     def __init__(self, root: str | Path, samples: Sequence[Sample], image_size: int, cache: bool = True,
-                 max_cache_bytes: int = 4 * 2**30, skip_bad: bool = False,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+                 max_cache_bytes: int = DEFAULT_CACHE_BYTES, skip_bad: bool = False,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, cache_dir: str | os.PathLike | None = None) -> None:
         self.root = Path(root)
         self.image_size = int(image_size)
         self.max_pixels = max_pixels
         self.skipped: list[str] = []
+        self.bad: list[tuple[str, str]] = []  # (path, reason) of the skipped files
+        self.cached = bool(cache)
+        self.cache_hit: bool | None = None  # None: not cached
+        self.cache_path: Path | None = None  # the entry folder (None: not cached, or not kept: over the cap)
+        self.images: torch.Tensor | None = None
         samples = list(samples)
-        self.cached = cache and len(samples) * 3 * self.image_size**2 <= max_cache_bytes
-        self._images: torch.Tensor | None = None
         if self.cached:
-            images, bad = self._decode_all(samples)
+            entry = load_or_decode(self.root, [path for path, _ in samples], self.image_size, max_pixels,
+                                   cache_dir, int(max_cache_bytes))
+            bad = entry.bad
+            self.cache_hit, self.cache_path = entry.hit, entry.path
+            self.images = torch.from_numpy(entry.images)  # the entry holds the decodable files only, in order
         else:
             bad = self._verify_all(samples)
         if bad:
             if not skip_bad:
                 raise UndecodableImages(bad, self.root)
             bad_paths = {path for path, _ in bad}
-            keep = [i for i, (path, _) in enumerate(samples) if path not in bad_paths]
+            self.bad = list(bad)
             self.skipped = [path for path, _ in bad]
-            samples = [samples[i] for i in keep]
-            if self.cached:
-                images = images[keep]
-        if self.cached:
-            self._images = images
+            samples = [sample for sample in samples if sample[0] not in bad_paths]
         self.samples = samples
         self.labels = torch.tensor([label for _, label in samples], dtype=torch.long)
-
-    def _decode_all(self, samples: list[Sample]) -> tuple[torch.Tensor, list[tuple[str, str]]]:
-        s = self.image_size
-        images = torch.empty((len(samples), 3, s, s), dtype=torch.uint8)
-        bad: list[tuple[str, str]] = []
-
-        def load(path: str) -> torch.Tensor | UnreadableImage:
-            try:
-                return decode_image(self.root / path, s, self.max_pixels)
-            except UnreadableImage as e:
-                return e
-
-        paths = [path for path, _ in samples]
-        with ThreadPoolExecutor(io_threads()) as pool:
-            results = pool.map(load, paths)
-            for i, result in enumerate(tqdm(results, total=len(paths), desc=f"decoding {len(paths)} images",
-                                            unit="img", leave=False, disable=None)):
-                if isinstance(result, UnreadableImage):
-                    bad.append((paths[i], result.reason))
-                else:
-                    images[i] = result
-        return images, bad
 
     def _verify_all(self, samples: list[Sample]) -> list[tuple[str, str]]:
         paths = [path for path, _ in samples]
@@ -106,9 +86,27 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        if self._images is not None:
-            return self._images[index], label
+        if self.images is not None:
+            return self.images[index], label
         return decode_image(self.root / path, self.image_size, self.max_pixels), label
+
+
+    def __getitems__(self, indices: Sequence[int]) -> Batch | list[tuple[torch.Tensor, int]]:
+        """A whole batch at once (DataLoader calls this instead of __getitem__ per sample): with the images in the
+        cache, one indexing op gathers them, with no per-sample Python work or collate (`collate` passes it on)."""
+        if self.images is None:
+            return [self[i] for i in indices]
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return Batch((self.images[index], self.labels[index]))
+
+
+class Batch(tuple):
+    """(uint8 images (B, 3, S, S), int64 labels (B,)), already gathered by `ImageDataset.__getitems__`."""
+
+
+def collate(data: Batch | list) -> list[torch.Tensor]:
+    """The loaders' collate_fn: a gathered `Batch` as it is, per-sample items (decoded from disk) stacked."""
+    return list(data) if isinstance(data, Batch) else default_collate(data)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -122,8 +120,8 @@ def build_loaders(splits: DatasetSplits, cfg: Any, batch_size: int, num_workers:
                   pin_memory: bool = False) -> dict[str, DataLoader]:
     """DataLoaders for "train", "val" and "test", yielding (uint8 (B, 3, S, S), int64 (B,)) batches.
 
-    The whole dataset is cached in memory when `cfg.cache.enabled` and all three splits fit in
-    `cfg.cache.max_gb`; then loading runs in the main process (indexing a tensor is cheaper than worker
+    With `cfg.cache.enabled` the splits come from the decoded-image cache (`cfg.cache.dir`, capped at
+    `cfg.cache.max_gb`); then loading runs in the main process (indexing a tensor is cheaper than worker
     IPC) whatever `num_workers` says. Train is shuffled by a `torch.Generator` seeded with `seed` and drops
     the last partial batch only when there is more than one batch. A `batch_size` larger than the train set
     is lowered to it with a warning: with drop_last it would otherwise give zero steps per epoch.
@@ -131,17 +129,15 @@ def build_loaders(splits: DatasetSplits, cfg: Any, batch_size: int, num_workers:
     Undecodable files raise UserError, or with `cfg.skip_bad` are dropped: they are removed from
     `splits.train/val/test` and listed in `splits.skipped` (so build loaders before writing splits.json).
     """
-    size = int(cfg.image_size)
-    total_bytes = sum(len(splits.split(name)) for name in SPLIT_NAMES) * 3 * size * size
-    max_bytes = int(float(cfg.cache.max_gb) * 2**30)
-    cache = bool(cfg.cache.enabled) and total_bytes <= max_bytes
+    cache = bool(cfg.cache.enabled)
     datasets: dict[str, ImageDataset] = {}
     bad: list[tuple[str, str]] = []
     for name in SPLIT_NAMES:
         try:
-            datasets[name] = ImageDataset(splits.root, splits.split(name), size, cache=cache,
-                                          max_cache_bytes=max_bytes, skip_bad=bool(cfg.skip_bad),
-                                          max_pixels=cfg.max_image_pixels)
+            datasets[name] = ImageDataset(splits.root, splits.split(name), int(cfg.image_size), cache=cache,
+                                          max_cache_bytes=int(float(cfg.cache.max_gb) * 2**30),
+                                          skip_bad=bool(cfg.skip_bad), max_pixels=cfg.max_image_pixels,
+                                          cache_dir=getattr(cfg.cache, "dir", None))
         except UndecodableImages as e:
             bad += e.bad  # keep checking the other splits: one error listing every bad file
     if bad:
@@ -162,7 +158,7 @@ def build_loaders(splits: DatasetSplits, cfg: Any, batch_size: int, num_workers:
                     f"batch_size={n_train}")
         batch_size = n_train
     workers = 0 if cache else int(num_workers)
-    common: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory,
+    common: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory, "collate_fn": collate,
                               "worker_init_fn": _seed_worker if workers > 0 else None,
                               "persistent_workers": workers > 0}
     loaders: dict[str, DataLoader] = {}
@@ -177,4 +173,4 @@ def build_loaders(splits: DatasetSplits, cfg: Any, batch_size: int, num_workers:
 
 def eval_loader(dataset: Dataset, batch_size: int) -> DataLoader:
     """A loader over `dataset` in its order, unshuffled, in the main process (evaluation and prediction)."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate)
