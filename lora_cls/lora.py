@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lora_cls.errors import UserError
+from lora_cls.fused import fusable, fused_frozen_plus_adapter
+from lora_cls.options import LORA_INITS, LoRAOptions  # noqa: F401  (imported from here by other modules)
 
 # torch.compiler.is_compiling came with torch 2.3; older versions never take the compile-friendly eval branch.
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
@@ -47,7 +48,6 @@ class _StepCounter:
 
 
 register_optimizer_step_post_hook(_StepCounter.bump)
-LORA_INITS = ("kaiming", "gaussian")
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 
@@ -79,45 +79,6 @@ class DecayState(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
         super()._load_from_state_dict(*args, **kwargs)
         self._value = float(self.d)
-
-
-@dataclass(frozen=True)
-class LoRAOptions:
-    """Everything about an adapter except which layers get one.
-
-    rank, alpha: r and alpha of s = alpha/r (or alpha/sqrt(r) with rslora).
-    dropout: probability of dropping adapter-input elements (training only).
-    init: "kaiming" (A kaiming-uniform with a=sqrt(5), as nn.Conv2d/nn.Linear) or "gaussian" (A normal with
-        std 1/r, as PEFT's init_lora_weights="gaussian").
-    noise: add the variance-preserving weight noise N while training and d >= noise_cutoff.
-    noise_per_channel: use per-output-channel mean/std of W for N instead of the whole tensor's.
-    bias_comp: add the learnable compensating bias C.
-    """
-
-    rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    rslora: bool = False
-    init: str = "kaiming"
-    noise: bool = False
-    noise_per_channel: bool = False
-    noise_cutoff: float = 0.3
-    bias_comp: bool = False
-
-    def __post_init__(self) -> None:
-        # The one check of these values: lora-train's config check builds this object (config.lora_options).
-        if int(self.rank) != self.rank or self.rank <= 0:
-            raise UserError(f"lora.rank: must be a positive integer, got {self.rank}")
-        if not self.alpha > 0:
-            raise UserError(f"lora.alpha: must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
-        if self.init not in LORA_INITS:
-            raise UserError(f"lora.init: must be {' or '.join(LORA_INITS)}, got {self.init!r}")
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
 class LoRALayer(nn.Module):
@@ -283,14 +244,18 @@ class LoRALayer(nn.Module):
         bias = self.bias if (self.bias is None or d == 1.0) else d * self.bias
         if self.noise_active():
             weight = weight + self.sample_noise()
+        y = self._frozen_plus_adapter(x, weight, bias)
+        if self.lora_C is not None:
+            y = y + self.lora_C.view(self._bias_shape())
+        return y
+
+    def _frozen_plus_adapter(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """d·(W∗x + b) + N∗x + s·B∗(A∗drop(x)), weight and bias being d·W + N and d·b: the two-op reference path."""
         y = self._base_op(x, weight, bias)
         delta = self._adapter_op(x)
         # The frozen path's backward does not read its output, so the adapter accumulates into it in place:
         # one activation-sized buffer fewer per layer and step (same values as y + delta).
-        y = y.add_(delta) if y.dtype == delta.dtype else y + delta
-        if self.lora_C is not None:
-            y = y + self.lora_C.view(self._bias_shape())
-        return y
+        return y.add_(delta) if y.dtype == delta.dtype else y + delta
 
     def train(self, mode: bool = True):  # type: ignore[override]
         # Every switch between modes also starts the eval cache afresh (cheap, and it covers writes through
@@ -364,6 +329,12 @@ class LoRAConv2d(LoRALayer):
     def _base_op(self, x, weight, bias):
         x, padding = self._pad(x)
         return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+    def _frozen_plus_adapter(self, x, weight, bias):
+        # One convolution over [W_eff; A] where lora.fused allows it (fused.py, docs/DESIGN.md §3).
+        if fusable(self, x):
+            return fused_frozen_plus_adapter(self, x, weight, bias)
+        return super()._frozen_plus_adapter(x, weight, bias)
 
     def _adapter_op(self, x):
         x, padding = self._pad(self.lora_dropout(x))

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from lora_cls.device import Precision, resolve_device, resolve_precision
-from lora_cls.engine import build_optimizer
 from lora_cls.models import model_spec
+from lora_cls.optim import build_optimizer
 from lora_cls.runfolder import RunDir
 
 if TYPE_CHECKING:
@@ -79,6 +79,13 @@ RATIOS: tuple[tuple[str, str, str, str, str, float | None], ...] = (
     ("eval_unmerged_vs_base", "eval_unmerged", "eval_base", "throughput", ">=", None),
     ("eval_exported_vs_base", "eval_exported", "eval_base", "throughput", ">=", None),
     ("lora_compiled_vs_lora_fast", "lora_compiled", "lora_fast", "throughput", ">=", None),
+    # The fused conv adapter (lora.fused=true, lora_cls/fused.py) against the same rows on lora.fused's default,
+    # and the LoRA-step-over-head-only-floor figure for both (the head rows are the floor).
+    ("lora_fp32_fused_vs_lora_fp32", "lora_fp32_fused", "lora_fp32", "throughput", ">=", None),
+    ("lora_fast_fused_vs_lora_fast", "lora_fast_fused", "lora_fast", "throughput", ">=", None),
+    ("lora_compiled_fused_vs_lora_compiled", "lora_compiled_fused", "lora_compiled", "throughput", ">=", None),
+    ("lora_fp32_fused_vs_head_fp32", "lora_fp32_fused", "head_fp32", "throughput", ">=", None),
+    ("lora_fast_fused_vs_head_fast", "lora_fast_fused", "head_fast", "throughput", ">=", None),
 )
 E2E_TARGET = 0.85  # lora-train's epoch throughput within 15% of the pure model step
 
@@ -110,9 +117,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant before the rounds")
     p.add_argument("--variants", nargs="+", default=None, metavar="NAME",
-                   help=f"run only these variants ({', '.join(VARIANTS)}; default: all but lora_compiled)")
+                   help=f"run only these variants ({', '.join(VARIANTS)}; default: all but the compiled ones)")
     p.add_argument("--no-peft", action="store_true", help="skip PEFT even when it is installed")
-    p.add_argument("--compile", action="store_true", help="add the default path under torch.compile")
+    p.add_argument("--compile", action="store_true",
+                   help="add the default path, and the fused conv adapter, under torch.compile")
     p.add_argument("--e2e", action="store_true",
                    help="add lora-train epochs on the synthetic set, compared with the pure step")
     p.add_argument("--e2e-image-size", type=int, default=64)

@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from lora_cls.device import Precision, Runtime, autocast, resolve_precision
-from lora_cls.engine import Trainer, TrainerSettings, build_optimizer
-from lora_cls.inject import merge_lora, select_targets, set_merge_on_eval
+from lora_cls.engine import Trainer, TrainerSettings
+from lora_cls.inject import merge_lora, merged_view, select_targets, set_merge_on_eval
 from lora_cls.lora import LoRALayer
 from lora_cls.models import build_model, model_spec, prepare_finetune
+from lora_cls.optim import build_optimizer
 
 
 class Recipe(NamedTuple):
@@ -31,7 +32,8 @@ class Recipe(NamedTuple):
     finetune: str
     precision: str  # "fp32" | "fast" (the fast path's precision, --precision)
     channels_last: bool
-    build: str  # train: "finetuned" | "compiled" | "peft"; eval: "base" | "unmerged" | "merged" | "exported"
+    build: str  # train: "finetuned" | "compiled" | "fused" | "compiled_fused" | "peft"; eval: "base" | "unmerged"
+    #            | "merged" | "exported". fused: lora.fused=true (lora_cls/fused.py); the others lora.fused's default
 
 
 # The variants, in the order they are built, timed and reported.
@@ -47,17 +49,24 @@ RECIPES: dict[str, Recipe] = {
                         "finetuned"),
     "lora_compiled": Recipe("train", "lora-cls LoRA, default path + torch.compile", "lora-cls", "lora",
                             "fast", True, "compiled"),
+    "lora_fp32_fused": Recipe("train", "lora-cls LoRA, fused conv (lora.fused=true)", "lora-cls", "lora", "fp32",
+                              False, "fused"),
+    "lora_fast_fused": Recipe("train", "lora-cls LoRA, default path + fused conv", "lora-cls", "lora", "fast",
+                              True, "fused"),
+    "lora_compiled_fused": Recipe("train", "lora-cls LoRA, fused conv + torch.compile", "lora-cls", "lora",
+                                  "fast", True, "compiled_fused"),
     "peft_fp32": Recipe("train", "PEFT LoRA", "peft", "lora", "fp32", False, "peft"),
     "peft_fast": Recipe("train", "PEFT LoRA", "peft", "lora", "fast", True, "peft"),
     "eval_base": Recipe("eval", "eval: base model", "torchvision", "none", "fast", True, "base"),
     "eval_unmerged": Recipe("eval", "eval: adapters unmerged", "lora-cls", "lora", "fast", True, "unmerged"),
-    "eval_merged": Recipe("eval", "eval: adapters merged (default)", "lora-cls", "lora", "fast", True,
+    "eval_merged": Recipe("eval", "eval: merged view (lora-train, lora-eval)", "lora-cls", "lora", "fast", True,
                           "merged"),
     "eval_exported": Recipe("eval", "eval: merge_lora export", "lora-cls", "lora", "fast", True, "exported"),
 }
 PEFT_MISSING = "peft not installed (pip install 'lora-cls[bench]')"
 VARIANTS = tuple(RECIPES)
-QUICK_SKIPS = ("head_fast", "lora_fp32_cl")  # rows --quick leaves out (no target depends on them)
+QUICK_SKIPS = ("head_fast", "lora_fp32_cl", "lora_fp32_fused", "lora_fast_fused")  # rows --quick leaves out
+COMPILED = ("lora_compiled", "lora_compiled_fused")  # rows only --compile (or --variants) runs
 
 
 @dataclass
@@ -129,11 +138,11 @@ def randomize_adapters(model: nn.Module, seed: int) -> None:
 
 
 def selected(name: str, args: argparse.Namespace) -> bool:
-    """Whether the run times `name`: the --variants named, else all but lora_compiled (unless --compile) and,
+    """Whether the run times `name`: the --variants named, else all but COMPILED (unless --compile) and,
     with --quick, all but QUICK_SKIPS."""
     if args.variants:
         return name in args.variants
-    if name == "lora_compiled":
+    if name in COMPILED:
         return args.compile
     return not (args.quick and name in QUICK_SKIPS)
 
@@ -168,16 +177,17 @@ class VariantBuilder:
             return self.evaluated(v, self.eval_model(r.build), precision)
         if r.build == "peft":
             return self.with_peft(v, precision)
-        self.trained(v, self.finetuned(r.finetune), precision)
-        if r.build == "compiled":
+        self.trained(v, self.finetuned(r.finetune, fused=r.build.endswith("fused")), precision)
+        if r.build.startswith("compiled"):
             v.step = train_step(torch.compile(v.model), v.optimizer, self.x, self.y, self.device, precision,
                                 v.channels_last)
         return v
 
-    def finetuned(self, finetune: str) -> nn.Module:
+    def finetuned(self, finetune: str, fused: bool = False) -> nn.Module:
         model = copy.deepcopy(self.base)
+        options = {"fused": "true"} if fused and finetune == "lora" else {}
         prepare_finetune(model, self.args.model, finetune, targets=self.patterns, rank=self.rank,
-                         alpha=self.alpha)
+                         alpha=self.alpha, **options)
         return model
 
     def placed(self, model: nn.Module, channels_last: bool) -> nn.Module:
@@ -205,6 +215,8 @@ class VariantBuilder:
         model = self.finetuned("lora")
         randomize_adapters(model, self.args.seed)
         set_merge_on_eval(model, build != "unmerged")
+        if build == "merged":  # what lora-train's validation, lora-eval and lora-predict evaluate on
+            return merged_view(model)
         return merge_lora(model) if build == "exported" else model
 
     def evaluated(self, v: Variant, model: nn.Module, precision: Precision) -> Variant:

@@ -18,7 +18,7 @@ BENCH_PATH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 TINY = ["--image-size", "32", "--batch", "2", "--rounds", "2", "--steps", "1", "--warmup", "1",
         "--threads", "1"]
 TRAIN = ("full_fp32", "full_fast", "head_fp32", "head_fast", "lora_fp32", "lora_fp32_cl", "lora_fast",
-         "peft_fp32", "peft_fast")
+         "lora_fp32_fused", "lora_fast_fused", "peft_fp32", "peft_fast")
 EVAL = ("eval_base", "eval_unmerged", "eval_merged", "eval_exported")
 
 
@@ -44,8 +44,8 @@ def run_bench(bench, args: list[str], out: Path) -> tuple[dict, dict]:
 @pytest.fixture(scope="module")
 def tiny_result(bench, tmp_path_factory):
     """One variant of each kind (about 5 s on 2 cores); the slow test below runs the default list."""
-    variants = ["full_fp32", "head_fp32", "lora_fp32", "lora_fast", "peft_fp32", "eval_base", "eval_unmerged",
-                "eval_merged"]
+    variants = ["full_fp32", "head_fp32", "lora_fp32", "lora_fast", "lora_fast_fused", "peft_fp32", "eval_base",
+                "eval_unmerged", "eval_merged"]
     return run_bench(bench, [*TINY, "--no-peft", "--variants", *variants],
                      tmp_path_factory.mktemp("bench") / "bench.json")
 
@@ -80,8 +80,10 @@ def test_bench_json_holds_variants_machine_and_settings(tiny_result):
     assert rows["head_fp32"]["params_trainable"] == 1_026
     fast = rows["lora_fast"]
     assert (fast["precision"], fast["channels_last"]) == (saved["settings"]["fast_precision"], True)
-    # The merged-eval cache holds one merged weight per adapted layer: the memory price of zero-overhead eval.
-    assert rows["eval_merged"]["memory"]["caches"] > 0 == rows["eval_unmerged"]["memory"]["caches"]
+    # Evaluation runs a merged view: the base architecture's own plain layers, holding what the base model holds.
+    assert rows["eval_merged"]["memory"]["caches"] == 0 == rows["eval_unmerged"]["memory"]["caches"]
+    assert rows["eval_merged"]["memory"]["resident"] == rows["eval_base"]["memory"]["resident"]
+    assert rows["eval_unmerged"]["memory"]["resident"] > rows["eval_base"]["memory"]["resident"]  # + A and B
 
 
 @pytest.mark.slow
@@ -98,7 +100,7 @@ def test_ratios_are_computed_from_the_median_timings(bench, tiny_result):
     rows, ratios = saved["variants"], saved["ratios"]
     computed = [k for k, *_ in bench.RATIOS if ratios.get(k) is not None]
     assert {"lora_fp32_step_over_full_fp32_step", "eval_merged_vs_base", "eval_unmerged_vs_base",
-            "lora_fast_vs_lora_fp32", "lora_fp32_vs_head_fp32"} <= set(computed)
+            "lora_fast_vs_lora_fp32", "lora_fp32_vs_head_fp32", "lora_fast_fused_vs_lora_fast"} <= set(computed)
     for key in computed:
         assert ratios[key] == pytest.approx(_expected(bench, rows, key)), key
         assert saved["checks"].get(key, {}).get("value", ratios[key]) == pytest.approx(ratios[key])
@@ -192,3 +194,25 @@ def test_the_bench_times_the_engines_own_training_step(bench, monkeypatch):
     step()
     assert calls == [4, 4]
     assert not torch.equal(model[1].weight, before)  # the step trained the model it was given
+
+
+def test_fused_variants_run_the_fused_conv_and_the_others_lora_fused_default(bench):
+    """lora_*_fused set lora.fused=true on every adapted conv; the other LoRA rows keep the setting's default, and
+    --compile (or --variants) alone adds the compiled rows."""
+    import argparse
+
+    from lora_cls.lora import LoRAConv2d
+
+    bv = sys.modules["bench_variants"]  # imported by bench.py from scripts/
+    args = bench.parse_args([*TINY, "--no-peft"])
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    builder = bv.VariantBuilder(args, torch.device("cpu"), x, y, x)
+    for name, expected in (("lora_fast_fused", "true"), ("lora_fast", "auto")):
+        convs = [m for m in builder.finetuned("lora", fused=name.endswith("fused")).modules()
+                 if isinstance(m, LoRAConv2d)]
+        assert convs and {m.options.fused for m in convs} == {expected}, name
+    assert bv.RECIPES["lora_fast_fused"].build == "fused"
+    quiet = argparse.Namespace(variants=None, compile=False, quick=False)
+    assert not any(bv.selected(n, quiet) for n in ("lora_compiled", "lora_compiled_fused"))
+    assert all(bv.selected(n, argparse.Namespace(variants=None, compile=True, quick=False))
+               for n in ("lora_compiled", "lora_compiled_fused"))
