@@ -13,7 +13,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,export]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,export,tracking,search]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## make .venv with the pinned torch/torchvision and the package (editable)
@@ -25,7 +25,7 @@ test-fast: $(STAMP)  ## the tests without the slow marker
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)  ## ruff
-	$(VENV)/bin/ruff check lora_cls tests scripts
+	$(VENV)/bin/ruff check lora_cls hydra_plugins tests scripts
 
 demo: $(STAMP)  ## train ResNet34 + LoRA on the offline synthetic set, then evaluate it
 	$(VENV)/bin/lora-train experiment=demo hydra.run.dir=outputs/demo/$$(date +%Y-%m-%d_%H-%M-%S)

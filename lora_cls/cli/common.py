@@ -91,6 +91,10 @@ def precheck(argv: list[str], config_name: str, validate: Callable[[DictConfig],
                 hydra_cfg = compose(config_name=config_name, overrides=variants[0] + variant,
                                     return_hydra_config=True).hydra
             output, key = (hydra_cfg.sweep.dir, "hydra.sweep.dir") if multirun else (hydra_cfg.run.dir, "hydra.run.dir")
+            if multirun:  # hydra/sweeper=optuna: its settings and search space, before any job starts
+                from lora_cls.search import check_sweeper
+
+                check_sweeper(hydra_cfg.sweeper, job_overrides)
     except UserError:
         raise
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
@@ -109,7 +113,7 @@ def check_sweep_dir(sweep_dir: Path, job_overrides: list[str]) -> None:
     """A sweep folder is new, or holds this same sweep interrupted (it then resumes: finished jobs are kept,
     the interrupted one continues from its last.pt, the rest run). Another sweep's results are refused, so a
     summary never mixes two sweeps."""
-    if (sweep_dir / "summary.csv").exists():
+    if (sweep_dir / "summary.csv").exists() and not (sweep_dir / "optuna.db").exists():  # a study may go on
         raise UserError(f"sweep folder {sweep_dir} already holds a finished sweep (summary.csv); "
                         "choose another hydra.sweep.dir")
     found = sorted(sweep_dir.glob("*/metrics.json")) + sorted(sweep_dir.glob("*/checkpoints/last.pt"))

@@ -31,7 +31,7 @@ def override_variants(overrides: list[str], multirun: bool) -> list[list[str]]:
     for i, o in enumerate(parsed):
         key = o.get_key_element()
         if o.is_sweep_override():
-            values = [f"{key}={v}" for v in o.sweep_string_iterator()]
+            values = [f"{key}={v}" for v in _sweep_values(o)]
             sweeps.append((i, values))
             first.append(values[0] if values else o.input_line)
         else:
@@ -41,3 +41,14 @@ def override_variants(overrides: list[str], multirun: bool) -> list[list[str]]:
         for v in values[1:]:
             variants.append(first[:i] + [v] + first[i + 1:])
     return variants
+
+
+def _sweep_values(override) -> list:
+    """The values to check of a sweep: all of a choice or range; both ends of an interval (an Optuna search)."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    sweep = override.value()
+    if isinstance(sweep, IntervalSweep):
+        cast = int if "int" in (sweep.tags or set()) else float
+        return [cast(sweep.start), cast(sweep.end)]
+    return list(override.sweep_string_iterator())

@@ -1,0 +1,1 @@
+"""lora-cls's Hydra plugins (Hydra finds plugins only in the hydra_plugins namespace package)."""
