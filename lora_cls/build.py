@@ -25,9 +25,10 @@ from lora_cls.data.layouts import prepare_splits
 from lora_cls.data.loaders import build_loaders
 from lora_cls.data.splits import DatasetSplits
 from lora_cls.device import Runtime, resolve_device, resolve_precision, seed_everything
-from lora_cls.engine import Trainer, TrainerSettings, build_optimizer, warmup_cosine
+from lora_cls.engine import Trainer, TrainerSettings
 from lora_cls.errors import UserError
-from lora_cls.models import build_model, model_spec, prepare_finetune
+from lora_cls.models import build_model, model_heads, model_spec, prepare_finetune
+from lora_cls.optim import build_optimizer, head_param_groups, warmup_cosine
 from lora_cls.zoo import summarize
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,20 @@ def build_classifier(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, list
     return model, adapted, identity
 
 
+def compiled(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
+    """torch.compile for the training step (evaluation runs the merged plain model eagerly: engine.evaluate).
+
+    reduce-overhead captures the step in CUDA graphs (static shapes: the train loader drops its last partial
+    batch); on the CPU there are no CUDA graphs, so it compiles in the default mode there.
+    """
+    if mode == "reduce-overhead" and device.type != "cuda":
+        log.warning("trainer.compile_mode=reduce-overhead captures CUDA graphs, and this run is on %s: compiling "
+                    "in the default mode", device)
+        mode = "default"
+    log.info("torch.compile (mode %s): the first step compiles and takes longer", mode)
+    return torch.compile(model, mode=mode)
+
+
 def rank_train_loader(loader: DataLoader, seed: int, info: distributed.DistInfo) -> DataLoader:
     """For N processes: the same global batches as one process would draw, each rank taking its slice."""
     if not info.enabled:
@@ -93,6 +108,7 @@ def rank_train_loader(loader: DataLoader, seed: int, info: distributed.DistInfo)
     batches = BatchSampler(RandomSampler(loader.dataset, generator=generator), global_batch, loader.drop_last)
     return DataLoader(loader.dataset, batch_sampler=distributed.RankSliceBatchSampler(batches, info),
                       generator=generator, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                      collate_fn=loader.collate_fn,
                       worker_init_fn=loader.worker_init_fn, persistent_workers=loader.persistent_workers)
 
 
@@ -101,7 +117,7 @@ def build_trainer(cfg: DictConfig, model: nn.Module, runtime: Runtime, loaders: 
     """Place the model (compiled, wrapped in DDP as configured) and set up its optimizer, schedules and engine."""
     tr, op, info = cfg.trainer, cfg.optimizer, runtime.dist
     runtime.place(model)
-    run_model: nn.Module = torch.compile(model) if tr.compile else model
+    run_model = compiled(model, tr.compile_mode, runtime.device) if tr.compile else model
     if info.enabled:
         # Gradients of the trainable parameters only are averaged: frozen weights never enter DDP's buckets.
         device = runtime.device
@@ -112,7 +128,9 @@ def build_trainer(cfg: DictConfig, model: nn.Module, runtime: Runtime, loaders: 
     steps_per_epoch = len(train_loader)
     if tr.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, int(tr.max_steps_per_epoch))
-    optimizer = build_optimizer(model.parameters(), op.name, op.lr, op.weight_decay, tuple(op.betas), op.momentum,
+    heads = model_heads(model_spec(cfg.model.name, cfg.model.source), bool(cfg.model.aux_heads))
+    groups = head_param_groups(model, heads, op.lr, op.head_lr_scale)
+    optimizer = build_optimizer(groups, op.name, op.lr, op.weight_decay, tuple(op.betas), op.momentum,
                                 op.nesterov, runtime.device)
     total_steps = steps_per_epoch * int(tr.epochs)
     schedule = decay_schedule(cfg)
@@ -122,8 +140,22 @@ def build_trainer(cfg: DictConfig, model: nn.Module, runtime: Runtime, loaders: 
         runtime=runtime, epochs=int(tr.epochs), steps_per_epoch=steps_per_epoch,
         lr_factor=warmup_cosine(total_steps, op.warmup_fraction, op.min_lr_ratio), schedule=schedule,
         classes=tuple(splits.classes), positive_class=splits.positive_class, eval_batch_size=eval_batch_size(cfg),
-        bn=cfg.lora.bn, monitor=tr.early_stopping.monitor, patience=int(tr.early_stopping.patience))
+        bn=cfg.lora.bn, monitor=tr.early_stopping.monitor, patience=int(tr.early_stopping.patience),
+        label_smoothing=float(tr.label_smoothing), class_weight=class_weights(cfg, splits), ema=float(tr.ema))
     return Trainer(run_model, optimizer, preprocess, settings, train_loader, loaders["val"].dataset)
+
+
+def class_weights(cfg: DictConfig, splits: DatasetSplits) -> tuple[float, ...] | None:
+    """trainer.class_weights=balanced: w_c = N / (K · n_c) over the training split (sklearn's "balanced"; a
+    class with no training image gets 1). The weighted loss then counts every class as much as any other."""
+    if cfg.trainer.class_weights != "balanced":
+        return None
+    counts = list(splits.class_counts()["train"].values())
+    total, k = sum(counts), len(counts)
+    weights = tuple(total / (k * n) if n else 1.0 for n in counts)
+    log.info("class weights (balanced, from the training counts): %s",
+             ", ".join(f"{c} {w:.3f}" for c, w in zip(splits.classes, weights)))
+    return weights
 
 
 def load_model_from_checkpoint(path: str | Path) -> tuple[nn.Module, DictConfig, dict]:

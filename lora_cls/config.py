@@ -12,7 +12,6 @@ import functools
 import logging
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -21,14 +20,16 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lora_cls.data.layouts import DATASET_NAMES
 from lora_cls.errors import UserError
-from lora_cls.runfolder import SPLITS
 from lora_cls.schedule import DecaySchedule
+from lora_cls.tracking import LoggerConfig, check_loggers
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "32", "bf16", "16")
 OPTIMIZERS = ("adamw", "sgd")
 EXPORT_FORMATS = ("torchvision", "lowrank", "onnx", "torchscript")
+CLASS_WEIGHTS = (None, "balanced")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MONITORS = ("val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_loss")
 
 
@@ -48,8 +49,12 @@ class AugmentConfig:
 
 @dataclass
 class CacheConfig:
+    """The decoded-image cache (lora_cls.data.cache). Before it, max_gb capped the in-memory copy of a run's
+    images; now it caps the cache folder on disk (older configs' 4.0 stays a valid cap)."""
+
     enabled: bool = True
-    max_gb: float = 4.0
+    max_gb: float = 10.0
+    dir: str | None = None  # null: $LORA_CLS_CACHE_DIR, else ($XDG_CACHE_HOME or ~/.cache)/lora_cls/images
 
 
 @dataclass
@@ -88,6 +93,7 @@ class LoRAConfig:
     rank_pattern: Any = None
     bn: str = "train"
     allow_high_rank: bool = False  # allow a rank that reaches a layer's min(out, in·k·k) (no longer low rank)
+    fused: str = "auto"  # conv adapters in one convolution with the frozen one: auto | true | false (same function)
 
 
 @dataclass
@@ -100,6 +106,7 @@ class OptimizerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_fraction: float = 0.05
     min_lr_ratio: float = 0.01
+    head_lr_scale: float = 1.0  # the new head's lr = lr x this (it starts from scratch, the adapters from zero change)
 
 
 @dataclass
@@ -117,6 +124,7 @@ class TrainerConfig:
     device: str = "auto"
     channels_last: bool = True
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     num_workers: int = 2
     seed: int = 0
     deterministic: bool = False
@@ -124,6 +132,9 @@ class TrainerConfig:
     max_steps_per_epoch: int | None = None
     resume: str = "auto"
     progress: bool = True
+    label_smoothing: float = 0.0  # cross-entropy target smoothing (training loss only)
+    class_weights: str | None = None  # null | balanced: loss weights N / (K * n_c) from the training counts
+    ema: float = 0.0  # decay of an exponential moving average of the trainable weights (e.g. 0.999); 0: off
 
 
 @dataclass
@@ -138,6 +149,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     finetune: str = "lora"
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # the `logger=` group (lora_cls/tracking.py)
 
 
 @dataclass
@@ -199,7 +211,7 @@ def register_configs() -> None:
     cs.store(name="export_schema", node=ExportConfig)
 
 
-def _check(ok: bool, key: str, message: str) -> None:
+def check_value(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise UserError(f"{key}: {message}")
 
@@ -208,27 +220,27 @@ def validate(cfg: DictConfig | Any) -> None:
     """Value checks for a composed training config; each failure names its key. The checks of lora.* and
     schedule.* are those of the runtime objects the run uses (`lora_options`, `decay_schedule`)."""
     unknown = unknown_keys(OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg)
-    _check(not unknown, ".".join(unknown[0]) if unknown else "",
+    check_value(not unknown, ".".join(unknown[0]) if unknown else "",
            "is not a lora-cls setting, so it would be ignored (added with `+`?); check its spelling in "
            "`lora-train --cfg job` and drop the `+`")
     d, lo, tr, op = cfg.dataset, cfg.lora, cfg.trainer, cfg.optimizer
-    _check(not OmegaConf.is_missing(d, "root"), "dataset.root",
+    check_value(not OmegaConf.is_missing(d, "root"), "dataset.root",
            f"is required for dataset={d.name}; set dataset.root=<folder>")
-    _check(d.name in DATASET_NAMES, "dataset.name",
+    check_value(d.name in DATASET_NAMES, "dataset.name",
            f"unknown dataset {d.name!r}; choose one of {', '.join(DATASET_NAMES)}")
     from lora_cls.models import BN_POLICIES, FINETUNE_MODES, check_model
 
-    _check(d.image_size >= 16, "dataset.image_size", f"must be >= 16, got {d.image_size}")
+    check_value(d.image_size >= 16, "dataset.image_size", f"must be >= 16, got {d.image_size}")
     check_model(cfg.model, d.image_size)  # model.source, model.name, model.aux_heads, the sizes the model runs at
     for key in ("val_fraction", "test_fraction"):
-        _check(0.0 <= d[key] < 1.0, f"dataset.{key}", f"must be in [0, 1), got {d[key]}")
-    _check(d.val_fraction + d.test_fraction < 1.0, "dataset.val_fraction",
+        check_value(0.0 <= d[key] < 1.0, f"dataset.{key}", f"must be in [0, 1), got {d[key]}")
+    check_value(d.val_fraction + d.test_fraction < 1.0, "dataset.val_fraction",
            "val_fraction + test_fraction must leave some training data")
-    _check(d.cache.max_gb >= 0, "dataset.cache.max_gb", f"must be >= 0, got {d.cache.max_gb}")
+    check_value(d.cache.max_gb >= 0, "dataset.cache.max_gb", f"must be >= 0, got {d.cache.max_gb}")
     lora_options(cfg)
-    _check(lo.bn in BN_POLICIES, "lora.bn", f"must be {' or '.join(BN_POLICIES)}, got {lo.bn!r}")
-    _check(lo.targets is None or len(lo.targets) > 0, "lora.targets", "is empty; use null for the model's preset")
-    _check(cfg.finetune in FINETUNE_MODES, "finetune",
+    check_value(lo.bn in BN_POLICIES, "lora.bn", f"must be {' or '.join(BN_POLICIES)}, got {lo.bn!r}")
+    check_value(lo.targets is None or len(lo.targets) > 0, "lora.targets", "is empty; use null for the model's preset")
+    check_value(cfg.finetune in FINETUNE_MODES, "finetune",
            f"must be {', '.join(FINETUNE_MODES[:-1])} or {FINETUNE_MODES[-1]}, got {cfg.finetune!r}")
     if cfg.finetune == "lora":
         from lora_cls.models import check_adapters
@@ -237,30 +249,42 @@ def validate(cfg: DictConfig | Any) -> None:
                        dict(lo.rank_pattern) if lo.rank_pattern else None, cfg.model.source, cfg.model.aux_heads)
     if cfg.finetune == "lora" and not lo.allow_high_rank:
         _check_rank_is_low(cfg)
-    _check(op.name in OPTIMIZERS, "optimizer.name", f"must be one of {', '.join(OPTIMIZERS)}, got {op.name!r}")
-    _check(op.lr > 0, "optimizer.lr", f"must be > 0, got {op.lr}")
-    _check(op.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {op.weight_decay}")
-    _check(0.0 <= op.warmup_fraction < 1.0, "optimizer.warmup_fraction", f"must be in [0, 1), got {op.warmup_fraction}")
-    _check(0.0 <= op.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio", f"must be in [0, 1], got {op.min_lr_ratio}")
-    _check(tr.epochs >= 1, "trainer.epochs", f"must be >= 1, got {tr.epochs}")
-    _check(tr.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {tr.batch_size}")
+    check_value(op.name in OPTIMIZERS, "optimizer.name", f"must be one of {', '.join(OPTIMIZERS)}, got {op.name!r}")
+    check_value(op.lr > 0, "optimizer.lr", f"must be > 0, got {op.lr}")
+    check_value(op.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {op.weight_decay}")
+    check_value(0.0 <= op.warmup_fraction < 1.0, "optimizer.warmup_fraction", f"must be in [0, 1), got {op.warmup_fraction}")
+    check_value(0.0 <= op.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio", f"must be in [0, 1], got {op.min_lr_ratio}")
+    check_value(tr.epochs >= 1, "trainer.epochs", f"must be >= 1, got {tr.epochs}")
+    check_value(tr.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {tr.batch_size}")
     if tr.batch_size == 1 and lo.bn == "train":
         from lora_cls.models import min_train_batch
 
         smallest = min_train_batch(cfg.model.name, d.image_size, cfg.model.source)
-        _check(smallest == 1, "trainer.batch_size",
+        check_value(smallest == 1, "trainer.batch_size",
                f"1 is too small for {cfg.model.name} at {d.image_size} px: its last BatchNorm layers see 1x1 maps, "
                f"and training statistics need more than one value per channel; use trainer.batch_size={smallest} "
                "or more, a larger dataset.image_size, or lora.bn=frozen")
-    _check(tr.eval_batch_size is None or tr.eval_batch_size >= 1, "trainer.eval_batch_size", "must be >= 1")
-    _check(str(tr.precision) in PRECISIONS, "trainer.precision",
+    check_value(tr.eval_batch_size is None or tr.eval_batch_size >= 1, "trainer.eval_batch_size", "must be >= 1")
+    check_value(str(tr.precision) in PRECISIONS, "trainer.precision",
            f"must be one of {', '.join(PRECISIONS)}, got {tr.precision!r}")
-    _check(tr.num_workers >= 0, "trainer.num_workers", f"must be >= 0, got {tr.num_workers}")
-    _check(tr.early_stopping.monitor in MONITORS, "trainer.early_stopping.monitor",
+    check_value(tr.num_workers >= 0, "trainer.num_workers", f"must be >= 0, got {tr.num_workers}")
+    check_value(tr.early_stopping.monitor in MONITORS, "trainer.early_stopping.monitor",
            f"must be one of {', '.join(MONITORS)}, got {tr.early_stopping.monitor!r}")
-    _check(tr.early_stopping.patience >= 1, "trainer.early_stopping.patience", "must be >= 1")
-    _check(tr.max_steps_per_epoch is None or tr.max_steps_per_epoch >= 1, "trainer.max_steps_per_epoch", "must be >= 1")
+    check_value(tr.early_stopping.patience >= 1, "trainer.early_stopping.patience", "must be >= 1")
+    check_value(tr.max_steps_per_epoch is None or tr.max_steps_per_epoch >= 1, "trainer.max_steps_per_epoch", "must be >= 1")
     check_device(tr.device, "trainer.device")
+    _check_recipe(tr, op)
+    check_loggers(cfg.get("logger"))
+
+
+def _check_recipe(tr: Any, op: Any) -> None:
+    check_value(tr.compile_mode in COMPILE_MODES, "trainer.compile_mode",
+           f"must be one of {', '.join(COMPILE_MODES)}, got {tr.compile_mode!r}")
+    check_value(0.0 <= tr.label_smoothing < 1.0, "trainer.label_smoothing", f"must be in [0, 1), got {tr.label_smoothing}")
+    check_value(tr.class_weights in CLASS_WEIGHTS, "trainer.class_weights",
+           f"must be null or balanced, got {tr.class_weights!r}")
+    check_value(0.0 <= tr.ema < 1.0, "trainer.ema", f"must be in [0, 1) (0: off; e.g. 0.999), got {tr.ema}")
+    check_value(op.head_lr_scale > 0, "optimizer.head_lr_scale", f"must be > 0, got {op.head_lr_scale}")
 
 
 def _check_rank_is_low(cfg: DictConfig | Any) -> None:
@@ -288,43 +312,44 @@ def lora_options(cfg: DictConfig | Any):
 
     lo = cfg.lora
     return LoRAOptions(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, rslora=lo.rslora, init=lo.init,
-                       **decay_schedule(cfg).adapter_options())
+                       fused=lo.fused, **decay_schedule(cfg).adapter_options())
 
 
 def check_device(value: Any, key: str) -> None:
-    _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(value)) is not None, key,
+    check_value(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(value)) is not None, key,
            f"must be auto, cpu, cuda or cuda:N, got {value!r}")
 
 
 def check_required(cfg: DictConfig | Any, key: str, example: str) -> None:
     """A mandatory value (`???` in the YAML) that the command line did not give."""
-    _check(not OmegaConf.is_missing(cfg, key), key, f"is required, e.g. {example}")
+    check_value(not OmegaConf.is_missing(cfg, key), key, f"is required, e.g. {example}")
+
+
+def _check_inference(cfg: Any) -> None:
+    """device, precision and batch_size of lora-eval and lora-predict (null: the training run's)."""
+    check_device(cfg.device, "device")
+    check_value(cfg.precision is None or str(cfg.precision) in PRECISIONS, "precision",
+           f"must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    check_value(cfg.batch_size is None or cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
 
 
 def validate_eval(cfg: DictConfig | Any) -> None:
     check_required(cfg, "ckpt", "lora-eval ckpt=outputs/train/<run>")
-    check_device(cfg.device, "device")
-    _check(cfg.split in ("train", "val", "test", "all"), "split",
+    check_value(cfg.split in ("train", "val", "test", "all"), "split",
            f"must be val or test (or train, or all: every image of dataset.root), got {cfg.split!r}")
-    _check(cfg.split != "all" or bool(cfg.dataset.root), "split",
+    check_value(cfg.split != "all" or bool(cfg.dataset.root), "split",
            "split=all evaluates every image of other data: give dataset.root=<folder> (on the run's own split it "
            "would count the training images)")
-    _check(cfg.precision is None or str(cfg.precision) in PRECISIONS, "precision",
-           f"must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
-    _check(cfg.batch_size is None or cfg.batch_size >= 1, "batch_size", "must be >= 1")
+    _check_inference(cfg)
 
 
 def validate_predict(cfg: Any) -> None:
     check_required(cfg, "ckpt", "lora-predict ckpt=outputs/train/<run> input=photos/")
-    _check((cfg.input is None) != (cfg.split is None), "input",
+    check_value((cfg.input is None) != (cfg.split is None), "input",
            "give either input=<image, folder or glob> or split=test (the run's own split), e.g. "
            "lora-predict ckpt=outputs/train/<run> input=photos/")
-    _check(cfg.split in (None, "train", "val", "test"), "split", f"must be train, val or test, got {cfg.split!r}")
-    check_device(cfg.device, "device")
-    if cfg.precision is not None and str(cfg.precision) not in PRECISIONS:
-        raise UserError(f"precision: must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
-    if cfg.batch_size is not None and cfg.batch_size < 1:
-        raise UserError(f"batch_size: must be >= 1, got {cfg.batch_size}")
+    check_value(cfg.split in (None, "train", "val", "test"), "split", f"must be train, val or test, got {cfg.split!r}")
+    _check_inference(cfg)
     if cfg.show < 0:
         raise UserError(f"show: must be >= 0, got {cfg.show}")
     if cfg.input is not None and not str(cfg.input).strip():
@@ -333,36 +358,11 @@ def validate_predict(cfg: Any) -> None:
 
 def validate_export(cfg: Any) -> None:
     check_required(cfg, "ckpt", "lora-export ckpt=outputs/train/<run> format=onnx")
-    _check(cfg.format in EXPORT_FORMATS, "format", f"must be one of {', '.join(EXPORT_FORMATS)}, got {cfg.format!r}")
-    _check(cfg.tolerance >= 0, "tolerance", f"must be >= 0, got {cfg.tolerance}")
-    _check(cfg.images >= 1, "images", f"must be >= 1, got {cfg.images}")
-    _check(not cfg.lowrank or cfg.format != "torchvision", "lowrank",
+    check_value(cfg.format in EXPORT_FORMATS, "format", f"must be one of {', '.join(EXPORT_FORMATS)}, got {cfg.format!r}")
+    check_value(cfg.tolerance >= 0, "tolerance", f"must be >= 0, got {cfg.tolerance}")
+    check_value(cfg.images >= 1, "images", f"must be >= 1, got {cfg.images}")
+    check_value(not cfg.lowrank or cfg.format != "torchvision", "lowrank",
            "the torchvision format is the merged model; use format=lowrank for the low-rank one")
-
-
-def validate_datacheck(cfg: Any) -> None:
-    """Value checks that need no data: each failure names its key. Runs before a run folder is made."""
-    d = cfg.dataset
-    if cfg.splits is None:
-        if d.name not in DATASET_NAMES:
-            raise UserError(f"dataset.name: unknown dataset {d.name!r}; choose one of {', '.join(DATASET_NAMES)}")
-        for key in ("val_fraction", "test_fraction"):
-            value = getattr(d, key)
-            if not 0.0 <= value < 1.0:
-                raise UserError(f"dataset.{key}: must be in [0, 1), got {value}")
-        if d.name != "synthetic" and not Path(str(d.root)).expanduser().is_dir():
-            raise UserError(f"dataset.root: {d.root} is not a folder; point dataset.root at the {d.name} data "
-                            "(see data/README.md)")
-    elif not splits_file(cfg.splits).is_file():
-        raise UserError(f"splits: {cfg.splits} is neither a splits.json nor a run folder holding one")
-    if cfg.show < 0:
-        raise UserError(f"show: must be >= 0, got {cfg.show}")
-
-
-def splits_file(spec: str) -> Path:
-    """The splits.json that `splits=` names: the file itself, or the one in a run folder."""
-    path = Path(spec).expanduser()
-    return path / SPLITS if path.is_dir() else path
 
 
 @functools.cache

@@ -23,12 +23,12 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
-from lora_cls.config import splits_file, validate_datacheck
+from lora_cls.config import check_value
 from lora_cls.data.decode import DEFAULT_MAX_PIXELS, UnreadableImage, decode_image, io_threads
-from lora_cls.data.layouts import collected_warnings, malaria_patient, prepare_splits
+from lora_cls.data.layouts import DATASET_NAMES, collected_warnings, malaria_patient, prepare_splits
 from lora_cls.data.splits import SPLIT_NAMES, DatasetSplits, read_splits_json
 from lora_cls.errors import UserError
-from lora_cls.runfolder import DATACHECK, check_fresh_run_dir, write_json
+from lora_cls.runfolder import DATACHECK, SPLITS, check_fresh_run_dir, write_json
 
 MALARIA_NAME_MARK = "_IMG_"  # NIH malaria file names: <patient>_IMG_<date>_<time>_cell_<n>.png
 
@@ -276,3 +276,26 @@ def _print_problem_tables(report: dict[str, Any], show: int, console: Console) -
 def _more(console: Console, total: int, shown: int) -> None:
     if total > shown:
         console.print(f"... and {total - shown} more (all listed in {DATACHECK})")
+
+
+def validate_datacheck(cfg: Any) -> None:
+    """Value checks that need no data: each failure names its key. Runs before a run folder is made."""
+    d = cfg.dataset
+    if cfg.splits is None:
+        if d.name not in DATASET_NAMES:
+            raise UserError(f"dataset.name: unknown dataset {d.name!r}; choose one of {', '.join(DATASET_NAMES)}")
+        for key in ("val_fraction", "test_fraction"):
+            check_value(0.0 <= getattr(d, key) < 1.0, f"dataset.{key}", f"must be in [0, 1), got {getattr(d, key)}")
+        if d.name != "synthetic" and not Path(str(d.root)).expanduser().is_dir():
+            raise UserError(f"dataset.root: {d.root} is not a folder; point dataset.root at the {d.name} data "
+                            "(see data/README.md)")
+    elif not splits_file(cfg.splits).is_file():
+        raise UserError(f"splits: {cfg.splits} is neither a splits.json nor a run folder holding one")
+    if cfg.show < 0:
+        raise UserError(f"show: must be >= 0, got {cfg.show}")
+
+
+def splits_file(spec: str) -> Path:
+    """The splits.json that `splits=` names: the file itself, or the one in a run folder."""
+    path = Path(spec).expanduser()
+    return path / SPLITS if path.is_dir() else path

@@ -1,4 +1,5 @@
-"""The training loop and evaluation: optimizer, LR schedule, decay schedule, BN recalibration, early stopping.
+"""The training loop and evaluation: steps under the decay schedule, BN recalibration, EMA, early stopping
+(the optimizer and LR schedule are in optim.py).
 
 Knows tensors and modules, not files. `Trainer` is built from one `TrainerSettings`; `Trainer.step(x, y)` is the
 one training step (lora-train's epochs and scripts/bench.py both run it); `Trainer.fit(callback)` validates after
@@ -7,6 +8,7 @@ every epoch itself and reports each epoch to the callback object, which writes t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -24,53 +26,15 @@ from tqdm.auto import tqdm
 from lora_cls import distributed
 from lora_cls.data.loaders import eval_loader
 from lora_cls.device import Precision, Runtime, autocast, prepare_batch
+from lora_cls.ema import WeightEMA
 from lora_cls.errors import UserError
-from lora_cls.inject import get_decay_state
+from lora_cls.inject import get_decay_state, merged_view
 from lora_cls.metrics import classification_metrics
 from lora_cls.models import loss_and_logits, plain_logits, set_train_mode, trainable_state
 from lora_cls.schedule import DecaySchedule
+from lora_cls.timing import Stopwatch, synchronize
 
 log = logging.getLogger(__name__)
-
-
-# -- optimizer and LR schedule ----------------------------------------------------------------------------
-
-def build_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float,
-                    betas: tuple[float, float] = (0.9, 0.999), momentum: float = 0.9, nesterov: bool = True,
-                    device: torch.device | None = None) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        raise UserError("nothing to train: no parameter requires a gradient")
-    # Fused kernels (CUDA, and CPU on torch >= 2.4: an AdamW step over ResNet34's 21.8M parameters drops from
-    # 73 to 13 ms, docs/BENCHMARKS.md); foreach (one multi-tensor op per step) where fusing is unsupported.
-    fuse = device is not None and device.type in ("cuda", "cpu")
-    if name == "adamw":
-        make = lambda **kind: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,  # noqa: E731
-                                                betas=tuple(betas), **kind)
-    elif name == "sgd":
-        make = lambda **kind: torch.optim.SGD(params, lr=lr, momentum=momentum,  # noqa: E731
-                                              nesterov=nesterov and momentum > 0, weight_decay=weight_decay, **kind)
-    else:
-        raise UserError(f"optimizer.name must be adamw or sgd; got {name!r}")
-    if fuse:
-        try:
-            return make(fused=True)
-        except (RuntimeError, TypeError, ValueError):
-            pass
-    return make(foreach=True)
-
-
-def warmup_cosine(total_steps: int, warmup_fraction: float, min_lr_ratio: float) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up over round(warmup_fraction·T) steps, then cosine down to min_lr_ratio."""
-    warmup = round(warmup_fraction * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 # -- evaluation -------------------------------------------------------------------------------------------
@@ -90,7 +54,8 @@ class EvalOutput:
 def evaluate(model: nn.Module, loader: Iterable, preprocess: nn.Module, device: torch.device,
              precision: Precision, channels_last: bool = True, desc: str = "eval",
              progress: bool = True) -> EvalOutput:
-    """Loss and class probabilities over a loader; adapters run merged (LoRALayer evaluates on W')."""
+    """Loss and class probabilities over a loader, on `merged_view(model)`: the adapters merged into plain layers."""
+    model = merged_view(model)
     was_training = model.training
     model.eval()
     preprocess.eval()
@@ -146,6 +111,7 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, preprocess: nn.Mod
     (random init) they held val accuracy at 0.50-0.61 while train accuracy was 0.94; recomputed: 0.96.
     Only BN layers run in training mode here; adapters run merged, without noise or dropout.
     """
+    model = merged_view(model)  # shares its BatchNorm layers with the model: their statistics are the model's
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
@@ -206,6 +172,8 @@ class TrainerSettings:
     lr_factor: the LR multiplier of global step t (e.g. `warmup_cosine`); schedule: d(t) of the adapters.
     classes, positive_class: what validation metrics are computed over. bn: "train" recomputes BatchNorm
     statistics at each epoch's end (see `recalibrate_batchnorm`), "frozen" keeps the pretrained ones.
+    label_smoothing, class_weight (one loss weight per class, or None): the training loss's (validation loss
+    stays the plain cross-entropy). ema: the decay of a `WeightEMA` of the trainable weights (0: none).
     """
 
     runtime: Runtime
@@ -219,6 +187,9 @@ class TrainerSettings:
     bn: str = "train"
     monitor: str = "val_accuracy"
     patience: int = 5
+    label_smoothing: float = 0.0
+    class_weight: tuple[float, ...] | None = None
+    ema: float = 0.0
 
     @property
     def total_steps(self) -> int:
@@ -243,10 +214,16 @@ class Trainer:
         # The module itself, under DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers.
         unwrapped = getattr(model, "module", model)
         self.base_model: nn.Module = getattr(unwrapped, "_orig_mod", unwrapped)
+        self._graphs = unwrapped is not self.base_model and settings.runtime.device.type == "cuda"
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, settings.lr_factor)
         self.scaler = torch.amp.GradScaler(settings.runtime.device.type, enabled=settings.runtime.precision.use_scaler)
         self.decay = get_decay_state(self.base_model)
+        self.ema = WeightEMA(self.base_model, settings.ema) if settings.ema else None
+        self._class_weight = (None if settings.class_weight is None else
+                              torch.tensor(settings.class_weight, dtype=torch.float32, device=settings.runtime.device))
         self.state = FitState()
+        self.timing = Stopwatch(settings.runtime.device)  # lora-train hands in the run's own (train.py)
+        self.first_step_started: float | None = None  # perf_counter() when this process's first step began
         self._waiting_for_d_min = False
 
     @property
@@ -261,14 +238,19 @@ class Trainer:
             self.decay.set(self.settings.schedule.factor(self.state.global_step, self.settings.total_steps))
         x = self.preprocess(rt.batch(x))
         y = y.to(rt.device, non_blocking=True)
+        if self._graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: CUDA-graph outputs may be overwritten
         with rt.autocast():
             outputs = self.model(x)
-        loss, logits = loss_and_logits(outputs, y)  # GoogLeNet/Inception with aux heads: (logits, aux...)
+        # GoogLeNet/Inception with aux heads: (logits, aux...)
+        loss, logits = loss_and_logits(outputs, y, self._class_weight, self.settings.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
         self.state.global_step += 1
         return loss.detach(), logits.detach()
 
@@ -284,12 +266,16 @@ class Trainer:
         bar = tqdm(total=s.steps_per_epoch, desc=f"epoch {epoch}/{s.epochs}", leave=False,
                    disable=not rt.progress, dynamic_ncols=True)
         start = time.perf_counter()
+        first_seconds, first_images = 0.0, 0
         for i, (x, y) in enumerate(self.train_loader):
             if i >= s.steps_per_epoch:
                 break
             y = y.to(rt.device, non_blocking=True)
-            loss, logits = self.step(x, y)
             n = y.shape[0]
+            if self.first_step_started is None:
+                loss, logits, first_seconds, first_images = (*self._first_step(x, y), n)
+            else:
+                loss, logits = self.step(x, y)
             loss_sum += loss * n
             correct += (logits.argmax(1) == y).sum()
             seen += n
@@ -314,11 +300,26 @@ class Trainer:
         mean_loss = loss_sum.item() / max(1, seen)
         if not math.isfinite(mean_loss):
             raise NonFiniteLoss(self.state.global_step)
+        if seen > first_images:  # the first step (compilation, autotuning) is timed apart, out of images/s
+            seconds, timed_images = seconds - first_seconds, seen - first_images
+        else:
+            timed_images = seen
         self.state.train_seconds += seconds
-        self.state.train_images += seen
+        self.state.train_images += timed_images
         return {"epoch": epoch, "step": self.state.global_step, "lr": lr, "d": self.d, "train_loss": mean_loss,
-                "train_accuracy": correct.item() / max(1, seen), "images_per_second": seen / seconds,
+                "train_accuracy": correct.item() / max(1, seen), "images_per_second": timed_images / seconds,
                 "seconds": seconds}
+
+    def _first_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """This process's first step, timed to its end: it pays torch.compile's compilation and cuDNN's
+        autotuning, which the log reports and images/s leaves out."""
+        self.first_step_started = time.perf_counter()
+        loss, logits = self.step(x, y)
+        synchronize(self.settings.runtime.device)
+        seconds = time.perf_counter() - self.first_step_started
+        self.timing.add("first_step", seconds)
+        log.info("first step: %.2f s (compilation and autotuning happen here; not counted in images/s)", seconds)
+        return loss, logits, seconds
 
     def _run_eta(self, epoch_seconds: float, epoch_steps: int) -> str:
         """Time left for the whole run's training steps, at this epoch's pace (validation not counted)."""
@@ -326,12 +327,17 @@ class Trainer:
         minutes, seconds = divmod(int(left + 0.5), 60)
         return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
 
+    def averaged_weights(self) -> contextlib.AbstractContextManager:
+        """With trainer.ema: the model holds the averaged weights inside this context; else it changes nothing."""
+        return self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
+
     def validate(self) -> dict:
         """Validation metrics of the model as it is now (BN statistics recomputed first under bn=train)."""
         s = self.settings
         if s.bn == "train":
-            recalibrate_batchnorm(self.base_model, eval_loader(self.train_loader.dataset, s.eval_batch_size),
-                                  self.preprocess, s.runtime.device, s.runtime.precision, s.runtime.channels_last)
+            with self.timing.phase("bn_recalibration"):
+                recalibrate_batchnorm(self.base_model, eval_loader(self.train_loader.dataset, s.eval_batch_size),
+                                      self.preprocess, s.runtime.device, s.runtime.precision, s.runtime.channels_last)
         out = evaluate_split(self.base_model, self.val_set, self.preprocess, s.runtime, s.eval_batch_size, "val",
                              len(s.classes))
         return classification_metrics(out.y_true, out.probs, list(s.classes), s.positive_class, loss=out.loss)
@@ -342,14 +348,17 @@ class Trainer:
         s, state = self.settings, self.state
         while state.epoch < s.epochs and not self._stops_early():
             row = self.train_epoch()
-            metrics = self.validate()
-            row.update({f"val_{k}": metrics.get(k) for k in ("loss", "accuracy", "balanced_accuracy", "macro_f1")})
+            with self.averaged_weights(), self.timing.phase("validation"):  # the EMA weights, when on
+                metrics = self.validate()
+                row.update({f"val_{k}": metrics.get(k) for k in ("loss", "accuracy", "balanced_accuracy",
+                                                                   "macro_f1")})
+                value = row[s.monitor]
+                improved = value is not None and is_better(value, state.best_metric, s.monitor)
+                if improved:
+                    state.best_state = trainable_state(self.base_model, s.bn)
             state.epoch = row["epoch"]
-            value = row[s.monitor]
-            improved = value is not None and is_better(value, state.best_metric, s.monitor)
             if improved:
                 state.best_metric, state.best_epoch = value, row["epoch"]
-                state.best_state = trainable_state(self.base_model, s.bn)
                 state.epochs_without_improvement = 0
             else:
                 state.epochs_without_improvement += 1
@@ -358,7 +367,8 @@ class Trainer:
                      row["epoch"], s.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"],
                      row["val_accuracy"], row["lr"], row["d"], row["images_per_second"], "  *" if improved else "")
             if callback is not None:
-                callback.on_epoch_end(self, row, improved)
+                with self.timing.phase("writing"):
+                    callback.on_epoch_end(self, row, improved)
         state.stopped_early = state.epoch < s.epochs
         if state.stopped_early:
             log.info("early stopping at epoch %d of %d: %s has not improved for %d epochs", state.epoch, s.epochs,

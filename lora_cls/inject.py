@@ -10,6 +10,7 @@ import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
 
+import torch
 from torch import nn
 
 from lora_cls.attention import LoRAMultiheadAttention, make_weight_aware
@@ -270,6 +271,39 @@ def _export(model: nn.Module, convert) -> nn.Module:
 def merge_lora(model: nn.Module) -> nn.Module:
     """A copy of `model` in which every adapter is a plain layer with W' = d·W + s·BA and b' = d·b + C."""
     return _export(model, lambda layer: layer.to_merged())
+
+
+def merged_view(model: nn.Module) -> nn.Module:
+    """`model` as evaluation runs it (docs/DESIGN.md §4): every adapter replaced by its merged plain layer
+    (W' = d·W + s·BA, as `merge_lora`), every other module shared with `model`, not copied.
+
+    Evaluation through it runs the base architecture's own layers, at the base model's speed (no per-call adapter
+    bookkeeping); BatchNorm statistics recomputed through it are `model`'s own. Build it again after the weights
+    change: the merged layers hold the values of the moment they were made. A model without adapters is
+    returned as it is.
+    """
+    units = dict(adapted_units(model))
+    if not units:
+        return model
+    with torch.no_grad():
+        return _with_merged_units(model, "", units)
+
+
+def _with_merged_units(module: nn.Module, name: str, units: dict[str, nn.Module]) -> nn.Module:
+    if name in units:
+        merged = units[name].to_merged()
+        weight = getattr(units[name], "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 4 and not weight.is_contiguous() and \
+                weight.is_contiguous(memory_format=torch.channels_last):
+            merged = merged.to(memory_format=torch.channels_last)  # as the model was placed (device.Runtime)
+        return merged
+    if name and not any(u.startswith(name + ".") for u in units):
+        return module  # nothing adapted below: shared as it is
+    shell = copy.copy(module)  # a shallow copy: parameters, buffers and hooks are the original's own
+    shell._modules = {child_name: (None if child is None else
+                                   _with_merged_units(child, f"{name}.{child_name}" if name else child_name, units))
+                      for child_name, child in module._modules.items()}
+    return shell
 
 
 def export_low_rank(model: nn.Module) -> nn.Module:

@@ -46,7 +46,8 @@ def resume_state(cfg: DictConfig, model: nn.Module, trainer: Trainer) -> dict[st
             "best_metric": s.best_metric, "best_epoch": s.best_epoch,
             "epochs_without_improvement": s.epochs_without_improvement, "train_seconds": s.train_seconds,
             "train_images": s.train_images, "history": s.history, "rng": ckpt.rng_state(),
-            "loader_rng": loader_rng.get_state() if loader_rng is not None else None, "time": time.time()}
+            "loader_rng": loader_rng.get_state() if loader_rng is not None else None, "time": time.time(),
+            "ema": trainer.ema.state_dict() if trainer.ema is not None else None}
 
 
 def resume_source(resume: str, run_dir: Path) -> Path | None:
@@ -88,7 +89,8 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict] | None:
     defaults = schema_defaults()
     saved = {**defaults, **{k: v for k, v in state["config"].items() if k in defaults}}
     now = flatten(to_container(cfg))
-    changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k))
+    changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k)
+                     and not k.startswith("logger."))  # a logger records the run; it changes nothing computed
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
         raise UserError(f"cannot resume: the config differs from the interrupted run's ({detail}); resume with the "
@@ -115,6 +117,8 @@ def restore(state: dict, model: nn.Module, trainer: Trainer) -> None:
     s.epochs_without_improvement = int(state["epochs_without_improvement"])
     s.train_seconds, s.train_images = float(state["train_seconds"]), int(state["train_images"])
     s.history = list(state["history"])
+    if trainer.ema is not None and state.get("ema") is not None:
+        trainer.ema.load_state_dict(state["ema"])
     generator = getattr(trainer.train_loader, "generator", None)
     if state.get("loader_rng") is not None and generator is not None:
         generator.set_state(state["loader_rng"])

@@ -20,6 +20,8 @@ from lora_cls.engine import Trainer, evaluate_split
 from lora_cls.models import parameter_report, print_parameter_report
 from lora_cls.resume import prepare_run_dir, restore, resume_state
 from lora_cls.runfolder import RunDir, run_metrics, write_json
+from lora_cls.timing import Stopwatch, describe, startup_seconds
+from lora_cls.tracking import Loggers
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -33,6 +35,7 @@ class RunRecorder:
 
     def __init__(self, cfg: DictConfig, run: RunDir, model: nn.Module, metadata: dict, writes: bool) -> None:
         self.cfg, self.run, self.model, self.metadata, self.writes = cfg, run, model, metadata, writes
+        self.loggers = Loggers(cfg.get("logger"), run.path, metadata["config"], writes)  # logger=tensorboard/mlflow
 
     def save_adapter(self, trainer: Trainer, **extra) -> None:
         state = trainer.state
@@ -50,6 +53,7 @@ class RunRecorder:
         self.save_last(trainer)
         reports.write_history(self.run.history, trainer.state.history)
         reports.plot_curves(trainer.state.history, self.run.curves, trainer.state.best_epoch)
+        self.loggers.epoch(row)
 
 
 def final_metrics(cfg: DictConfig, run: RunDir, trainer: Trainer, loaders: dict, splits: DatasetSplits,
@@ -76,6 +80,8 @@ def final_metrics(cfg: DictConfig, run: RunDir, trainer: Trainer, loaders: dict,
             "val": results["val"], "test": results["test"],
             "timing": {"train_seconds": round(state.train_seconds, 3),
                        "train_images_per_second": round(state.train_images / max(state.train_seconds, 1e-9), 3)},
+            "class_weights": (dict(zip(splits.classes, trainer.settings.class_weight))
+                              if trainer.settings.class_weight is not None else None),
             "device": str(runtime.device), "precision": runtime.precision.name, "adapted_layers": adapted_layers,
             "processes": runtime.dist.world_size, "skipped_images": splits.skipped}
 
@@ -83,19 +89,40 @@ def final_metrics(cfg: DictConfig, run: RunDir, trainer: Trainer, loaders: dict,
 def _data_cache_note(loaders: dict) -> str:
     datasets = [loader.dataset for loader in loaders.values()]
     if not datasets[0].cached:
-        return "decoded every epoch (the set is larger than dataset.cache.max_gb)"
+        return "decoded every epoch (dataset.cache.enabled=false)"
     mib = sum(len(d) for d in datasets) * 3 * datasets[0].image_size ** 2 / 2**20
-    return f"decoded once, held in memory ({mib:.1f} MiB)" if mib < 10 else f"decoded once, held in memory ({mib:.0f} MiB)"
+    size = f"{mib:.1f} MiB" if mib < 10 else f"{mib:.0f} MiB"
+    hits = sum(bool(d.cache_hit) for d in datasets)
+    state = "from the decoded-image cache (hit)" if hits == len(datasets) else \
+        "decoded once into the decoded-image cache (miss)" if hits == 0 else \
+        f"from the decoded-image cache (hit for {hits} of {len(datasets)} splits, the others decoded)"
+    kept = [d.cache_path.parent for d in datasets if d.cache_path is not None]
+    where = f"in {kept[0]}" if kept else "in a temporary file (larger than dataset.cache.max_gb)"
+    return f"{state} {where}, memory-mapped ({size})"
+
+
+def run_timing(watch: Stopwatch, trainer: Trainer, trained_before: float) -> dict:
+    """metrics.json `timing`: the wall-time breakdown of this process's part of the run, and `data_seconds`
+    (from the start of the run to its first training step: reading and decoding the data, building the model)."""
+    watch.add("train", trainer.state.train_seconds - trained_before)
+    timing = watch.breakdown(wall=watch.since_start() + watch.seconds["startup"])
+    if trainer.first_step_started is not None:
+        timing["data_seconds"] = round(trainer.first_step_started - watch.started, 3)
+    return timing
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train per `cfg`, write the run folder, and return metrics.json's content."""
+    watch = Stopwatch()
+    watch.add("startup", startup_seconds())
     run = RunDir(run_dir)
     validate(cfg)
     resume = prepare_run_dir(cfg, run.path)
     info = distributed.init_distributed()
     runtime = build.train_runtime(cfg, info)
-    splits, loaders = build.load_data(cfg, runtime)
+    watch.device = runtime.device
+    with watch.phase("data_load"):
+        splits, loaders = build.load_data(cfg, runtime)
     if info.is_main:
         write_splits_json(splits, run.splits)
     log.info("data: %s at %s, classes %s, train/val/test = %d/%d/%d", cfg.dataset.name, splits.root,
@@ -104,13 +131,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     log.info("images per class: %s", "; ".join(f"{split} " + ", ".join(f"{c} {n}" for c, n in counts.items())
                                                 for split, counts in splits.class_counts().items()))
 
-    model, adapted, identity = build.build_classifier(cfg, len(splits.classes))
+    with watch.phase("model_build"):
+        model, adapted, identity = build.build_classifier(cfg, len(splits.classes))
     params = parameter_report(model)
     if runtime.progress:
         print_parameter_report(params, f"{cfg.model.name} · finetune={cfg.finetune}", console=console)
     log.info("params: total %d, trainable %d (%.4f%%), %d adapted layers", params["total"], params["trainable"],
              params["trainable_pct"], len(adapted))
-    trainer = build.build_trainer(cfg, model, runtime, loaders, splits)
+    with watch.phase("model_build"):
+        trainer = build.build_trainer(cfg, model, runtime, loaders, splits)
+    trainer.timing = watch
     metadata = {"config": to_container(cfg), "classes": splits.classes, "positive_class": splits.positive_class,
                 "base_weights": identity, "eval_batch_size": build.eval_batch_size(cfg),
                 "precision": runtime.precision.name}
@@ -125,12 +155,20 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     elif info.is_main:
         recorder.save_last(trainer)
 
-    trainer.fit(recorder)
-
-    metrics = final_metrics(cfg, run, trainer, loaders, splits, params, len(adapted))
+    trained_before = trainer.state.train_seconds
+    try:
+        trainer.fit(recorder)
+        with watch.phase("final_eval"):
+            metrics = final_metrics(cfg, run, trainer, loaders, splits, params, len(adapted))
+    except BaseException:
+        recorder.loggers.fail()  # an MLflow run ends FAILED instead of staying RUNNING
+        raise
+    metrics["timing"] = run_timing(watch, trainer, trained_before) | metrics["timing"]
+    log.info("time: %s", describe(metrics["timing"]))
     if not info.is_main:
         return metrics
     write_json(run.metrics, metrics)
+    recorder.loggers.finish(metrics)
     if runtime.progress:
         reports.print_metrics(metrics["test"], f"test ({len(splits.test)} images, best epoch {metrics['best_epoch']})",
                               console=console)

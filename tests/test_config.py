@@ -75,6 +75,12 @@ GROUP_CASES = [
                                      "lora.targets": ["features.24", "features.26", "features.28"]}),
     # sweep=rank only sets hydra.sweeper.params (tested in test_scaleout.py); the job config is the default
     ("sweep", "rank", {"lora.rank": 8, "model.name": "resnet34"}),
+    # sweep=search sets hydra.sweeper (the Optuna search, tested in test_search.py); the job config is the default
+    ("sweep", "search", {"lora.rank": 8, "optimizer.lr": 1e-3, "logger.csv": {}}),
+    ("logger", "csv", {"logger.csv": {}, "logger.tensorboard": None, "logger.mlflow": None}),
+    ("logger", "tensorboard", {"logger.tensorboard": {"dir": "tensorboard"}, "logger.mlflow": None}),
+    ("logger", "mlflow", {"logger.mlflow": {"tracking_uri": None, "experiment": "lora-cls", "run_name": None},
+                          "logger.tensorboard": None}),
 ]
 
 

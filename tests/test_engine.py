@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from lora_cls.device import Precision
-from lora_cls.engine import is_better, recalibrate_batchnorm, warmup_cosine
+from lora_cls.engine import is_better, recalibrate_batchnorm
 from lora_cls.inject import inject_lora, set_decay
+from lora_cls.optim import warmup_cosine
 
 
 def test_warmup_then_cosine_to_min_ratio():
@@ -143,3 +144,36 @@ def test_a_run_that_reaches_its_last_epoch_does_not_claim_early_stopping(caplog)
     state, log = _stalled_fit("none", caplog, patience=10)
     assert state.epoch == 10 and not state.stopped_early
     assert "early stopping" not in log
+
+
+def test_evaluation_runs_a_merged_view_equal_to_the_adapted_model_and_sharing_its_batchnorm():
+    """merged_view: plain layers in place of adapters (W' = d·W + s·BA), everything else the model's own."""
+    import torchvision
+
+    from lora_cls.inject import lora_layers, merged_view
+    from lora_cls.lora import LoRALayer
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3).double()
+    inject_lora(model, ["layer1.0.conv1", "layer4.1.conv2", "fc"], rank=2, alpha=4)
+    for _, layer in lora_layers(model):
+        with torch.no_grad():
+            layer.lora_B.normal_()
+    set_decay(model, 0.3)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        view = merged_view(model)
+        got = view(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    assert not any(isinstance(m, LoRALayer) for m in view.modules())
+    assert len(lora_layers(model)) == 3  # the model itself is unchanged
+    assert view.bn1 is model.bn1 and view.layer1[0].bn1 is model.layer1[0].bn1  # shared, not copied
+    assert view.layer2 is model.layer2  # nothing adapted below: the same module
+    assert view.layer1 is not model.layer1 and isinstance(view.fc, nn.Linear)
+    # BN statistics recomputed through the view are the model's own
+    before = model.bn1.running_mean.clone()
+    recalibrate_batchnorm(model, [(x, None)], nn.Identity(), torch.device("cpu"), Precision("32", None, False), False)
+    assert not torch.equal(model.bn1.running_mean, before)
+    assert merged_view(nn.Linear(2, 2)).__class__ is nn.Linear
