@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from lora_cls import distributed
 from lora_cls.data.loaders import eval_loader
+from lora_cls.data.prefetch import prefetched
 from lora_cls.device import Precision, Runtime, autocast, prepare_batch
 from lora_cls.ema import WeightEMA
 from lora_cls.errors import UserError
@@ -267,29 +268,27 @@ class Trainer:
                    disable=not rt.progress, dynamic_ncols=True)
         start = time.perf_counter()
         first_seconds, first_images = 0.0, 0
-        for i, (x, y) in enumerate(self.train_loader):
-            if i >= s.steps_per_epoch:
-                break
-            y = y.to(rt.device, non_blocking=True)
-            n = y.shape[0]
-            if self.first_step_started is None:
-                loss, logits, first_seconds, first_images = (*self._first_step(x, y), n)
-            else:
-                loss, logits = self.step(x, y)
-            loss_sum += loss * n
-            correct += (logits.argmax(1) == y).sum()
-            seen += n
-            if i % 10 == 0 or i + 1 == s.steps_per_epoch:
-                # one host sync every few steps: catches a diverged loss early without stalling the GPU queue
-                mean_loss = loss_sum.item() / seen
-                if not math.isfinite(mean_loss) and not rt.dist.enabled:
-                    raise NonFiniteLoss(self.state.global_step)  # (processes decide together, at epoch end)
-                elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{correct.item() / seen:.3f}",
-                                img_s=f"{seen / elapsed:.1f}", d=f"{self.d:.3f}", run_left=self._run_eta(elapsed, i + 1))
-            bar.update(1)
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize(rt.device)
+        batches = self._batches()
+        try:
+            for i, (x, y) in enumerate(batches):
+                if i >= s.steps_per_epoch:
+                    break
+                y = y.to(rt.device, non_blocking=True)
+                n = y.shape[0]
+                if self.first_step_started is None:
+                    loss, logits, first_seconds, first_images = (*self._first_step(x, y), n)
+                else:
+                    loss, logits = self.step(x, y)
+                loss_sum += loss * n
+                correct += (logits.argmax(1) == y).sum()
+                seen += n
+                if i % 10 == 0 or i + 1 == s.steps_per_epoch:
+                    self._check_and_show(bar, i + 1, loss_sum.item() / seen, correct.item() / seen, seen, start)
+                bar.update(1)
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()  # a prefetching thread stops here
+        synchronize(rt.device)
         seconds = time.perf_counter() - start
         bar.close()
         if rt.dist.enabled:
@@ -309,6 +308,23 @@ class Trainer:
         return {"epoch": epoch, "step": self.state.global_step, "lr": lr, "d": self.d, "train_loss": mean_loss,
                 "train_accuracy": correct.item() / max(1, seen), "images_per_second": timed_images / seconds,
                 "seconds": seconds}
+
+    def _check_and_show(self, bar: tqdm, steps: int, mean_loss: float, accuracy: float, seen: int,
+                        start: float) -> None:
+        """Every few steps (one host sync, not one per step): stop a diverged loss early, update the bar."""
+        if not math.isfinite(mean_loss) and not self.settings.runtime.dist.enabled:
+            raise NonFiniteLoss(self.state.global_step)  # (several processes decide together, at epoch end)
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{accuracy:.3f}", img_s=f"{seen / elapsed:.1f}",
+                        d=f"{self.d:.3f}", run_left=self._run_eta(elapsed, steps))
+
+    def _batches(self) -> Iterator:
+        """The train loader's batches; on CUDA, from a loader in this process (the decoded-image cache), gathered
+        and pinned one step ahead in a thread (data/prefetch.py) so the copies overlap the GPU's work."""
+        loader = self.train_loader
+        if self.settings.runtime.device.type == "cuda" and getattr(loader, "num_workers", 1) == 0:
+            return prefetched(loader)
+        return iter(loader)
 
     def _first_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """This process's first step, timed to its end: it pays torch.compile's compilation and cuDNN's
