@@ -6,6 +6,8 @@ A plain function (no Hydra), callable from tests; lora-train's entry point calls
 from __future__ import annotations
 
 import logging
+import math
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -27,15 +29,21 @@ log = logging.getLogger(__name__)
 console = Console(stderr=True)
 
 
+CURVES_EVERY_SECONDS = 30.0
+
+
 class RunRecorder:
     """The Trainer's epoch callback: what the run folder keeps after each epoch (only the first process writes).
 
-    The best epoch's adapter when it improved; last.pt, history.csv and the curves every epoch.
+    The best epoch's adapter when it improved; last.pt and history.csv every epoch. The curves PNG takes ~0.3 s to
+    draw (as long as a whole epoch of a small set on a GPU), so it is drawn after the first epoch, then at most
+    every CURVES_EVERY_SECONDS, and after the last epoch (`finish`).
     """
 
     def __init__(self, cfg: DictConfig, run: RunDir, model: nn.Module, metadata: dict, writes: bool) -> None:
         self.cfg, self.run, self.model, self.metadata, self.writes = cfg, run, model, metadata, writes
         self.loggers = Loggers(cfg.get("logger"), run.path, metadata["config"], writes)  # logger=tensorboard/mlflow
+        self._curves_drawn: tuple[float, int] = (-math.inf, -1)  # (when, after which epoch)
 
     def save_adapter(self, trainer: Trainer, **extra) -> None:
         state = trainer.state
@@ -52,8 +60,16 @@ class RunRecorder:
             self.save_adapter(trainer, d=row["d"])
         self.save_last(trainer)
         reports.write_history(self.run.history, trainer.state.history)
-        reports.plot_curves(trainer.state.history, self.run.curves, trainer.state.best_epoch)
+        self.draw_curves(trainer, last=False)
         self.loggers.epoch(row)
+
+    def draw_curves(self, trainer: Trainer, last: bool) -> None:
+        when, epoch = self._curves_drawn
+        now = time.monotonic()
+        if not self.writes or epoch == trainer.state.epoch or (not last and now - when < CURVES_EVERY_SECONDS):
+            return
+        reports.plot_curves(trainer.state.history, self.run.curves, trainer.state.best_epoch)
+        self._curves_drawn = (now, trainer.state.epoch)
 
 
 def final_metrics(cfg: DictConfig, run: RunDir, trainer: Trainer, loaders: dict, splits: DatasetSplits,
@@ -101,6 +117,28 @@ def _data_cache_note(loaders: dict) -> str:
     return f"{state} {where}, memory-mapped ({size})"
 
 
+def _log_data(cfg: DictConfig, splits: DatasetSplits, loaders: dict, runtime) -> None:
+    log.info("data: %s at %s, classes %s, train/val/test = %d/%d/%d", cfg.dataset.name, splits.root,
+             splits.classes, len(splits.train), len(splits.val), len(splits.test))
+    log.info("run: %s; images %s", runtime.describe(), _data_cache_note(loaders))
+    log.info("images per class: %s", "; ".join(f"{split} " + ", ".join(f"{c} {n}" for c, n in counts.items())
+                                                for split, counts in splits.class_counts().items()))
+
+
+def _start_or_resume(cfg: DictConfig, resume: tuple | None, trainer: Trainer, recorder: RunRecorder) -> None:
+    """A new run writes its first last.pt; a resumed one restores model, optimizer, schedules and state."""
+    if resume is None:
+        if recorder.writes:
+            recorder.save_last(trainer)
+        return
+    resume_from, state = resume
+    restore(state, recorder.model, trainer)
+    log.info("resuming from %s: %d of %d epochs done (global step %d)", resume_from, trainer.state.epoch,
+             cfg.trainer.epochs, trainer.state.global_step)
+    if resume_from != recorder.run.last and recorder.writes:  # from another folder's run: carry its best adapter
+        recorder.save_adapter(trainer)
+
+
 def run_timing(watch: Stopwatch, trainer: Trainer, trained_before: float) -> dict:
     """metrics.json `timing`: the wall-time breakdown of this process's part of the run, and `data_seconds`
     (from the start of the run to its first training step: reading and decoding the data, building the model)."""
@@ -125,11 +163,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         splits, loaders = build.load_data(cfg, runtime)
     if info.is_main:
         write_splits_json(splits, run.splits)
-    log.info("data: %s at %s, classes %s, train/val/test = %d/%d/%d", cfg.dataset.name, splits.root,
-             splits.classes, len(splits.train), len(splits.val), len(splits.test))
-    log.info("run: %s; images %s", runtime.describe(), _data_cache_note(loaders))
-    log.info("images per class: %s", "; ".join(f"{split} " + ", ".join(f"{c} {n}" for c, n in counts.items())
-                                                for split, counts in splits.class_counts().items()))
+    _log_data(cfg, splits, loaders, runtime)
 
     with watch.phase("model_build"):
         model, adapted, identity = build.build_classifier(cfg, len(splits.classes))
@@ -145,19 +179,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                 "base_weights": identity, "eval_batch_size": build.eval_batch_size(cfg),
                 "precision": runtime.precision.name}
     recorder = RunRecorder(cfg, run, model, metadata, writes=info.is_main)
-    if resume is not None:
-        resume_from, state = resume
-        restore(state, model, trainer)
-        log.info("resuming from %s: %d of %d epochs done (global step %d)", resume_from, trainer.state.epoch,
-                 cfg.trainer.epochs, trainer.state.global_step)
-        if resume_from != run.last:  # continuing another folder's run: carry its best adapter over
-            recorder.save_adapter(trainer)
-    elif info.is_main:
-        recorder.save_last(trainer)
+    _start_or_resume(cfg, resume, trainer, recorder)
 
     trained_before = trainer.state.train_seconds
     try:
         trainer.fit(recorder)
+        with watch.phase("writing"):
+            recorder.draw_curves(trainer, last=True)
         with watch.phase("final_eval"):
             metrics = final_metrics(cfg, run, trainer, loaders, splits, params, len(adapted))
     except BaseException:

@@ -74,7 +74,7 @@ RATIOS: tuple[tuple[str, str, str, str, str, float | None], ...] = (
     ("lora_fp32_step_over_full_fp32_step", "lora_fp32", "full_fp32", "step_time", "<=", 0.5),
     ("lora_fast_step_over_full_fast_step", "lora_fast", "full_fast", "step_time", "<=", 0.5),
     ("lora_fp32_vs_head_fp32", "lora_fp32", "head_fp32", "throughput", ">=", None),
-    ("lora_fast_vs_head_fast", "lora_fast", "head_fast", "throughput", ">=", None),
+    ("lora_fast_vs_head_fast", "lora_fast", "head_fast", "throughput", ">=", 0.6),  # issue 17: LoRA at >= 0.6 of the floor
     ("eval_merged_vs_base", "eval_merged", "eval_base", "throughput", ">=", 0.97),
     ("eval_unmerged_vs_base", "eval_unmerged", "eval_base", "throughput", ">=", None),
     ("eval_exported_vs_base", "eval_exported", "eval_base", "throughput", ">=", None),
@@ -87,7 +87,7 @@ RATIOS: tuple[tuple[str, str, str, str, str, float | None], ...] = (
     ("lora_fp32_fused_vs_head_fp32", "lora_fp32_fused", "head_fp32", "throughput", ">=", None),
     ("lora_fast_fused_vs_head_fast", "lora_fast_fused", "head_fast", "throughput", ">=", None),
 )
-E2E_TARGET = 0.85  # lora-train's epoch throughput within 15% of the pure model step
+E2E_TARGET = 0.90  # lora-train's epoch throughput within 10% of the pure model step (issue 17)
 
 
 # -- settings --------------------------------------------------------------------------------------------
@@ -354,7 +354,7 @@ def run_settings(args: argparse.Namespace, device: torch.device, fast: Precision
             "device": str(device), "fast_precision": fast.name,
             "threads": args.threads, "clock": args.clock, "rounds": args.rounds,
             "steps_per_round": args.steps, "warmup": args.warmup, "quick": args.quick,
-            "optimizer": "AdamW (lora_cls.engine.build_optimizer)"}
+            "optimizer": "AdamW (lora_cls.optim.build_optimizer)"}
 
 
 def compile_seconds(variants: list[Variant]) -> float | None:

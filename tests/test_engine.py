@@ -177,3 +177,30 @@ def test_evaluation_runs_a_merged_view_equal_to_the_adapted_model_and_sharing_it
     recalibrate_batchnorm(model, [(x, None)], nn.Identity(), torch.device("cpu"), Precision("32", None, False), False)
     assert not torch.equal(model.bn1.running_mean, before)
     assert merged_view(nn.Linear(2, 2)).__class__ is nn.Linear
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["eager", "reduce-overhead"])
+def test_cuda_epochs_prefetch_and_cuda_graphs_train_the_same_batches(mode):
+    """On CUDA the train loader is prefetched in a thread, and trainer.compile_mode=reduce-overhead captures the
+    step in CUDA graphs: an epoch sees every batch of the loader and the adapters train."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lora_cls.build import compiled
+    from lora_cls.device import Runtime
+    from lora_cls.engine import Trainer, TrainerSettings
+
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = nn.Sequential(*_bn_model(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).to(device)
+    run_model = compiled(model, mode, device) if mode != "eager" else model
+    data = TensorDataset(torch.randn(24, 3, 8, 8), torch.arange(24) % 4)
+    settings = TrainerSettings(Runtime(device, Precision("32", None, False), False, progress=False),
+                               epochs=1, steps_per_epoch=6, bn="frozen")
+    trainer = Trainer(run_model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+                      nn.Identity(), settings, DataLoader(data, batch_size=4, pin_memory=True))
+    before = model[0].lora_B.detach().clone()
+    row = trainer.train_epoch()
+    assert trainer.state.global_step == 6 and math.isfinite(row["train_loss"])
+    assert not torch.equal(model[0].lora_B, before)
+    assert trainer.timing.seconds["first_step"] > 0
