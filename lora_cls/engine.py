@@ -299,6 +299,7 @@ class Trainer:
         mean_loss = loss_sum.item() / max(1, seen)
         if not math.isfinite(mean_loss):
             raise NonFiniteLoss(self.state.global_step)
+        first_images *= rt.dist.world_size  # every process took its first step in this epoch
         if seen > first_images:  # the first step (compilation, autotuning) is timed apart, out of images/s
             seconds, timed_images = seconds - first_seconds, seen - first_images
         else:

@@ -292,6 +292,9 @@ def merged_view(model: nn.Module) -> nn.Module:
 def _with_merged_units(module: nn.Module, name: str, units: dict[str, nn.Module]) -> nn.Module:
     if name in units:
         merged = units[name].to_merged()
+        for layer in units[name].modules():  # the view holds the merged weights now: one copy, not two
+            if isinstance(layer, LoRALayer):
+                layer._merged_cache = None
         weight = getattr(units[name], "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() == 4 and not weight.is_contiguous() and \
                 weight.is_contiguous(memory_format=torch.channels_last):

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lora_cls.errors import UserError
@@ -349,12 +350,12 @@ class LoRAConv2d(LoRALayer):
         self._check_pure_low_rank()
         bias = self.merged_bias()
         a = self._plain_conv(self.lora_A.shape[1] * self.groups, self.rank, self.lora_A.shape[2:], False)
-        b = nn.Conv2d(self.rank, self.out_features, 1, bias=bias is not None, groups=self.groups,
+        b = skip_init(nn.Conv2d, self.rank, self.out_features, 1, bias=bias is not None, groups=self.groups,
                       **self._factory())
         return nn.Sequential(_filled(a, self.lora_A, None), _filled(b, self.lora_B * self.scaling, bias))
 
     def _plain_conv(self, c_in: int, c_out: int, kernel, bias: bool) -> nn.Conv2d:
-        return nn.Conv2d(c_in, c_out, tuple(kernel), stride=self.stride, padding=self.padding,
+        return skip_init(nn.Conv2d, c_in, c_out, tuple(kernel), stride=self.stride, padding=self.padding,
                          dilation=self.dilation, groups=self.groups, bias=bias, padding_mode=self.padding_mode,
                          **self._factory())
 
@@ -377,18 +378,19 @@ class LoRALinear(LoRALayer):
 
     def to_merged(self) -> nn.Linear:
         w, b = self._merged_for_eval()
-        return _filled(nn.Linear(w.shape[1], w.shape[0], bias=b is not None, **self._factory()), w, b)
+        return _filled(skip_init(nn.Linear, w.shape[1], w.shape[0], bias=b is not None, **self._factory()), w, b)
 
     def to_low_rank(self) -> nn.Sequential:
         self._check_pure_low_rank()
         bias = self.merged_bias()
-        a = nn.Linear(self.lora_A.shape[1], self.rank, bias=False, **self._factory())
-        b = nn.Linear(self.rank, self.out_features, bias=bias is not None, **self._factory())
+        a = skip_init(nn.Linear, self.lora_A.shape[1], self.rank, bias=False, **self._factory())
+        b = skip_init(nn.Linear, self.rank, self.out_features, bias=bias is not None, **self._factory())
         return nn.Sequential(_filled(a, self.lora_A, None), _filled(b, self.lora_B * self.scaling, bias))
 
 
 def _filled(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """`layer` with its weight (and bias) set to the given values, detached from the adapter."""
+    """`layer` (built uninitialised: `skip_init`) with its weight (and bias) set to the given values, detached
+    from the adapter."""
     with torch.no_grad():
         layer.weight.copy_(weight)
         if bias is not None:

@@ -48,11 +48,14 @@ def _trainable_groups(params: Iterable) -> list:
 
 
 def head_param_groups(model: nn.Module, heads: Sequence[str], lr: float, head_lr_scale: float) -> list[dict]:
-    """Two param groups: the heads' parameters at lr × head_lr_scale, every other one at lr."""
+    """Two param groups: the heads' parameters at lr × head_lr_scale, every other one at lr. At scale 1, one group
+    in the model's parameter order, as before the option existed (so older last.pt optimizer states load)."""
     def in_head(name: str) -> bool:
         return any(name == h or name.startswith(h + ".") for h in heads)
 
     named = list(model.named_parameters())
+    if head_lr_scale == 1.0:
+        return [{"params": [p for _, p in named], "lr": lr}]
     return [{"params": [p for n, p in named if not in_head(n)], "lr": lr},
             {"params": [p for n, p in named if in_head(n)], "lr": lr * head_lr_scale}]
 

@@ -32,7 +32,8 @@ from lora_cls.runfolder import (
 log = logging.getLogger(__name__)
 
 # Keys that may differ between a run and its resumption (they do not change what is computed).
-RESUME_FREE_KEYS = {"trainer.resume", "trainer.progress", "trainer.num_workers", "dataset.root"}
+RESUME_FREE_KEYS = {"trainer.resume", "trainer.progress", "trainer.num_workers", "dataset.root",
+                    "dataset.cache.enabled", "dataset.cache.max_gb", "dataset.cache.dir"}
 
 
 def resume_state(cfg: DictConfig, model: nn.Module, trainer: Trainer) -> dict[str, Any]:

@@ -258,9 +258,14 @@ class Loggers:
         self.open: list[Any] = []
 
     def _ensure_open(self, first_epoch: int) -> None:
-        if self.chosen and not self.open:
-            self.open = [_LOGGERS[name](self.settings[name], self.run_dir, self.config, first_epoch)
-                         for name in self.chosen]
+        # Opened once; one that cannot open (a tracking server that is not there) is off with a warning.
+        chosen, self.chosen = self.chosen, []
+        for name in chosen:
+            try:
+                self.open.append(_LOGGERS[name](self.settings[name], self.run_dir, self.config, first_epoch))
+            except Exception as exc:
+                log.warning("could not open the %s logger (%s: %s); it is off for this run (the run folder has "
+                            "everything it would record)", name, type(exc).__name__, exc)
 
     def epoch(self, row: dict) -> None:
         self._ensure_open(int(row["epoch"]))

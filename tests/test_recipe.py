@@ -57,6 +57,8 @@ def test_head_lr_scale_gives_the_head_its_own_learning_rate_through_the_schedule
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.005, 0.05])
     del sched
+    one = head_param_groups(model, ["1"], lr=0.01, head_lr_scale=1.0)  # as before the option: one group, in order
+    assert len(one) == 1 and one[0]["params"] == list(model.parameters())
     only_head = head_param_groups(nn.Sequential(nn.Linear(4, 2)), ["0"], 0.01, 3.0)
     assert [g["lr"] for g in build_optimizer(only_head, "sgd", 0.01, 0.0).param_groups] == pytest.approx([0.03])
 

@@ -165,6 +165,19 @@ def test_resume_from_an_older_last_pt_treats_a_new_key_as_its_default(noisy_refe
     compiled = train_cfg(*DETERMINISTIC_TINY, f"dataset.root={cfg.dataset.root}", *NOISY, "trainer.compile=true")
     with pytest.raises(UserError, match=r"trainer.compile: False -> True"):
         prepare_run_dir(compiled, unfinished)
+
+    # A last.pt from before round two: no recipe/logger/compile_mode/fused keys, the in-memory cache's 4 GB cap,
+    # one optimizer param group. It resumes (dataset.cache.* only says where decoded images are kept) and restores.
+    old = dict(state, config={k: v for k, v in state["config"].items()
+                              if not k.startswith(("logger.", "trainer.ema", "trainer.label", "trainer.class",
+                                                   "trainer.compile_mode", "optimizer.head", "lora.fused",
+                                                   "dataset.cache.dir"))})
+    old["config"]["dataset.cache.max_gb"] = 4.0
+    assert len(old["optimizer"]["param_groups"]) == 1
+    ckpt.save_last(unfinished / "checkpoints" / "last.pt", old)
+    resumed = train(cfg, unfinished)
+    assert resumed["status"] == "ok"
+    (unfinished / "metrics.json").unlink()
     state["config"] = None
     ckpt.save_last(unfinished / "checkpoints" / "last.pt", state)
     with pytest.raises(UserError, match=r"last.pt is not a lora-cls last.pt"):

@@ -51,11 +51,18 @@ class ImageDataset(Dataset):
         self.max_pixels = max_pixels
         self.skipped: list[str] = []
         self.bad: list[tuple[str, str]] = []  # (path, reason) of the skipped files
-        self.cached = bool(cache)
+        samples = list(samples)
+        nbytes = len(samples) * 3 * self.image_size**2
+        self.cached = bool(cache) and nbytes <= int(max_cache_bytes)
+        if cache and not self.cached:
+            # Decoding it all would write more than the cap allows (and, every DDP rank or sweep job decoding in
+            # turn under the entry's lock, more than once): such a split is decoded from disk each epoch.
+            log.warning(f"the decoded images of this split ({nbytes / 2**30:.1f} GiB) are larger than "
+                        f"dataset.cache.max_gb ({int(max_cache_bytes) / 2**30:.1f} GiB): decoding them from disk "
+                        "every epoch instead; raise dataset.cache.max_gb to decode them once")
         self.cache_hit: bool | None = None  # None: not cached
         self.cache_path: Path | None = None  # the entry folder (None: not cached, or not kept: over the cap)
         self.images: torch.Tensor | None = None
-        samples = list(samples)
         if self.cached:
             entry = load_or_decode(self.root, [path for path, _ in samples], self.image_size, max_pixels,
                                    cache_dir, int(max_cache_bytes))
