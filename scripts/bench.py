@@ -9,6 +9,7 @@ hits all variants alike, and the claims are ratios of those medians (docs/BENCHM
     python scripts/bench.py --quick            # fewer rounds: about a minute on 2 CPU cores
     python scripts/bench.py --e2e              # + lora-train epochs on the synthetic set vs the pure step
     python scripts/bench.py --compile          # + the default path under torch.compile
+    python scripts/bench.py --device cuda --compile --compile-mode reduce-overhead   # + CUDA graphs
     python scripts/bench.py --device cuda      # on a GPU (bf16 autocast, cudnn.benchmark)
 
 A training step is forward + backward + optimizer step (AdamW from the engine's `build_optimizer`) on a fixed
@@ -121,6 +122,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-peft", action="store_true", help="skip PEFT even when it is installed")
     p.add_argument("--compile", action="store_true",
                    help="add the default path, and the fused conv adapter, under torch.compile")
+    p.add_argument("--compile-mode", default="default",
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode of the compiled variants (trainer.compile_mode; reduce-overhead: CUDA "
+                        "graphs, on CUDA only)")
     p.add_argument("--e2e", action="store_true",
                    help="add lora-train epochs on the synthetic set, compared with the pure step")
     p.add_argument("--e2e-image-size", type=int, default=64)
@@ -354,6 +359,7 @@ def run_settings(args: argparse.Namespace, device: torch.device, fast: Precision
             "device": str(device), "fast_precision": fast.name,
             "threads": args.threads, "clock": args.clock, "rounds": args.rounds,
             "steps_per_round": args.steps, "warmup": args.warmup, "quick": args.quick,
+            "compile_mode": args.compile_mode,
             "optimizer": "AdamW (lora_cls.optim.build_optimizer)"}
 
 

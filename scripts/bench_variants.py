@@ -15,6 +15,7 @@ import bench_timing
 import torch
 from torch import nn
 
+from lora_cls.build import compiled
 from lora_cls.device import Precision, Runtime, autocast, resolve_precision
 from lora_cls.engine import Trainer, TrainerSettings
 from lora_cls.inject import merge_lora, merged_view, select_targets, set_merge_on_eval
@@ -179,7 +180,8 @@ class VariantBuilder:
             return self.with_peft(v, precision)
         self.trained(v, self.finetuned(r.finetune, fused=r.build.endswith("fused")), precision)
         if r.build.startswith("compiled"):
-            v.step = train_step(torch.compile(v.model), v.optimizer, self.x, self.y, self.device, precision,
+            mode = getattr(self.args, "compile_mode", "default")
+            v.step = train_step(compiled(v.model, mode, self.device), v.optimizer, self.x, self.y, self.device, precision,
                                 v.channels_last)
         return v
 
