@@ -40,3 +40,23 @@ def assert_png(path: Path, min_side: int = 200) -> None:
 def read_csv(path: Path) -> list[list[str]]:
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.reader(f))
+
+
+def killed_in_second_epoch(monkeypatch, train_once) -> None:
+    """Run `train_once()` with a KeyboardInterrupt raised as its second epoch starts (after epoch 1's last.pt),
+    then put the real epoch back, so the caller can resume."""
+    import pytest
+
+    from lora_cls import engine
+
+    original = engine.Trainer.train_epoch
+
+    def interrupt_second_epoch(self):
+        if self.state.epoch == 1:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(engine.Trainer, "train_epoch", interrupt_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_once()
+    monkeypatch.setattr(engine.Trainer, "train_epoch", original)

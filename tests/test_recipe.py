@@ -133,11 +133,10 @@ def test_bad_recipe_values_are_refused_naming_the_key(compose_cfg, key, value):
 def test_a_run_with_every_recipe_option_states_them_and_resumes_exactly(tmp_path, tiny_overrides, monkeypatch):
     """class weights land in metrics.json; EMA state is in last.pt, so an interrupted EMA run resumes to the
     same result as an uninterrupted one."""
-    from lora_cls import engine
     from lora_cls.checkpoint import load_last
     from lora_cls.train import train
     from tests.conftest import compose_config
-    from tests.helpers import without_timing
+    from tests.helpers import killed_in_second_epoch, without_timing
 
     recipe = [*tiny_overrides, "trainer.class_weights=balanced", "trainer.label_smoothing=0.1", "trainer.ema=0.9",
               "optimizer.head_lr_scale=5", "trainer.epochs=2", "trainer.deterministic=true"]
@@ -147,16 +146,6 @@ def test_a_run_with_every_recipe_option_states_them_and_resumes_exactly(tmp_path
     last = load_last(tmp_path / "full" / "checkpoints" / "last.pt")
     assert last["ema"]["updates"] == last["global_step"] > 0
 
-    original = engine.Trainer.train_epoch
-
-    def interrupt_second_epoch(self):
-        if self.state.epoch == 1:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(engine.Trainer, "train_epoch", interrupt_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train(compose_config("train", recipe), tmp_path / "killed")
-    monkeypatch.setattr(engine.Trainer, "train_epoch", original)
+    killed_in_second_epoch(monkeypatch, lambda: train(compose_config("train", recipe), tmp_path / "killed"))
     resumed = train(compose_config("train", recipe), tmp_path / "killed")
     assert without_timing(resumed) == without_timing(full)

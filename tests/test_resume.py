@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DETERMINISTIC_TINY, NOISY, train_cfg, without_timing
+from helpers import DETERMINISTIC_TINY, NOISY, killed_in_second_epoch, train_cfg, without_timing
 
 from lora_cls import checkpoint as ckpt
-from lora_cls import engine
 from lora_cls.errors import UserError
 from lora_cls.resume import prepare_run_dir, resume_source
 from lora_cls.train import train
@@ -27,19 +26,9 @@ from lora_cls.train import train
 @pytest.mark.slow
 def test_resume_after_interrupt_ends_with_the_same_metrics(noisy_reference, tmp_path, monkeypatch):
     cfg, ref_dir, expected = noisy_reference
-    original = engine.Trainer.train_epoch
-
-    def interrupt_second_epoch(self):
-        if self.state.epoch == 1:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(engine.Trainer, "train_epoch", interrupt_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "killed")
+    killed_in_second_epoch(monkeypatch, lambda: train(cfg, tmp_path / "killed"))
     assert not (tmp_path / "killed" / "metrics.json").exists()
     assert len(list(csv.DictReader(open(tmp_path / "killed" / "history.csv")))) == 1
-    monkeypatch.setattr(engine.Trainer, "train_epoch", original)
 
     # trainer.resume=<path> continues into a new folder from a copy of the killed run's state
     shutil.copytree(tmp_path / "killed", tmp_path / "killed_copy")

@@ -8,8 +8,8 @@ import json
 import sys
 
 import pytest
+from helpers import killed_in_second_epoch
 
-from lora_cls import engine
 from lora_cls.config import validate
 from lora_cls.errors import UserError
 from lora_cls.resume import prepare_run_dir
@@ -131,19 +131,9 @@ def test_a_resumed_run_continues_its_mlflow_run_and_tensorboard_without_a_repeat
         tiny_overrides, compose_cfg, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = compose_cfg(*tiny_overrides, *CHEAP)
-    original = engine.Trainer.train_epoch
-
-    def interrupt_second_epoch(self):
-        if self.state.epoch == 1:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(engine.Trainer, "train_epoch", interrupt_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "run")
+    killed_in_second_epoch(monkeypatch, lambda: train(cfg, tmp_path / "run"))
     client, runs = mlflow_runs(tmp_path)
     assert [r.info.status for r in runs] == ["FAILED"]
-    monkeypatch.setattr(engine.Trainer, "train_epoch", original)
     # the loggers may change on resumption (they change nothing computed)
     assert prepare_run_dir(compose_cfg(*tiny_overrides, *CHEAP[:-1], "logger=csv"), tmp_path / "run") is not None
 
