@@ -351,11 +351,12 @@ class Trainer:
     def validate(self) -> dict:
         """Validation metrics of the model as it is now (BN statistics recomputed first under bn=train)."""
         s = self.settings
+        view = merged_view(self.base_model)  # merged once for both passes: recalibration leaves the weights alone
         if s.bn == "train":
             with self.timing.phase("bn_recalibration"):
-                recalibrate_batchnorm(self.base_model, eval_loader(self.train_loader.dataset, s.eval_batch_size),
+                recalibrate_batchnorm(view, eval_loader(self.train_loader.dataset, s.eval_batch_size),
                                       self.preprocess, s.runtime.device, s.runtime.precision, s.runtime.channels_last)
-        out = evaluate_split(self.base_model, self.val_set, self.preprocess, s.runtime, s.eval_batch_size, "val",
+        out = evaluate_split(view, self.val_set, self.preprocess, s.runtime, s.eval_batch_size, "val",
                              len(s.classes))
         return classification_metrics(out.y_true, out.probs, list(s.classes), s.positive_class, loss=out.loss)
 

@@ -21,8 +21,9 @@ from typing import Any
 
 import yaml
 
+from lora_cls.config import flatten
 from lora_cls.errors import UserError
-from lora_cls.runfolder import atomic_open, read_metrics, write_text
+from lora_cls.runfolder import RunDir, atomic_open, read_metrics, write_text
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +94,6 @@ def _format(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def _flat(params: Any, prefix: str = "") -> dict[str, str]:
-    # hydra.sweeper.params.optimizer.lr=... on the command line nests; the YAML writes `optimizer.lr:` flat
-    out: dict[str, str] = {}
-    for key, value in (params or {}).items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = str(value)
-    return out
-
-
 def distribution(sweep: Any) -> Any:
     """Hydra's sweep syntax as an Optuna distribution: choice(...) categorical; interval(a, b) float (int with
     tag(int, ...)); range(a, b[, step]) int or float steps; tag(log, ...) a log scale."""
@@ -131,7 +121,8 @@ def parse_space(params: Any, arguments: Sequence[str], ratios: Any = None) -> Se
     """The search space from hydra.sweeper.params and the command line (a key on both: the command line wins)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    lines = [f"{key}={value}" for key, value in _flat(params).items()] + list(arguments)
+    # hydra.sweeper.params.optimizer.lr=... on the command line nests; the YAML writes `optimizer.lr:` flat
+    lines = [f"{key}={value}" for key, value in flatten(dict(params or {})).items()] + list(arguments)
     try:
         parsed = OverridesParser.create().parse_overrides(lines)
     except Exception as exc:  # Hydra's parser errors carry the override and what is wrong with it
@@ -243,7 +234,7 @@ def report(study: Any, storage: str, sweep_dir: Path) -> dict:
     if complete:
         best = study.best_trial
         run_dir = best.user_attrs.get("run_dir")
-        metrics = read_metrics(Path(run_dir) / "metrics.json") if run_dir else None
+        metrics = read_metrics(RunDir(run_dir).metrics) if run_dir else None
         test = ((metrics or {}).get("test") or {}).get("accuracy")
         results.update({"best_trial": best.number, "best_value": best.value,
                         "best_params": {k: _plain(v) for k, v in best.params.items()},

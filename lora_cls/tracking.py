@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cls.errors import UserError
+from lora_cls.runfolder import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +110,9 @@ def flat_params(config: dict, prefix: str = "") -> dict[str, Any]:
 
 def run_images(run_dir: Path) -> dict[str, Path]:
     """The figures a logger shows: {tag: PNG} for those the run folder holds."""
-    found = {f"{split}/confusion_matrix": run_dir / "reports" / split / "confusion_matrix.png"
-             for split in ("val", "test")}
-    found["curves"] = run_dir / "plots" / "curves.png"
+    run = RunDir(run_dir)
+    found = {f"{split}/confusion_matrix": run.reports(split) / "confusion_matrix.png" for split in ("val", "test")}
+    found["curves"] = run.curves
     return {tag: path for tag, path in found.items() if path.is_file()}
 
 
@@ -230,7 +231,8 @@ class MLflowLogger:
 
     def finish(self, metrics: dict, run_dir: Path) -> None:
         self.epoch(int(metrics.get("epochs_run") or 0), final_scalars(metrics))
-        for path in [run_dir / "metrics.json", run_dir / "history.csv", *run_images(run_dir).values(),
+        run = RunDir(run_dir)
+        for path in [run.metrics, run.history, *run_images(run_dir).values(),
                      *sorted((run_dir / "reports").glob("*/classification_report.txt"))]:
             folder = path.parent.relative_to(run_dir).as_posix()
             if path.is_file():
