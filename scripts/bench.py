@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lora_cls.device import Precision, resolve_device, resolve_precision
-from lora_cls.models import model_spec
-from lora_cls.optim import build_optimizer
-from lora_cls.runfolder import RunDir
+from lora_cls.engine.device import Precision, resolve_device, resolve_precision
+from lora_cls.engine.optim import build_optimizer
+from lora_cls.models.registry import model_spec
+from lora_cls.runs.folder import RunDir
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -238,7 +238,7 @@ def e2e_config(args: argparse.Namespace) -> tuple[DictConfig, list[str], Path]:
     and the data folder."""
     from hydra import compose, initialize_config_module
 
-    from lora_cls.config import register_configs
+    from lora_cls.conf.schema import register_configs
 
     root = Path(args.e2e_root or Path(tempfile.gettempdir()) / "lora-cls-bench" / "synthetic")
     overrides = ["experiment=demo", f"model={args.model}", f"dataset.root={root}",
@@ -272,7 +272,7 @@ def e2e_pure_step(args: argparse.Namespace, cfg: DictConfig, device: torch.devic
 
 def e2e_train_run(cfg: DictConfig, run_dir: Path, wait_idle: float) -> dict:
     """One lora-train run into run_dir: metrics.json's timing and accuracy, history.csv's epochs."""
-    from lora_cls.train import train
+    from lora_cls.tasks.train import train
 
     probe = probe_when_idle(wait_idle)
     metrics = train(cfg, run_dir)

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from lora_cls.build import load_model_from_checkpoint
-from lora_cls.checkpoint import resolve_checkpoint
-from lora_cls.export import model_stats
-from lora_cls.inject import export_low_rank, merge_lora
-from lora_cls.models import build_model
+from lora_cls.adapters.inject import export_low_rank, merge_lora
+from lora_cls.models.build import build_model
+from lora_cls.runs.checkpoint import resolve_checkpoint
+from lora_cls.tasks.build import load_model_from_checkpoint
+from lora_cls.tasks.export import model_stats
 
 
 def main() -> None:

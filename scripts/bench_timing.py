@@ -19,8 +19,8 @@ import torch
 import torchvision
 from torch import nn
 
-from lora_cls.device import cpu_supports_bf16
-from lora_cls.lora import LoRALayer
+from lora_cls.adapters.layer import LoRALayer
+from lora_cls.engine.device import cpu_supports_bf16
 
 
 class Measured(Protocol):

@@ -15,13 +15,15 @@ import bench_timing
 import torch
 from torch import nn
 
-from lora_cls.build import compiled
-from lora_cls.device import Precision, Runtime, autocast, resolve_precision
-from lora_cls.engine import Trainer, TrainerSettings
-from lora_cls.inject import merge_lora, merged_view, select_targets, set_merge_on_eval
-from lora_cls.lora import LoRALayer
-from lora_cls.models import build_model, model_spec, prepare_finetune
-from lora_cls.optim import build_optimizer
+from lora_cls.adapters.inject import merge_lora, merged_view, select_targets, set_merge_on_eval
+from lora_cls.adapters.layer import LoRALayer
+from lora_cls.engine.device import Precision, Runtime, autocast, resolve_precision
+from lora_cls.engine.optim import build_optimizer
+from lora_cls.engine.trainer import Trainer, TrainerSettings
+from lora_cls.models.build import build_model
+from lora_cls.models.finetune import prepare_finetune
+from lora_cls.models.registry import model_spec
+from lora_cls.tasks.build import compiled
 
 
 class Recipe(NamedTuple):

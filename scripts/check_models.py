@@ -42,7 +42,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from lora_cls.config import register_configs
+    from lora_cls.conf.schema import register_configs
 
     register_configs()
     with initialize_config_module(config_module="lora_cls.conf", version_base="1.3"):
@@ -52,10 +52,10 @@ def compose(overrides: list[str]):
 
 def check_model(name: str, args: argparse.Namespace, work: str) -> dict:
     """Train `name` briefly, evaluate its checkpoint, compare; a row of the table (errors are recorded)."""
-    from lora_cls.config import validate
+    from lora_cls.conf.checks import validate
     from lora_cls.errors import UserError
-    from lora_cls.evaluate import evaluate_checkpoint
-    from lora_cls.train import train
+    from lora_cls.tasks.evaluate import evaluate_checkpoint
+    from lora_cls.tasks.train import train
 
     start = time.perf_counter()
     base = ["experiment=demo", f"model.name={name}", "model.weights=null", f"dataset.root={args.root}",
@@ -97,7 +97,7 @@ def _worker(names: list[str], args: argparse.Namespace, work: str) -> list[dict]
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     from lora_cls.data.layouts import prepare_splits
-    from lora_cls.zoo import torchvision_names
+    from lora_cls.models.registry import torchvision_names
 
     names = torchvision_names()
     if args.models:

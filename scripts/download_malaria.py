@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lora_cls.download import (
+from lora_cls.data.download import (
     MALARIA_ARCHIVE,
     download,
     extract_zip,

@@ -17,8 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from lora_cls.data.layouts import SMOKING_SPLIT_DIRS
-from lora_cls.download import (
+from lora_cls.data.download import (
     SMOKING_KAGGLE_SLUG,
     SMOKING_PAGE,
     extract_zip,
@@ -28,6 +27,7 @@ from lora_cls.download import (
     script_entry,
     zip_prefix,
 )
+from lora_cls.data.layouts import SMOKING_SPLIT_DIRS
 from lora_cls.errors import UserError
 
 MANUAL = f"""\

@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 from PIL import Image
 
-from lora_cls.config import register_configs
+from lora_cls.conf.schema import register_configs
 
 CONFIG_MODULE = "lora_cls.conf"
 
@@ -142,7 +142,7 @@ class FinishedRun:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_overrides) -> FinishedRun:
     """One finished in-process training run (two epochs, so history has more than one row), shared read-only."""
-    from lora_cls.train import train
+    from lora_cls.tasks.train import train
 
     cfg = compose_config("train", [*tiny_overrides, "trainer.epochs=2"])
     run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
@@ -184,7 +184,7 @@ def noisy_reference(tmp_path_factory, noisy_data_root):
     """One uninterrupted deterministic run (decay_noise + dropout: every RNG is in play): (cfg, run dir, metrics)."""
     from helpers import DETERMINISTIC_TINY, NOISY, train_cfg
 
-    from lora_cls.train import train
+    from lora_cls.tasks.train import train
 
     cfg = train_cfg(*DETERMINISTIC_TINY, f"dataset.root={noisy_data_root}", *NOISY)
     run = tmp_path_factory.mktemp("runs") / "reference"

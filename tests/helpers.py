@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 from PIL import Image
 
-from lora_cls.config import register_configs
+from lora_cls.conf.schema import register_configs
 
 # A deterministic tiny run; with NOISY (weight noise on two layers only) every RNG stream is exercised without
 # the CPU cost of drawing 19.8M Gaussians per step for the whole preset (see README, "Noise cost on CPU").
@@ -47,7 +47,7 @@ def killed_in_second_epoch(monkeypatch, train_once) -> None:
     then put the real epoch back, so the caller can resume."""
     import pytest
 
-    from lora_cls import engine
+    from lora_cls.engine import trainer as engine
 
     original = engine.Trainer.train_epoch
 

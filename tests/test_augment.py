@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from lora_cls.augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment, normalize, rotate
+from lora_cls.data.augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment, normalize, rotate
 
 
 def batch(n: int = 8, size: int = 12, seed: int = 0) -> torch.Tensor:

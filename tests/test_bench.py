@@ -172,8 +172,8 @@ def test_the_bench_times_the_engines_own_training_step(bench, monkeypatch):
     """bench's train step is `Trainer.step` itself (no copy that could drift from what lora-train runs)."""
     from torch import nn
 
-    from lora_cls import engine
-    from lora_cls.device import resolve_precision
+    from lora_cls.engine import trainer as engine
+    from lora_cls.engine.device import resolve_precision
 
     calls = []
     original = engine.Trainer.step
@@ -201,7 +201,7 @@ def test_fused_variants_run_the_fused_conv_and_the_others_lora_fused_default(ben
     --compile (or --variants) alone adds the compiled rows."""
     import argparse
 
-    from lora_cls.lora import LoRAConv2d
+    from lora_cls.adapters.layer import LoRAConv2d
 
     bv = sys.modules["bench_variants"]  # imported by bench.py from scripts/
     args = bench.parse_args([*TINY, "--no-peft"])

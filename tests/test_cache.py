@@ -215,13 +215,13 @@ def test_lora_data_cache_lists_and_clears_by_root(tmp_path, monkeypatch, capsys)
 def test_a_second_run_reuses_the_first_runs_decoded_images(tmp_path, monkeypatch, tiny_overrides, caplog):
     from conftest import compose_config
 
-    from lora_cls.train import train
+    from lora_cls.tasks.train import train
 
     monkeypatch.setenv(cache.ENV_DIR, str(tmp_path / "cache"))
     cfg = compose_config("train", [*tiny_overrides, "trainer.max_steps_per_epoch=1"])
     notes = []
     for run in ("first", "second"):
-        with caplog.at_level(logging.INFO, logger="lora_cls.train"):
+        with caplog.at_level(logging.INFO, logger="lora_cls.tasks.train"):
             caplog.clear()
             train(cfg, tmp_path / run)
         notes += [r.getMessage() for r in caplog.records if r.getMessage().startswith("run: ")]
@@ -233,8 +233,8 @@ def test_a_second_run_reuses_the_first_runs_decoded_images(tmp_path, monkeypatch
 
 @pytest.mark.slow  # the session's finished run
 def test_lora_eval_and_predict_split_read_the_runs_entries(tiny_run, compose_cfg, tmp_path, monkeypatch):
-    from lora_cls import predict as predict_module
-    from lora_cls.evaluate import evaluate_checkpoint
+    from lora_cls.tasks import predict as predict_module
+    from lora_cls.tasks.evaluate import evaluate_checkpoint
 
     no_decoding(monkeypatch)  # the test split was decoded by the run (or an earlier test): nothing is decoded now
     monkeypatch.setattr(predict_module, "decode_image", lambda *a, **k: pytest.fail("lora-predict decoded"))

@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
-from lora_cls import checkpoint as ckpt
-from lora_cls.build import load_model_from_checkpoint
 from lora_cls.errors import UserError
+from lora_cls.runs import checkpoint as ckpt
+from lora_cls.tasks.build import load_model_from_checkpoint
 
 
 def test_adapter_files_hold_no_pickle(noisy_reference):
@@ -116,7 +116,8 @@ def test_damaged_or_non_finite_checkpoints_are_refused_naming_the_file(noisy_ref
 
 def test_an_adapter_loads_into_a_model_that_checks_its_state_dict_version():
     """MNASNet refuses a state dict without its version metadata; adapter tensors are loaded with the model's."""
-    from lora_cls.models import build_model, prepare_finetune, trainable_state
+    from lora_cls.models.build import build_model
+    from lora_cls.models.finetune import prepare_finetune, trainable_state
 
     torch.manual_seed(0)
     trained = build_model("mnasnet0_5", None, 2)

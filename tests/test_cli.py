@@ -17,8 +17,8 @@ from safetensors import safe_open
 
 from lora_cls.cli.interrupt import interrupted
 from lora_cls.errors import UserError
-from lora_cls.evaluate import evaluate_checkpoint
-from lora_cls.train import train
+from lora_cls.tasks.evaluate import evaluate_checkpoint
+from lora_cls.tasks.train import train
 
 TINY_COUNTS = {"train": 56, "val": 12, "test": 12}  # the tiny set: 40 images per class, split 28/6/6
 RESNET34_PER_RANK = 57_984  # LoRA A/B parameters of the resnet34 preset per unit of rank (docs/DESIGN.md §4)

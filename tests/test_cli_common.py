@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 from hydra import initialize_config_module
 
-from lora_cls.cli.common import check_sweep_dir, main_with_errors, precheck
+from lora_cls.cli.common import main_with_errors
+from lora_cls.cli.precheck import check_sweep_dir, precheck
 from lora_cls.cli.interrupt import caused_by_interrupt, interrupted
-from lora_cls.cli.overrides import override_value, override_variants
-from lora_cls.config import register_configs, validate, validate_eval
+from lora_cls.conf.checks import validate, validate_eval
+from lora_cls.conf.overrides import override_value, override_variants
+from lora_cls.conf.schema import register_configs
 from lora_cls.errors import UserError
 
 # -- the CLI's precheck --------------------------------------------------------------------------------------
@@ -64,7 +66,7 @@ def test_precheck_accepts_good_overrides_and_skips_help():
 
 @pytest.mark.parametrize("finished", [True, False])
 def test_precheck_refuses_a_run_dir_that_holds_a_run(tmp_path, finished):
-    from lora_cls.resume import prepare_run_dir  # what lora-train passes as check_run_dir
+    from lora_cls.runs.resume import prepare_run_dir  # what lora-train passes as check_run_dir
 
     (tmp_path / "metrics.json").write_text('{"status": "ok"}' if finished else "{}")
     if finished:
@@ -207,7 +209,7 @@ def test_a_non_ascii_path_error_shows_the_quoting_that_works(tmp_path):
 def test_a_read_only_run_folder_is_an_error_before_hydra_makes_it(tmp_path, monkeypatch):
     import os
 
-    from lora_cls import runfolder
+    from lora_cls.runs import folder as runfolder
 
     real_statvfs = os.statvfs
 
@@ -230,7 +232,7 @@ def test_environment_faults_become_one_line_with_what_to_do(tmp_path):
     import errno
 
     from lora_cls.cli.common import environment_fault
-    from lora_cls.runfolder import RunDir
+    from lora_cls.runs.folder import RunDir
 
     run = RunDir(tmp_path / "run")
     full = OSError(errno.ENOSPC, "No space left on device", str(run.history))

@@ -7,15 +7,15 @@ import json
 
 import pytest
 
-from lora_cls.compare import differing_keys, run_folders
 from lora_cls.errors import UserError
+from lora_cls.tasks.compare import differing_keys, run_folders
 
 
 @pytest.fixture(scope="module")
 def rank4_run(tmp_path_factory, tiny_overrides):
     from conftest import compose_config
 
-    from lora_cls.train import train
+    from lora_cls.tasks.train import train
 
     run_dir = tmp_path_factory.mktemp("rank4") / "run"
     train(compose_config("train", [*tiny_overrides, "lora.rank=4", "trainer.epochs=2"]), run_dir)
@@ -68,7 +68,7 @@ def _fake_run(folder, rank, accuracy):
 
 
 def test_a_sweep_root_stands_for_its_jobs_and_interpolations_are_resolved(tmp_path):
-    from lora_cls.compare import compare_runs
+    from lora_cls.tasks.compare import compare_runs
 
     _fake_run(tmp_path / "sweep" / "0", 8, 0.9)
     _fake_run(tmp_path / "sweep" / "1", 4, 0.8)

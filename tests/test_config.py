@@ -13,14 +13,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import lora_cls.conf
-from lora_cls.config import (
-    flatten,
-    schema_defaults,
-    stored_train_config,
-    to_container,
-    validate,
-    validate_eval,
-)
+from lora_cls.conf.checks import validate, validate_eval
+from lora_cls.conf.schema import flatten, schema_defaults, stored_train_config, to_container
 from lora_cls.errors import UserError
 
 RESNET34_PRESET = ["layer3.*.conv1", "layer3.*.conv2", "layer4.*.conv1", "layer4.*.conv2"]
@@ -257,7 +251,7 @@ KEYS = ["lora.rank", "lora.alpha", "lora.dropout", "optimizer.lr", "optimizer.we
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(KEYS), VALUES, min_size=1, max_size=4))
 def test_random_config_values_validate_or_fail_with_a_user_error(values):
-    from lora_cls.cli.common import precheck
+    from lora_cls.cli.precheck import precheck
 
     overrides = [f"{k}={v}" for k, v in values.items()]
     try:

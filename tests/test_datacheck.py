@@ -13,10 +13,11 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
+from lora_cls.data.check import check_dataset
 from lora_cls.data.layouts import prepare_splits
 from lora_cls.data.splits import write_splits_json
-from lora_cls.datacheck import check_dataset, run_check
 from lora_cls.errors import UserError
+from lora_cls.tasks.datacheck import run_check
 
 
 def dataset_cfg(name: str, root: Path, **overrides) -> SimpleNamespace:
@@ -146,7 +147,7 @@ def test_missing_root_and_missing_splits_file_are_user_errors(tmp_path):
 
 
 def test_training_refuses_undecodable_files_and_lists_them(tmp_path, synthetic_root, compose_cfg, path_override):
-    from lora_cls.train import train
+    from lora_cls.tasks.train import train
 
     root = tmp_path / "synthetic"
     shutil.copytree(synthetic_root, root)
@@ -164,7 +165,7 @@ def test_training_refuses_undecodable_files_and_lists_them(tmp_path, synthetic_r
 
 @pytest.mark.slow
 def test_skip_bad_trains_and_records_the_skipped_files(tmp_path, synthetic_root, compose_cfg, path_override, caplog):
-    from lora_cls.train import train
+    from lora_cls.tasks.train import train
 
     root = tmp_path / "synthetic"
     shutil.copytree(synthetic_root, root)

@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from lora_cls import device
-from lora_cls.device import Precision, resolve_precision
+from lora_cls.engine import device
+from lora_cls.engine.device import Precision, resolve_precision
 from lora_cls.errors import UserError
 
 
@@ -26,7 +26,7 @@ def test_precision_choice_and_refusals(monkeypatch):
 @pytest.mark.parametrize("native", [True, False])
 def test_forced_bf16_warns_only_on_a_cpu_without_native_bf16(monkeypatch, caplog, native):
     monkeypatch.setattr(device, "cpu_supports_bf16", lambda: native)
-    with caplog.at_level(logging.WARNING, logger="lora_cls.device"):
+    with caplog.at_level(logging.WARNING, logger="lora_cls.engine.device"):
         resolve_precision("bf16", torch.device("cpu"))
         resolve_precision("32", torch.device("cpu"))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -39,7 +39,7 @@ def test_forced_bf16_warns_only_on_a_cpu_without_native_bf16(monkeypatch, caplog
 @pytest.mark.parametrize("native, reason", [(True, "auto: the CPU has native bf16"), (False, "auto: the CPU has no "
                                                                                                    "native bf16")])
 def test_the_start_of_a_run_says_which_precision_and_why(monkeypatch, native, reason):
-    from lora_cls.device import Runtime
+    from lora_cls.engine.device import Runtime
 
     monkeypatch.setattr(device, "cpu_supports_bf16", lambda: native)
     precision = resolve_precision("auto", torch.device("cpu"))

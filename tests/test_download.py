@@ -17,7 +17,7 @@ from types import ModuleType
 import pytest
 from PIL import Image
 
-from lora_cls.download import RemoteFile, download, extract_zip, verify_file, zip_prefix
+from lora_cls.data.download import RemoteFile, download, extract_zip, verify_file, zip_prefix
 from lora_cls.errors import UserError
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"

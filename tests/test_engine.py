@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from lora_cls.device import Precision
-from lora_cls.engine import is_better, recalibrate_batchnorm
-from lora_cls.inject import inject_lora, set_decay
-from lora_cls.optim import warmup_cosine
+from lora_cls.adapters.inject import inject_lora, set_decay
+from lora_cls.engine.device import Precision
+from lora_cls.engine.evaluation import recalibrate_batchnorm
+from lora_cls.engine.optim import warmup_cosine
+from lora_cls.engine.trainer import is_better
 
 
 def test_warmup_then_cosine_to_min_ratio():
@@ -72,9 +73,9 @@ def test_recalibration_changes_stale_statistics():
 def test_trainer_sees_the_module_inside_compile_and_its_step_trains_it():
     """`base_model` (what validation, BN recalibration and the best state use) is the model itself under
     torch.compile: an adapter file written from a compiled run has the model's own keys."""
-    from lora_cls.device import Runtime
-    from lora_cls.engine import Trainer, TrainerSettings
-    from lora_cls.models import trainable_state
+    from lora_cls.engine.device import Runtime
+    from lora_cls.engine.trainer import Trainer, TrainerSettings
+    from lora_cls.models.finetune import trainable_state
 
     model = nn.Sequential(*_bn_model(), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # (N, 4) logits
     compiled = torch.compile(model, backend="eager")
@@ -91,8 +92,8 @@ def test_trainer_sees_the_module_inside_compile_and_its_step_trains_it():
 
 
 def test_the_progress_bar_gives_the_time_left_for_the_whole_run():
-    from lora_cls.device import Runtime
-    from lora_cls.engine import Trainer, TrainerSettings
+    from lora_cls.engine.device import Runtime
+    from lora_cls.engine.trainer import Trainer, TrainerSettings
 
     model = nn.Linear(2, 2)
     settings = TrainerSettings(Runtime(torch.device("cpu"), Precision("32", None, False), False, progress=False),
@@ -107,9 +108,9 @@ def _stalled_fit(kind: str, caplog, patience: int = 1, end: float = 0.9) -> tupl
     """10 epochs of 2 steps with lr 0 (validation never improves), schedule `kind`."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lora_cls.device import Runtime
-    from lora_cls.engine import Trainer, TrainerSettings
-    from lora_cls.schedule import DecaySchedule
+    from lora_cls.adapters.schedule import DecaySchedule
+    from lora_cls.engine.device import Runtime
+    from lora_cls.engine.trainer import Trainer, TrainerSettings
 
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(8, 3, 2, 2), torch.tensor([0, 1] * 4))
@@ -125,7 +126,7 @@ def _stalled_fit(kind: str, caplog, patience: int = 1, end: float = 0.9) -> tupl
 
 
 def test_early_stopping_never_ends_a_decay_schedule_before_d_min(caplog):
-    from lora_cls.schedule import DecaySchedule
+    from lora_cls.adapters.schedule import DecaySchedule
 
     state, log = _stalled_fit("none", caplog)
     assert state.epoch == 2 and state.stopped_early  # plain LoRA: patience 1 ends it after the second epoch
@@ -150,8 +151,8 @@ def test_evaluation_runs_a_merged_view_equal_to_the_adapted_model_and_sharing_it
     """merged_view: plain layers in place of adapters (W' = d·W + s·BA), everything else the model's own."""
     import torchvision
 
-    from lora_cls.inject import lora_layers, merged_view
-    from lora_cls.lora import LoRALayer
+    from lora_cls.adapters.inject import lora_layers, merged_view
+    from lora_cls.adapters.layer import LoRALayer
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=3).double()
@@ -186,9 +187,9 @@ def test_cuda_epochs_prefetch_and_cuda_graphs_train_the_same_batches(mode):
     step in CUDA graphs: an epoch sees every batch of the loader and the adapters train."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lora_cls.build import compiled
-    from lora_cls.device import Runtime
-    from lora_cls.engine import Trainer, TrainerSettings
+    from lora_cls.engine.device import Runtime
+    from lora_cls.engine.trainer import Trainer, TrainerSettings
+    from lora_cls.tasks.build import compiled
 
     torch.manual_seed(0)
     device = torch.device("cuda")

@@ -6,9 +6,9 @@ import pytest
 from hydra import compose, initialize_config_module
 from PIL import Image
 
-from lora_cls.config import register_configs
+from lora_cls.conf.schema import register_configs
 from lora_cls.errors import UserError
-from lora_cls.evaluate import evaluate_checkpoint
+from lora_cls.tasks.evaluate import evaluate_checkpoint
 
 
 def test_eval_on_data_with_other_classes_is_refused(noisy_reference, tmp_path):

@@ -10,13 +10,7 @@ import torch
 from torch import nn
 
 from lora_cls.errors import UserError
-from lora_cls.export import (
-    EXPORT_JSON,
-    count_macs,
-    export_checkpoint,
-    load_exported,
-    model_stats,
-)
+from lora_cls.tasks.export import EXPORT_JSON, count_macs, export_checkpoint, load_exported, model_stats
 
 TOLERANCE = 1e-4  # × the largest |logit|: float32 logits of ResNet34 at 32 px
 
@@ -26,7 +20,7 @@ def zero_run(tmp_path_factory, tiny_overrides):
     """A tiny run whose decay schedule reaches d = 0 within its one epoch (for the low-rank export)."""
     from conftest import compose_config
 
-    from lora_cls.train import train
+    from lora_cls.tasks.train import train
 
     cfg = compose_config("train", [*tiny_overrides, "schedule=decay", "schedule.start=0.0", "schedule.end=0.5"])
     run_dir = tmp_path_factory.mktemp("zero_run") / "run"
@@ -42,7 +36,7 @@ def test_other_families_round_trip(name, tiny_overrides, tmp_path):
     float32 logits differ by more than 1e-4 in absolute terms (EfficientNet, random init: |logit| ~ 40)."""
     from conftest import compose_config
 
-    from lora_cls.train import train
+    from lora_cls.tasks.train import train
 
     pytest.importorskip("onnxruntime")
     train(compose_config("train", [*tiny_overrides, f"model.name={name}", "model.weights=null"]), tmp_path / "run")
@@ -178,7 +172,7 @@ def test_onnx_without_its_packages_says_how_to_install(monkeypatch, tmp_path):
 
 
 def test_export_config_values_are_checked(compose_cfg):
-    from lora_cls.config import validate_export
+    from lora_cls.conf.checks import validate_export
 
     with pytest.raises(UserError, match="format: must be one of torchvision, lowrank, onnx, torchscript"):
         validate_export(compose_cfg("ckpt=x", "format=tflite", config_name="export"))

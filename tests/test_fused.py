@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from lora_cls.adapters.fused import FusedFrozenAdapterConv, fusable
+from lora_cls.adapters.inject import inject_lora, lora_layers, set_decay
+from lora_cls.adapters.layer import DecayState, LoRAConv2d
+from lora_cls.adapters.options import LoRAOptions
 from lora_cls.errors import UserError
-from lora_cls.fused import FusedFrozenAdapterConv, fusable
-from lora_cls.inject import inject_lora, lora_layers, set_decay
-from lora_cls.lora import DecayState, LoRAConv2d, LoRAOptions
 
 # name: (nn.Conv2d arguments, input (N, C_in, H, W)); rank 4 everywhere (divisible by every groups below).
 GEOMETRIES = {
@@ -145,9 +146,9 @@ def test_dropout_while_training_and_a_trainable_weight_fall_back_to_the_referenc
 
 def test_auto_and_false_take_the_reference_path_where_not_measured_faster(monkeypatch):
     layer, x = _layer("k3_p1", "plain", fused="auto")
-    monkeypatch.setattr("lora_cls.fused.FUSED_BY_DEFAULT", frozenset())
+    monkeypatch.setattr("lora_cls.adapters.fused.FUSED_BY_DEFAULT", frozenset())
     assert not fusable(layer, x)
-    monkeypatch.setattr("lora_cls.fused.FUSED_BY_DEFAULT", frozenset({"cpu"}))
+    monkeypatch.setattr("lora_cls.adapters.fused.FUSED_BY_DEFAULT", frozenset({"cpu"}))
     assert fusable(layer, x)
     layer.options = dataclasses.replace(layer.options, fused="false")
     assert not fusable(layer, x)

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_cls.errors import UserError
-from lora_cls.inject import (
+from lora_cls.adapters.inject import (
     export_low_rank,
     inject_lora,
     lora_layers,
@@ -18,8 +17,11 @@ from lora_cls.inject import (
     set_decay,
     set_merge_on_eval,
 )
-from lora_cls.lora import LoRAConv2d, LoRALinear, LoRAOptions
-from lora_cls.models import build_model, prepare_finetune
+from lora_cls.adapters.layer import LoRAConv2d, LoRALinear
+from lora_cls.adapters.options import LoRAOptions
+from lora_cls.errors import UserError
+from lora_cls.models.build import build_model
+from lora_cls.models.finetune import prepare_finetune
 
 
 def _conv(**kw) -> tuple[nn.Module, torch.Tensor, list[str]]:
@@ -250,7 +252,7 @@ def test_scaling_and_rslora():
 
 
 def _decay(d: float = 1.0):
-    from lora_cls.lora import DecayState
+    from lora_cls.adapters.layer import DecayState
     return DecayState(d)
 
 

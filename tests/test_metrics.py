@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lora_cls.errors import UserError
-from lora_cls.metrics import classification_metrics, confusion
+from lora_cls.metrics.classification import classification_metrics, confusion
 
 # Ten samples, 6 "neg" then 4 "pos"; score = probability of "pos", prediction = argmax.
 #   neg scores 0.1 0.2 0.3 0.4 | 0.6 0.7   -> TN=4, FP=2

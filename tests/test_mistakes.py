@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from lora_cls.mistakes import misclassified, write_errors_csv
+from lora_cls.runs.misclassified import misclassified, write_errors_csv
 
 
 def read_csv(path):
@@ -32,7 +32,7 @@ def test_errors_csv_has_a_probability_per_class(tmp_path):
 
 @pytest.fixture(scope="module")
 def evaluated(tiny_run, tmp_path_factory, compose_cfg):
-    from lora_cls.evaluate import evaluate_checkpoint
+    from lora_cls.tasks.evaluate import evaluate_checkpoint
 
     out = tmp_path_factory.mktemp("eval") / "run"
     metrics = evaluate_checkpoint(compose_cfg(f"ckpt={tiny_run.run_dir}", "split=train", "progress=false",
@@ -64,7 +64,7 @@ def test_errors_csv_lists_exactly_the_misclassified_images(evaluated, tiny_run):
 
 @pytest.mark.slow
 def test_predict_on_the_run_split_agrees_with_errors_csv(evaluated, tiny_run, tmp_path, compose_cfg):
-    from lora_cls.predict import predict
+    from lora_cls.tasks.predict import predict
 
     out, _ = evaluated
     rows = predict(compose_cfg(f"ckpt={tiny_run.run_dir}", "split=train", "progress=false", config_name="predict"),
@@ -78,7 +78,7 @@ def test_predict_on_the_run_split_agrees_with_errors_csv(evaluated, tiny_run, tm
 
 
 def test_predict_needs_input_or_split_not_both(compose_cfg):
-    from lora_cls.config import validate_predict
+    from lora_cls.conf.checks import validate_predict
     from lora_cls.errors import UserError
 
     for overrides in (["ckpt=x"], ["ckpt=x", "input=a", "split=test"]):

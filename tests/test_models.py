@@ -8,17 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from lora_cls import models
+from lora_cls.adapters.inject import select_targets
+from lora_cls.adapters.layer import LoRAConv2d
 from lora_cls.errors import UserError
-from lora_cls.inject import select_targets
-from lora_cls.lora import LoRAConv2d
-from lora_cls.models import (
-    build_model,
-    parameter_report,
-    prepare_finetune,
-    print_parameter_report,
-    set_train_mode,
-)
+from lora_cls.models import weights
+from lora_cls.models.build import build_model
+from lora_cls.models.finetune import parameter_report, prepare_finetune, set_train_mode
+from lora_cls.runs.console import print_parameter_report
 
 RESNET_PRESET = ["layer3.*.conv1", "layer3.*.conv2", "layer4.*.conv1", "layer4.*.conv2"]
 
@@ -117,7 +113,7 @@ def test_offline_imagenet_weights_error_says_where_to_put_the_file(tmp_path, mon
     def offline(url, dest):
         raise urllib.error.URLError("Temporary failure in name resolution")
 
-    monkeypatch.setattr(models, "_download_imagenet", offline)
+    monkeypatch.setattr(weights, "_download_imagenet", offline)
     with pytest.raises(UserError) as err:
         build_model("resnet34", "imagenet", 2)
     msg = str(err.value)
@@ -128,7 +124,7 @@ def test_offline_imagenet_weights_error_says_where_to_put_the_file(tmp_path, mon
 def test_cached_imagenet_weights_are_loaded(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     source = build_model("resnet34", None, 1000)
-    path = models.imagenet_cache_path("resnet34")
+    path = weights.imagenet_cache_path("resnet34")
     path.parent.mkdir(parents=True)
     torch.save(source.state_dict(), path)
     model = build_model("resnet34", "imagenet", 2)

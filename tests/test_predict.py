@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lora_cls.config import register_configs
+from lora_cls.conf.schema import register_configs
 from lora_cls.data.loaders import ImageDataset
 from lora_cls.data.splits import read_splits_json
 from lora_cls.errors import UserError
-from lora_cls.predict import collect_inputs, predict
+from lora_cls.tasks.predict import collect_inputs, predict
 
 register_configs()
 
@@ -37,12 +37,12 @@ def predict_cfg(tiny_run, compose_cfg, path_override):
 
 def test_predict_on_the_test_folder_matches_lora_eval(tiny_run, synthetic_root, predict_cfg, compose_cfg,
                                                       path_override, tmp_path):
-    from lora_cls.augment import BatchAugment
-    from lora_cls.build import load_model_from_checkpoint
+    from lora_cls.data.augment import BatchAugment
     from lora_cls.data.loaders import eval_loader
-    from lora_cls.device import resolve_device, resolve_precision
-    from lora_cls.engine import evaluate
-    from lora_cls.evaluate import evaluate_checkpoint
+    from lora_cls.engine.device import resolve_device, resolve_precision
+    from lora_cls.engine.evaluation import evaluate
+    from lora_cls.tasks.build import load_model_from_checkpoint
+    from lora_cls.tasks.evaluate import evaluate_checkpoint
 
     rows = predict(predict_cfg(synthetic_root / "test"), tmp_path / "predict")
     written = read_csv(tmp_path / "predict" / "predictions.csv")
@@ -149,7 +149,7 @@ def test_the_prediction_table_is_readable_at_80_columns(n_classes):
     """No line wider than the terminal, no path folded into slivers, probabilities with all their digits."""
     from rich.console import Console
 
-    from lora_cls.predict import print_predictions
+    from lora_cls.runs.console import print_predictions
 
     classes = [f"a_rather_long_class_name_{i}" for i in range(n_classes)]
     rows = []

@@ -11,13 +11,14 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lora_cls.build import class_weights
-from lora_cls.device import Precision, Runtime
-from lora_cls.ema import WeightEMA
-from lora_cls.engine import Trainer, TrainerSettings
+from lora_cls.engine.device import Precision, Runtime
+from lora_cls.engine.ema import WeightEMA
+from lora_cls.engine.loss import loss_and_logits
+from lora_cls.engine.optim import build_optimizer, head_param_groups
+from lora_cls.engine.trainer import Trainer, TrainerSettings
 from lora_cls.errors import UserError
-from lora_cls.models import loss_and_logits, trainable_state
-from lora_cls.optim import build_optimizer, head_param_groups
+from lora_cls.models.finetune import trainable_state
+from lora_cls.tasks.build import class_weights
 
 CPU32 = Runtime(torch.device("cpu"), Precision("32", None, False), False, progress=False)
 
@@ -123,7 +124,7 @@ def test_ema_state_round_trips():
 @pytest.mark.parametrize("key,value", [("trainer.label_smoothing", 1.0), ("trainer.class_weights", "inverse"),
                                        ("trainer.ema", 1.0), ("optimizer.head_lr_scale", 0)])
 def test_bad_recipe_values_are_refused_naming_the_key(compose_cfg, key, value):
-    from lora_cls.config import validate
+    from lora_cls.conf.checks import validate
 
     cfg = compose_cfg(f"{key}={value}", "dataset.root=unused")
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
@@ -133,8 +134,8 @@ def test_bad_recipe_values_are_refused_naming_the_key(compose_cfg, key, value):
 def test_a_run_with_every_recipe_option_states_them_and_resumes_exactly(tmp_path, tiny_overrides, monkeypatch):
     """class weights land in metrics.json; EMA state is in last.pt, so an interrupted EMA run resumes to the
     same result as an uninterrupted one."""
-    from lora_cls.checkpoint import load_last
-    from lora_cls.train import train
+    from lora_cls.runs.checkpoint import load_last
+    from lora_cls.tasks.train import train
     from tests.conftest import compose_config
     from tests.helpers import killed_in_second_epoch, without_timing
 

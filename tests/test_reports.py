@@ -6,15 +6,10 @@ import pytest
 from helpers import assert_png, read_csv
 from rich.console import Console
 
-from lora_cls.metrics import classification_metrics, confusion
-from lora_cls.reports import (
-    HISTORY_FIELDS,
-    plot_curves,
-    print_metrics,
-    read_history,
-    write_history,
-    write_split_reports,
-)
+from lora_cls.metrics.classification import classification_metrics, confusion
+from lora_cls.runs.console import print_metrics
+from lora_cls.runs.plots import plot_curves
+from lora_cls.runs.reports import HISTORY_FIELDS, read_history, write_history, write_split_reports
 
 POS_SCORE = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.35, 0.65, 0.8, 0.9])
 Y_TRUE = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])

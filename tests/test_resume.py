@@ -17,10 +17,10 @@ import pytest
 import torch
 from helpers import DETERMINISTIC_TINY, NOISY, killed_in_second_epoch, train_cfg, without_timing
 
-from lora_cls import checkpoint as ckpt
 from lora_cls.errors import UserError
-from lora_cls.resume import prepare_run_dir, resume_source
-from lora_cls.train import train
+from lora_cls.runs import checkpoint as ckpt
+from lora_cls.runs.resume import prepare_run_dir, resume_source
+from lora_cls.tasks.train import train
 
 
 @pytest.mark.slow

@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from lora_cls import runfolder
-from lora_cls.runfolder import write_json, write_text
+from lora_cls import files as runfolder
+from lora_cls.files import write_json, write_text
 
 
 def test_write_json_creates_parents_and_writes_strict_json(tmp_path):

@@ -14,8 +14,8 @@ import torch
 from hydra import compose, initialize_config_module
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
-from lora_cls.config import register_configs
-from lora_cls.distributed import DistInfo, RankSliceBatchSampler, shard
+from lora_cls.conf.schema import register_configs
+from lora_cls.engine.distributed import DistInfo, RankSliceBatchSampler, shard
 
 BIN = Path(sys.executable).parent
 # Augmentation off and BatchNorm on its running statistics: then N processes compute the same global-batch

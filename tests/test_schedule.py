@@ -6,11 +6,13 @@ import pytest
 import torch
 from torch import nn
 
+from lora_cls.adapters.inject import get_decay_state, inject_lora, set_decay
+from lora_cls.adapters.layer import DecayState, LoRAConv2d, LoRALinear
+from lora_cls.adapters.options import LoRAOptions
+from lora_cls.adapters.schedule import DecaySchedule, decay_factor
 from lora_cls.errors import UserError
-from lora_cls.inject import get_decay_state, inject_lora, set_decay
-from lora_cls.lora import DecayState, LoRAConv2d, LoRALinear, LoRAOptions
-from lora_cls.models import build_model, prepare_finetune
-from lora_cls.schedule import DecaySchedule, decay_factor
+from lora_cls.models.build import build_model
+from lora_cls.models.finetune import prepare_finetune
 
 
 def test_decay_factor_at_the_corners():

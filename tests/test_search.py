@@ -13,8 +13,8 @@ import yaml
 from conftest import path_value
 
 from lora_cls.errors import UserError
-from lora_cls.search import RESULTS, TRIALS, SearchSettings, parse_space, run_search
-from lora_cls.sweep import write_sweep_summary
+from lora_cls.runs.summary import write_sweep_summary
+from lora_cls.tasks.search import RESULTS, TRIALS, SearchSettings, parse_space, run_search
 
 PRESET = {"optimizer.lr": "tag(log, interval(1e-4, 3e-2))", "lora.rank": "choice(2, 4, 8, 16, 32)",
           "lora.alpha": "choice(0.5, 1, 2, 4)", "lora.dropout": "interval(0.0, 0.3)"}
@@ -90,8 +90,8 @@ def test_a_ratio_without_its_base_is_a_user_error():
     (["hydra.sweeper.params={lora.rank: 'choice(2,4)', optimizer.lr: 'interval(1e-3)'}"], "hydra.sweeper.params"),
 ])
 def test_search_settings_are_checked_before_the_sweep_starts(args, message, tmp_path):
-    from lora_cls.cli.common import precheck
-    from lora_cls.config import validate
+    from lora_cls.cli.precheck import precheck
+    from lora_cls.conf.checks import validate
 
     command = ["-m", "sweep=search" if args[0] != "hydra/sweeper=optuna" else "lora.rank=8", *args,
                f"hydra.sweep.dir={path_value(tmp_path / 'sweep')}"]

@@ -8,8 +8,9 @@ from pathlib import Path
 from helpers import assert_png, read_csv
 from rich.console import Console
 
-from lora_cls import sweep
-from lora_cls.sweep import SUMMARY_FIELDS, print_sweep_summary, write_sweep_summary
+from lora_cls.runs import plots as sweep
+from lora_cls.runs.console import print_sweep_summary
+from lora_cls.runs.summary import SUMMARY_FIELDS, write_sweep_summary
 
 
 def job_metrics(rank: int, test_accuracy: float) -> dict:

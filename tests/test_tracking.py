@@ -10,11 +10,11 @@ import sys
 import pytest
 from helpers import killed_in_second_epoch
 
-from lora_cls.config import validate
+from lora_cls.conf.checks import validate
 from lora_cls.errors import UserError
-from lora_cls.resume import prepare_run_dir
-from lora_cls.tracking import TRACKING_JSON, history_scalars
-from lora_cls.train import train
+from lora_cls.runs.resume import prepare_run_dir
+from lora_cls.runs.tracking import TRACKING_JSON, history_scalars
+from lora_cls.tasks.train import train
 
 EPOCH_TAGS = {"train/loss", "train/accuracy", "val/loss", "val/accuracy", "val/balanced_accuracy", "val/macro_f1",
               "lr", "d", "images_per_second", "seconds"}
@@ -57,7 +57,7 @@ def test_history_row_becomes_train_val_and_plain_tags():
 def test_only_the_process_that_writes_the_run_folder_logs(tmp_path):
     from omegaconf import OmegaConf
 
-    from lora_cls.tracking import Loggers
+    from lora_cls.runs.tracking import Loggers
 
     settings = OmegaConf.create({"csv": {}, "tensorboard": {"dir": "tb"}, "mlflow": None})
     row = {"epoch": 1, "step": 5, "lr": 1e-3, "d": 1.0, "train_loss": 0.5, "val_accuracy": 0.75}

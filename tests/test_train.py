@@ -8,10 +8,10 @@ import pytest
 import torch
 from helpers import DETERMINISTIC_TINY, train_cfg, without_timing
 
-from lora_cls import checkpoint as ckpt
-from lora_cls import engine
+from lora_cls.engine import trainer as engine
 from lora_cls.errors import UserError
-from lora_cls.train import train
+from lora_cls.runs import checkpoint as ckpt
+from lora_cls.tasks.train import train
 
 
 @pytest.mark.slow

@@ -10,19 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from lora_cls import zoo
+from lora_cls.adapters.inject import adapted_units, lora_layers, merge_lora, set_merge_on_eval
+from lora_cls.engine.loss import loss_and_logits
 from lora_cls.errors import UserError
-from lora_cls.inject import adapted_units, lora_layers, merge_lora, set_merge_on_eval
-from lora_cls.models import (
-    build_model,
-    check_adapters,
-    check_model,
-    default_target_names,
-    loss_and_logits,
-    model_spec,
-    prepare_finetune,
-    trainable_state,
-)
+from lora_cls.models import registry as zoo
+from lora_cls.models.build import build_model
+from lora_cls.models.checks import check_adapters, check_model
+from lora_cls.models.finetune import prepare_finetune, trainable_state
+from lora_cls.models.registry import default_target_names, model_spec
 
 # name -> image size (small, but one each model runs at)
 CASES = {

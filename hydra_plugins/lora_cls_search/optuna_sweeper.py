@@ -44,7 +44,7 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         from omegaconf import OmegaConf
 
-        from lora_cls.search import SearchSettings, run_search
+        from lora_cls.tasks.search import SearchSettings, run_search
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
-"""The one place user mistakes become `error: <message>` and exit status 2 (docs/DESIGN.md §8).
+"""The one place user mistakes become `error: <message>` and exit status 2 (docs/DESIGN.md §8), and the one
+shape of every Hydra command (`command`).
 
-Before Hydra starts (and creates a run folder), the command-line overrides are composed and validated, so a
-bad value fails at once naming its key. Inside a job, a UserError ends a single run with `error:`; in a
-multirun it marks the job failed (metrics.json status "failed") and the sweep goes on.
+Before Hydra starts, `precheck` composes and validates the command line. Inside a job, a UserError ends a single
+run with `error:`; in a multirun it marks the job failed (metrics.json status "failed") and the sweep goes on.
+A command's exit status is read back from what it wrote (a sweep's summary.csv, lora-data's datacheck.json).
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from hydra import compose, initialize_config_module
+import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
-from lora_cls import runfolder
 from lora_cls.cli.interrupt import (
     caused_by_interrupt,
     interrupted,
@@ -30,117 +30,24 @@ from lora_cls.cli.interrupt import (
     run_resume_command,
     terminate,
 )
-from lora_cls.cli.overrides import override_value, override_variants
-from lora_cls.config import register_configs
+from lora_cls.cli.precheck import precheck
+from lora_cls.conf.overrides import override_value
+from lora_cls.conf.schema import register_configs
 from lora_cls.errors import UserError
-from lora_cls.runfolder import RunDir, check_writable, failed_metrics, read_metrics, write_json
+from lora_cls.files import write_json
+from lora_cls.runs import folder as runfolder
+from lora_cls.runs.folder import RunDir, failed_metrics, read_metrics
 
 log = logging.getLogger("lora_cls")
-CONFIG_MODULE = "lora_cls.conf"
-_NO_PRECHECK = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "--shell-completion", "-sc"}
+Job = Callable[[DictConfig, Path], dict]
+Validate = Callable[[DictConfig], None]
+CheckRunDir = Callable[[DictConfig, Path], object]
+ExitStatus = Callable[[Path, bool], int]  # (the command's output folder, multirun) -> exit status
 
 
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-def _one_line(exc: BaseException) -> str:
-    parts = [str(exc)]
-    cause = exc.__cause__ or exc.__context__
-    if cause is not None and str(cause) and str(cause) not in parts[0]:
-        parts.append(str(cause))
-    text = "; ".join(p.strip() for p in parts if p.strip())
-    text = text.split("Config search path")[0]  # Hydra's search-path dump says nothing a user can act on
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
-def _quoting_hint(overrides: list[str]) -> str:
-    """Hydra's grammar takes only ASCII (and some punctuation) in an unquoted value: say how to quote one."""
-    for override in overrides:
-        key, _, value = override.partition("=")
-        if value and not value.isascii() and value[:1] not in "'\"":
-            return (f"; a value with non-ASCII characters (or spaces, quotes, brackets) needs Hydra's quotes "
-                    f"inside the shell's: '{key}=\"{value}\"'")
-    return ""
-
-
-def precheck(argv: list[str], config_name: str, validate: Callable[[DictConfig], None],
-             check_run_dir: Callable[[DictConfig, Path], object] | None = None) -> None:
-    """Compose and validate the config the way Hydra will, so a mistake fails before any folder is made."""
-    if any(a in _NO_PRECHECK or a.startswith("--config") or a.startswith("-c") for a in argv):
-        return
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    overrides = [a for a in argv if not a.startswith("-")]
-    run_dir = override_value(overrides, "hydra.run.dir")
-    sweep_dir = override_value(overrides, "hydra.sweep.dir")
-    job_overrides = [a for a in overrides if not a.startswith(("hydra.", "hydra/", "+hydra", "++hydra", "~hydra"))]
-    if sweep_dir and multirun:
-        check_sweep_dir(Path(sweep_dir), job_overrides)
-    hydra_overrides = [a for a in overrides if a not in job_overrides]
-    register_configs()
-    try:
-        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-            variants = override_variants(job_overrides, multirun)
-            configs = [compose(config_name=config_name, overrides=variant) for variant in variants]
-            for cfg in configs:
-                validate(cfg)
-            # A misspelt hydra.* key or launcher fails here with Hydra's own message, as an `error:` line. With
-            # the job's overrides: `sweep=rank` is what creates hydra.sweeper.params to override.
-            for variant in override_variants(hydra_overrides, multirun):
-                hydra_cfg = compose(config_name=config_name, overrides=variants[0] + variant,
-                                    return_hydra_config=True).hydra
-            output, key = (hydra_cfg.sweep.dir, "hydra.sweep.dir") if multirun else (hydra_cfg.run.dir, "hydra.run.dir")
-            if multirun:  # hydra/sweeper=optuna: its settings and search space, before any job starts
-                from lora_cls.search import check_sweeper
-
-                check_sweeper(hydra_cfg.sweeper, job_overrides)
-    except UserError:
-        raise
-    except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        raise UserError(f"invalid config: {_one_line(exc)}{_quoting_hint(overrides)}") from None
-    check_writable(output, key)  # before Hydra makes the folder: a read-only place is an `error:`, not a traceback
-    if run_dir and not multirun and check_run_dir is not None:
-        check_run_dir(configs[0], Path(run_dir))
-
-
-def check_fresh_run_dir(cfg: DictConfig, run_dir: Path) -> None:
-    """check_run_dir for the commands that only ever write a new folder (lora-eval, lora-predict, lora-data)."""
-    runfolder.check_fresh_run_dir(run_dir)
-
-
-def check_sweep_dir(sweep_dir: Path, job_overrides: list[str]) -> None:
-    """A sweep folder is new, or holds this same sweep interrupted (it then resumes: finished jobs are kept,
-    the interrupted one continues from its last.pt, the rest run). Another sweep's results are refused, so a
-    summary never mixes two sweeps."""
-    if (sweep_dir / "summary.csv").exists() and not (sweep_dir / "optuna.db").exists():  # a study may go on
-        raise UserError(f"sweep folder {sweep_dir} already holds a finished sweep (summary.csv); "
-                        "choose another hydra.sweep.dir")
-    found = sorted(sweep_dir.glob("*/metrics.json")) + sorted(sweep_dir.glob("*/checkpoints/last.pt"))
-    if not found:
-        return
-    previous = sweep_overrides(sweep_dir)
-    if previous is None:
-        raise UserError(f"sweep folder {sweep_dir} already holds results ({found[0].relative_to(sweep_dir)}) but no "
-                        "readable multirun.yaml saying which sweep made them; choose another hydra.sweep.dir")
-    if previous != job_overrides:
-        raise UserError(f"sweep folder {sweep_dir} already holds results of another sweep "
-                        f"({found[0].relative_to(sweep_dir)}; its overrides were {' '.join(previous)}); choose another "
-                        "hydra.sweep.dir, or repeat those overrides in the same order to resume it")
-    runfolder.remove_stale_temp_files(sweep_dir, recursive=False)  # a summary a kill left half-written
-    # Logging is not set up yet (Hydra does that per job), so this goes straight to the terminal.
-    print(f"resuming the interrupted sweep in {sweep_dir}: jobs that ended are kept", file=sys.stderr)
-
-
-def sweep_overrides(sweep_dir: Path) -> list[str] | None:
-    """The command-line overrides (hydra.* excluded) of the sweep that Hydra started in `sweep_dir`."""
-    from omegaconf import OmegaConf
-
-    try:
-        task = OmegaConf.select(OmegaConf.load(sweep_dir / "multirun.yaml"), "hydra.overrides.task")
-        return [str(o) for o in task] if task is not None else None
-    except (OSError, OmegaConfBaseException, ValueError):
-        return None
 
 
 def _log_to_file(message: str) -> None:
@@ -226,24 +133,77 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig, Path], dict], metric_key
     return None
 
 
-def main_with_errors(hydra_main: Callable[[], None], config_name: str, validate: Callable[[DictConfig], None],
-                     check_run_dir: Callable[[DictConfig, Path], object] | None = None) -> None:
+def check_fresh_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """check_run_dir for the commands that only ever write a new folder (lora-eval, lora-predict, lora-data)."""
+    runfolder.check_fresh_run_dir(run_dir)
+
+
+def main_with_errors(hydra_main: Callable[[], None], config_name: str, validate: Validate,
+                     check_run_dir: CheckRunDir | None = None, exit_status: ExitStatus | None = None) -> None:
+    """Check the command line, then run Hydra; exit with `exit_status(output folder, multirun)` when given.
+
+    The output folder is fixed before Hydra starts (Hydra's `${now:}` would otherwise resolve again), so what the
+    command wrote there can be read back after it."""
     register_configs()
     signal.signal(signal.SIGTERM, terminate)
     argv = sys.argv[1:]
     try:
-        precheck(argv, config_name, validate, check_run_dir)
+        output = precheck(argv, config_name, validate, check_run_dir)
     except UserError as exc:
         fail(str(exc))
-    from lora_cls import sweep
-
-    sweep.last_summary.clear()
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if output is not None and override_value([a for a in argv if not a.startswith("-")], key) is None:
+        sys.argv.append(f"{key}={output}")
+        argv = sys.argv[1:]
     try:
         hydra_main()
     except KeyboardInterrupt:  # outside any job (run_job handles those): a launcher waiting on its workers
         interrupted_outside_jobs(argv, config_name)
-    failed = [r for r in sweep.last_summary if r.get("status") != "ok"]
+    status = exit_status(output, multirun) if exit_status is not None and output is not None else 0
+    if status:
+        sys.exit(status)
+
+
+def sweep_exit_status(output: Path, multirun: bool) -> int:
+    """1 when a job of the sweep in `output` failed (its summary.csv says so), else 0."""
+    if not multirun:
+        return 0
+    from lora_cls.runs.summary import read_summary_csv
+
+    rows = read_summary_csv(output) or []
+    failed = [r for r in rows if r.get("status") != "ok"]
     if failed:
-        print(f"error: {len(failed)} of {len(sweep.last_summary)} sweep jobs failed; see summary.md at the sweep "
-              "root", file=sys.stderr)
-        sys.exit(1)
+        print(f"error: {len(failed)} of {len(rows)} sweep jobs failed; see summary.md at the sweep root",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+class SweepSummary(Callback):
+    """Hydra's multirun-end callback (lora_cls/conf/train.yaml): summary.csv, summary.md and summary.png at the
+    sweep root, and the table on the console, even when a job failed."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from lora_cls.runs.console import print_sweep_summary
+        from lora_cls.runs.summary import write_sweep_summary
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        print_sweep_summary(write_sweep_summary(sweep_dir))
+        log.info("sweep summary: %s", sweep_dir / "summary.md")
+
+
+def command(config_name: str, job: Job, validate: Validate, check_run_dir: CheckRunDir | None = check_fresh_run_dir,
+            metric_key: str | None = None, exit_status: ExitStatus | None = None) -> Callable[[], None]:
+    """The console-script `main` of a Hydra command: `job(cfg, run_dir)` run by `run_job` inside `@hydra.main` over
+    the packaged config `config_name`, checked by `validate` (and `check_run_dir`) before Hydra starts."""
+
+    def task(cfg: DictConfig):
+        return run_job(cfg, job, metric_key)
+
+    task.__module__ = job.__module__
+    hydra_main = hydra.main(config_path="pkg://lora_cls.conf", config_name=config_name, version_base="1.3")(task)
+
+    def main() -> None:
+        main_with_errors(hydra_main, config_name, validate, check_run_dir, exit_status)
+
+    return main

@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     out = args.out or time.strftime("outputs/compare/%Y-%m-%d_%H-%M-%S")
     try:
-        from lora_cls.compare import STEM, compare_runs
-        from lora_cls.runfolder import check_writable
-        from lora_cls.sweep import print_sweep_summary
+        from lora_cls.runs.console import print_sweep_summary
+        from lora_cls.runs.folder import check_writable
+        from lora_cls.tasks.compare import STEM, compare_runs
 
         check_writable(out, "--out")
         rows = compare_runs(args.runs, out, args.title)

@@ -1,4 +1,4 @@
-"""lora-data check: a thin Hydra entry point around lora_cls.datacheck.run_check; lora-data cache [clear]: list
+"""lora-data check: a thin Hydra entry point around lora_cls.tasks.datacheck.run_check; lora-data cache [clear]: list
 or empty the decoded-image cache (lora_cls.data.cache).
 
 Hydra has no subcommands, so `check` is taken off the command line before Hydra parses the rest. Exit status:
@@ -7,34 +7,35 @@ Hydra has no subcommands, so `check` is taken off the command line before Hydra 
 
 import sys
 import time
+from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from lora_cls.cli.common import check_fresh_run_dir, fail, main_with_errors, run_job
-from lora_cls.config import register_configs
+from lora_cls.cli.common import command, fail
+from lora_cls.data.check import validate_datacheck
 from lora_cls.data.layouts import DATASET_NAMES
-from lora_cls.datacheck import run_check, validate_datacheck
-
-register_configs()
 
 USAGE = (f"usage: lora-data check [dataset=<{'|'.join(DATASET_NAMES)}>] [key=value ...]  "
          "(lora-data check --help)")
 CACHE_USAGE = "usage: lora-data cache [clear] [root=<dataset root>] [dir=<cache folder>]"
 COMMANDS = ("check", "cache")
-_last_report: dict = {}
 
 
-def _check(cfg: DictConfig, run_dir) -> dict:
-    report = run_check(cfg, run_dir)
-    _last_report.clear()
-    _last_report.update(report)
-    return report
+def _check(cfg: DictConfig, run_dir: Path) -> dict:
+    from lora_cls.tasks.datacheck import run_check  # imported when a job runs: fast --help
+
+    return run_check(cfg, run_dir)
 
 
-@hydra.main(config_path="pkg://lora_cls.conf", config_name="data", version_base="1.3")
-def _hydra_main(cfg: DictConfig):
-    return run_job(cfg, _check)
+def _problems_found(run_dir: Path, multirun: bool) -> int:
+    """Exit status 1 when the check found problems (its datacheck.json says so)."""
+    from lora_cls.runs.folder import RunDir, read_metrics
+
+    report = read_metrics(RunDir(run_dir).datacheck)  # any JSON object
+    return 1 if report is not None and report.get("ok") is False else 0
+
+
+_check_command = command("data", _check, validate_datacheck, exit_status=_problems_found)
 
 
 def main() -> None:
@@ -51,10 +52,7 @@ def main() -> None:
         _cache(args[1:])
         return
     sys.argv = [sys.argv[0], *args[1:]]
-    _last_report.clear()
-    main_with_errors(_hydra_main, "data", validate_datacheck, check_run_dir=check_fresh_run_dir)
-    if _last_report and not _last_report["ok"]:
-        sys.exit(1)
+    _check_command()
 
 
 def _cache(args: list[str]) -> None:

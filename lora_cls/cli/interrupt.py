@@ -11,8 +11,8 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 
-from lora_cls.cli.overrides import override_value, split_override
-from lora_cls.runfolder import RunDir
+from lora_cls.conf.overrides import override_value, split_override
+from lora_cls.runs.folder import RunDir
 
 
 def caused_by_interrupt(exc: BaseException) -> bool:

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _names(args: argparse.Namespace) -> list[str]:
-    from lora_cls import zoo
+    from lora_cls.models import registry as zoo
 
     if args.source == "torchvision":
         known = zoo.torchvision_names()
@@ -47,8 +47,9 @@ def _list(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from lora_cls import zoo
-    from lora_cls.models import build_model, parameter_report, prepare_finetune
+    from lora_cls.models import registry as zoo
+    from lora_cls.models.build import build_model
+    from lora_cls.models.finetune import parameter_report, prepare_finetune
 
     table = Table(title=f"{args.source} classifiers · LoRA rank {args.rank}, default targets, {args.classes} classes")
     for column in ("model", "total", "adapted", "trainable", "%", "default targets"):

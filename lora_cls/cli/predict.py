@@ -1,23 +1,20 @@
-"""lora-predict: a thin Hydra entry point around lora_cls.predict.run_predict."""
+"""lora-predict: a thin Hydra entry point around lora_cls.tasks.predict.run_predict."""
 
-import hydra
+from pathlib import Path
+
 from omegaconf import DictConfig
 
-from lora_cls.cli.common import check_fresh_run_dir, main_with_errors, run_job
-from lora_cls.config import register_configs, validate_predict
-from lora_cls.predict import run_predict
-
-register_configs()
+from lora_cls.cli.common import command
+from lora_cls.conf.checks import validate_predict
 
 
-@hydra.main(config_path="pkg://lora_cls.conf", config_name="predict", version_base="1.3")
-def _hydra_main(cfg: DictConfig):
-    return run_job(cfg, run_predict)
+def _predict(cfg: DictConfig, run_dir: Path) -> dict:
+    from lora_cls.tasks.predict import run_predict  # imported when a job runs: fast --help
+
+    return run_predict(cfg, run_dir)
 
 
-def main() -> None:
-    main_with_errors(_hydra_main, "predict", validate_predict, check_run_dir=check_fresh_run_dir)
-
+main = command("predict", _predict, validate_predict)
 
 if __name__ == "__main__":
     main()

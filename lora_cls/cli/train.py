@@ -1,34 +1,27 @@
-"""lora-train: a thin Hydra entry point around lora_cls.train.train."""
+"""lora-train: a thin Hydra entry point around lora_cls.tasks.train.train."""
 
 import sys
 from datetime import datetime
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from lora_cls.cli.common import fail, main_with_errors, run_job
-from lora_cls.config import register_configs, validate
-
-register_configs()
+from lora_cls.cli.common import command, fail, sweep_exit_status
+from lora_cls.conf.checks import validate
 
 
 def _train(cfg: DictConfig, run_dir: Path) -> dict:
-    from lora_cls.train import train  # imported when a job runs, so --help and config errors answer fast
+    from lora_cls.tasks.train import (
+        train,  # imported when a job runs, so --help and config errors answer fast
+    )
 
     return train(cfg, run_dir)
 
 
 def _check_run_dir(cfg: DictConfig, run_dir: Path):
-    from lora_cls.resume import prepare_run_dir
+    from lora_cls.runs.resume import prepare_run_dir
 
     return prepare_run_dir(cfg, run_dir)
-
-
-@hydra.main(config_path="pkg://lora_cls.conf", config_name="train", version_base="1.3")
-def _hydra_main(cfg: DictConfig):
-    # The returned validation accuracy is what a Hydra sweeper would optimise.
-    return run_job(cfg, _train, metric_key="accuracy")
 
 
 def _torchrun_argv(argv: list[str]) -> bool:
@@ -36,7 +29,7 @@ def _torchrun_argv(argv: list[str]) -> bool:
 
     Returns whether this process is the one that checks and writes the run folder.
     """
-    from lora_cls import distributed
+    from lora_cls.engine import distributed
 
     if not distributed.launched_by_torchrun():
         return True
@@ -54,9 +47,11 @@ def _torchrun_argv(argv: list[str]) -> bool:
 def main() -> None:
     checks_run_dir = _torchrun_argv(sys.argv[1:])
     try:
-        main_with_errors(_hydra_main, "train", validate, check_run_dir=_check_run_dir if checks_run_dir else None)
+        # The job's validation accuracy is what a Hydra sweeper (Optuna) optimises.
+        command("train", _train, validate, _check_run_dir if checks_run_dir else None, metric_key="accuracy",
+                exit_status=sweep_exit_status)()
     finally:
-        from lora_cls import distributed
+        from lora_cls.engine import distributed
 
         distributed.shutdown()
 

@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 
 from lora_cls.errors import UserError
-from lora_cls.runfolder import write_json
+from lora_cls.files import write_json
 
 Sample = tuple[str, int]
 """(path relative to the dataset root, POSIX separators; label index into `classes`)."""
 SPLIT_NAMES = ("train", "val", "test")
+SPLITS = "splits.json"  # the file a run folder records its split in (write_splits_json)
 
 
 @dataclass

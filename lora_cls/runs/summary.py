@@ -1,0 +1,270 @@
+"""The sweep summary (docs/DESIGN.md §6): summary.csv, summary.md and summary.png at a multirun's root, and the
+Hydra callback that writes them when the sweep ends, even when a job failed."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lora_cls.files import atomic_open, write_text
+from lora_cls.runs.folder import METRICS, read_metrics
+from lora_cls.runs.plots import _plot_sweep
+from lora_cls.runs.reports import INT_RE
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FIELDS = [
+    "status",
+    "error",
+    "finetune",
+    "trainable",
+    "trainable_pct",
+    "val_accuracy",
+    "test_accuracy",
+    "test_balanced_accuracy",
+    "test_macro_f1",
+    "test_roc_auc",
+    "train_seconds",
+    "images_per_second",
+]
+
+
+def write_sweep_summary(sweep_dir: str | os.PathLike, title: str | None = None) -> list[dict]:
+    """Summarise a Hydra multirun root into summary.csv, summary.md and summary.png; return the rows.
+
+    A job is a folder at most two levels below `sweep_dir` holding `.hydra/overrides.yaml` or
+    `metrics.json`. One row per job, in natural order of its relative path: `job`, one column per override
+    key, then SUMMARY_FIELDS. A job without metrics.json has status "missing"; an unreadable one "failed".
+    """
+    sweep_dir = Path(sweep_dir)
+    job_dirs = sorted(
+        _find_job_dirs(sweep_dir), key=lambda d: _natural_key(d.relative_to(sweep_dir).as_posix())
+    )
+    overrides = {d: _read_overrides(d) for d in job_dirs}
+    override_keys: list[str] = []
+    for job_overrides in overrides.values():
+        override_keys.extend(k for k in job_overrides if k not in override_keys and k != "job")
+    jobs = [(d.relative_to(sweep_dir).as_posix(), overrides[d], d) for d in job_dirs]
+    rows, columns = summary_table(jobs, override_keys)
+    write_summary_files(sweep_dir, rows, columns, override_keys, title)
+    return rows
+
+
+def summary_table(jobs: Sequence[tuple[str, dict[str, Any], Path]], keys: list[str]) -> tuple[list[dict], list[str]]:
+    """Rows and columns of a summary: one row per (label, {key: value}, run folder), the label in column `job`,
+    then `keys`, then SUMMARY_FIELDS read from the folder's metrics.json (lora-compare shares this)."""
+    rows = [_summary_row(label, values, folder) for label, values, folder in jobs]
+    columns = _summary_columns(keys)
+    for row in rows:
+        for column in columns:
+            row.setdefault(column, None)
+    return [{column: row[column] for column in columns} for row in rows], columns
+
+
+def write_summary_files(folder: Path, rows: list[dict], columns: list[str], keys: list[str], title: str | None,
+                        stem: str = "summary") -> None:
+    """<stem>.md, <stem>.png (accuracy against the first numeric key that varies) and <stem>.csv in `folder`."""
+    # The CSV last: summary.csv marks a finished sweep (a restart refuses the folder), so it may only exist once
+    # the table and the plot do.
+    write_text(folder / f"{stem}.md", _summary_markdown(rows, columns, folder, title))
+    _plot_sweep(rows, keys, folder / f"{stem}.png", title)
+    with atomic_open(folder / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(["" if row[c] is None else row[c] for c in columns])
+
+
+def _summary_columns(override_keys: list[str]) -> list[str]:
+    # An override such as `finetune=full` shares its name with a summary field: one column, not two.
+    return ["job", *override_keys, *(f for f in SUMMARY_FIELDS if f not in override_keys)]
+
+
+def _find_job_dirs(sweep_dir: Path) -> list[Path]:
+    def is_job(d: Path) -> bool:
+        return (d / ".hydra" / "overrides.yaml").is_file() or (d / METRICS).is_file()
+
+    def subdirs(d: Path) -> list[Path]:
+        return [c for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")]
+
+    if not sweep_dir.is_dir():
+        return []
+    jobs = []
+    for child in subdirs(sweep_dir):
+        if is_job(child):
+            jobs.append(child)
+        else:
+            jobs.extend(grandchild for grandchild in subdirs(child) if is_job(grandchild))
+    return jobs
+
+
+def _natural_key(text: str) -> tuple:
+    return tuple(
+        (0, int(part), "") if part.isdigit() else (1, 0, part.lower())
+        for part in re.split(r"(\d+)", text)
+        if part
+    )
+
+
+_NUMBER_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _read_overrides(job_dir: Path) -> dict[str, Any]:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    try:
+        items = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    if not isinstance(items, list):
+        return {}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, _, value = str(item).partition("=")
+        key = key.lstrip("+~")
+        if not key:
+            continue
+        if INT_RE.match(value):
+            out[key] = int(value)
+        elif _NUMBER_RE.match(value):
+            out[key] = float(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _summary_row(job: str, job_overrides: dict[str, Any], job_dir: Path) -> dict:
+    row: dict[str, Any] = {"job": job, **{k: v for k, v in job_overrides.items() if k != "job"}}
+    metrics_path = job_dir / METRICS
+    if not metrics_path.is_file():
+        row["status"] = "missing"
+        return row
+    metrics = read_metrics(metrics_path)
+    if metrics is None:
+        row["status"] = "failed"
+        row["error"] = "unreadable metrics.json"
+        return row
+
+    def get(*keys: str) -> Any:
+        value: Any = metrics
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    status = get("status")
+    row["status"] = status if isinstance(status, str) and status else "failed"
+    error = get("error")
+    row["error"] = _first_line(error) if error else None
+    values = {
+        "finetune": get("finetune"),
+        "trainable": _number(get("params", "trainable")),
+        "trainable_pct": _number(get("params", "trainable_pct")),
+        "val_accuracy": _number(get("val", "accuracy")),
+        "test_accuracy": _number(get("test", "accuracy")),
+        "test_balanced_accuracy": _number(get("test", "balanced_accuracy")),
+        "test_macro_f1": _number(get("test", "macro_f1")),
+        "test_roc_auc": _number(get("test", "roc_auc")),
+        "train_seconds": _number(get("timing", "train_seconds")),
+        "images_per_second": _number(get("timing", "train_images_per_second")),
+    }
+    for key, value in values.items():
+        # Keep an override's value (e.g. finetune=full) when the job died before writing its own.
+        if value is not None or key not in row:
+            row[key] = value
+    return row
+
+
+def _first_line(text: Any) -> str:
+    lines = str(text).strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def _number(value: Any) -> int | float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+_ACCURACY_COLUMNS = {
+    "val_accuracy",
+    "test_accuracy",
+    "test_balanced_accuracy",
+    "test_macro_f1",
+    "test_roc_auc",
+}
+
+
+def _format_summary_value(column: str, value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value)
+    if column in _ACCURACY_COLUMNS and isinstance(value, (int, float)):
+        return f"{value:.4f}"
+    if column == "trainable" and isinstance(value, (int, float)):
+        return f"{int(value):,}"
+    if column == "trainable_pct" and isinstance(value, (int, float)):
+        return f"{value:.3g}"
+    if column in ("train_seconds", "images_per_second") and isinstance(value, (int, float)):
+        return f"{value:,.1f}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _summary_markdown(rows: list[dict], columns: list[str], sweep_dir: Path, title: str | None) -> str:
+    counts = {status: sum(r["status"] == status for r in rows) for status in ("ok", "failed", "missing")}
+    lines = [
+        f"# {title or 'Sweep summary'}",
+        "",
+        f"`{sweep_dir}`: {len(rows)} job{'s' if len(rows) != 1 else ''}, "
+        f"{counts['ok']} ok, {counts['failed']} failed, {counts['missing']} missing.",
+    ]
+    best = _best_rows(rows)
+    if best:
+        # Chosen on validation, as the runs chose their best epoch: picking a job by its test score would make
+        # that score an optimistic estimate. Its test accuracy is reported beside it.
+        jobs = ", ".join(f"`{r['job']}`" for r in best)
+        tests = ", ".join("–" if r.get("test_accuracy") is None else f"{r['test_accuracy']:.4f}" for r in best)
+        lines.append(f"Best validation accuracy: {'jobs ' + jobs + ' (tied)' if len(best) > 1 else 'job ' + jobs}, "
+                     f"{best[0]['val_accuracy']:.4f}; test accuracy {tests}.")
+    lines.append("")
+    numeric = {
+        c
+        for c in columns
+        if any(isinstance(r[c], (int, float)) and not isinstance(r[c], bool) for r in rows)
+        and all(r[c] is None or (isinstance(r[c], (int, float)) and not isinstance(r[c], bool)) for r in rows)
+    }
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "|".join("---:" if c in numeric else "---" for c in columns) + "|")
+    for row in rows:
+        cells = [_format_summary_value(c, row[c]).replace("|", "\\|").replace("\n", " ") for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _best_rows(rows: list[dict]) -> list[dict]:
+    """The ok jobs with the highest validation accuracy (several when they tie)."""
+    scored = [r for r in rows if r["status"] == "ok" and r.get("val_accuracy") is not None]
+    if not scored:
+        return []
+    top = max(r["val_accuracy"] for r in scored)
+    return [r for r in scored if r["val_accuracy"] == top]
+
+
+def read_summary_csv(sweep_dir: str | os.PathLike) -> list[dict] | None:
+    """The rows of a sweep's summary.csv as text values (None when it has none)."""
+    try:
+        with open(Path(sweep_dir) / "summary.csv", encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return None

@@ -1,0 +1,176 @@
+"""From a validated config to the objects a run needs, and a trained model back from its adapter file.
+
+Training: `train_runtime` (device, precision, processes), `load_data` (splits and loaders), `build_classifier`
+(the model with adapters), `build_trainer` (optimizer, schedules and the engine's settings). lora-eval and
+lora-predict use `load_model_from_checkpoint`, which needs nothing of the training loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+from lora_cls.conf.checks import decay_schedule, lora_options
+from lora_cls.conf.schema import stored_train_config
+from lora_cls.data.augment import BatchAugment
+from lora_cls.data.layouts import prepare_splits
+from lora_cls.data.loaders import build_loaders
+from lora_cls.data.splits import DatasetSplits
+from lora_cls.engine import distributed
+from lora_cls.engine.device import Runtime, resolve_device, resolve_precision, seed_everything
+from lora_cls.engine.optim import build_optimizer, head_param_groups, warmup_cosine
+from lora_cls.engine.trainer import Trainer, TrainerSettings
+from lora_cls.errors import UserError
+from lora_cls.models.build import build_model
+from lora_cls.models.finetune import prepare_finetune
+from lora_cls.models.registry import model_heads, model_spec, summarize
+from lora_cls.runs import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+
+def eval_batch_size(cfg: DictConfig) -> int:
+    return int(cfg.trainer.eval_batch_size or 2 * cfg.trainer.batch_size)
+
+
+def train_runtime(cfg: DictConfig, info: distributed.DistInfo) -> Runtime:
+    """Device (one GPU per process under torchrun), precision and seeds of a training run."""
+    tr = cfg.trainer
+    device = distributed.device_for(info, resolve_device(tr.device))
+    seed_everything(int(tr.seed), bool(tr.deterministic), device)
+    return Runtime(device, resolve_precision(tr.precision, device), bool(tr.channels_last), info,
+                   bool(tr.progress) and info.is_main)
+
+
+def load_data(cfg: DictConfig, runtime: Runtime) -> tuple[DatasetSplits, dict[str, DataLoader]]:
+    """The run's splits and their loaders (undecodable files either fail here or are dropped from the splits)."""
+    splits = prepare_splits(cfg.dataset)
+    workers = int(cfg.trainer.num_workers)
+    if workers and multiprocessing.current_process().daemon:
+        # A launcher's worker process (joblib) is daemonic and may not start DataLoader workers.
+        log.info("running inside a daemonic launcher process: loading data without DataLoader workers")
+        workers = 0
+    loaders = build_loaders(splits, cfg.dataset, int(cfg.trainer.batch_size), workers, int(cfg.trainer.seed),
+                            pin_memory=runtime.device.type == "cuda")
+    return splits, loaders
+
+
+def build_classifier(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, list[str], dict]:
+    """The configured model with its adapters (or baseline mode) and the identity of its frozen base weights.
+
+    The random state is seeded first, so `model.weights=null` gives the same base weights in lora-eval.
+    """
+    torch.manual_seed(int(cfg.trainer.seed))
+    name, source, aux = cfg.model.name, cfg.model.source, bool(cfg.model.aux_heads)
+    model = build_model(name, cfg.model.weights, num_classes, source=source, image_size=int(cfg.dataset.image_size),
+                        aux=aux)
+    identity = {"weights": cfg.model.weights, "init_seed": int(cfg.trainer.seed),
+                "sha256": ckpt.base_fingerprint(model, model_spec(name, source).head)}
+    options = vars(lora_options(cfg)).copy()
+    rank_pattern = dict(cfg.lora.rank_pattern) if cfg.lora.rank_pattern else None
+    adapted = prepare_finetune(model, name, cfg.finetune, targets=cfg.lora.targets, rank=options.pop("rank"),
+                               alpha=options.pop("alpha"), source=source, aux=aux, rank_pattern=rank_pattern,
+                               **options)
+    if cfg.finetune == "lora" and not cfg.lora.targets:
+        log.info("default targets of %s at rank %s: %d layers (%s)", name, cfg.lora.rank, len(adapted),
+                 summarize(adapted))
+    return model, adapted, identity
+
+
+def compiled(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
+    """torch.compile for the training step (evaluation runs the merged plain model eagerly: engine.evaluate).
+
+    reduce-overhead captures the step in CUDA graphs (static shapes: the train loader drops its last partial
+    batch); on the CPU there are no CUDA graphs, so it compiles in the default mode there.
+    """
+    if mode == "reduce-overhead" and device.type != "cuda":
+        log.warning("trainer.compile_mode=reduce-overhead captures CUDA graphs, and this run is on %s: compiling "
+                    "in the default mode", device)
+        mode = "default"
+    log.info("torch.compile (mode %s): the first step compiles and takes longer", mode)
+    return torch.compile(model, mode=mode)
+
+
+def rank_train_loader(loader: DataLoader, seed: int, info: distributed.DistInfo) -> DataLoader:
+    """For N processes: the same global batches as one process would draw, each rank taking its slice."""
+    if not info.enabled:
+        return loader
+    global_batch = int(loader.batch_size)
+    distributed.per_rank_batch(global_batch, info)
+    # Seeded exactly as the single-process loader (data.loaders.build_loaders: train generator = seed + 0), and
+    # shared by loader and sampler in the same order, so the shuffles are those of a 1-process run.
+    generator = torch.Generator().manual_seed(seed)
+    batches = BatchSampler(RandomSampler(loader.dataset, generator=generator), global_batch, loader.drop_last)
+    return DataLoader(loader.dataset, batch_sampler=distributed.RankSliceBatchSampler(batches, info),
+                      generator=generator, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                      collate_fn=loader.collate_fn,
+                      worker_init_fn=loader.worker_init_fn, persistent_workers=loader.persistent_workers)
+
+
+def build_trainer(cfg: DictConfig, model: nn.Module, runtime: Runtime, loaders: dict[str, DataLoader],
+                  splits: DatasetSplits) -> Trainer:
+    """Place the model (compiled, wrapped in DDP as configured) and set up its optimizer, schedules and engine."""
+    tr, op, info = cfg.trainer, cfg.optimizer, runtime.dist
+    runtime.place(model)
+    run_model = compiled(model, tr.compile_mode, runtime.device) if tr.compile else model
+    if info.enabled:
+        # Gradients of the trainable parameters only are averaged: frozen weights never enter DDP's buckets.
+        device = runtime.device
+        run_model = DistributedDataParallel(run_model, device_ids=[device.index] if device.type == "cuda" else None)
+    aug = cfg.dataset.augment
+    preprocess = BatchAugment(aug.hflip, aug.rotation, aug.color_jitter).to(runtime.device)
+    train_loader = rank_train_loader(loaders["train"], int(tr.seed), info)
+    steps_per_epoch = len(train_loader)
+    if tr.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, int(tr.max_steps_per_epoch))
+    heads = model_heads(model_spec(cfg.model.name, cfg.model.source), bool(cfg.model.aux_heads))
+    groups = head_param_groups(model, heads, op.lr, op.head_lr_scale)
+    optimizer = build_optimizer(groups, op.name, op.lr, op.weight_decay, tuple(op.betas), op.momentum,
+                                op.nesterov, runtime.device)
+    total_steps = steps_per_epoch * int(tr.epochs)
+    schedule = decay_schedule(cfg)
+    if (unreached := schedule.unreached(total_steps)) is not None:
+        log.warning(unreached)
+    settings = TrainerSettings(
+        runtime=runtime, epochs=int(tr.epochs), steps_per_epoch=steps_per_epoch,
+        lr_factor=warmup_cosine(total_steps, op.warmup_fraction, op.min_lr_ratio), schedule=schedule,
+        classes=tuple(splits.classes), positive_class=splits.positive_class, eval_batch_size=eval_batch_size(cfg),
+        bn=cfg.lora.bn, monitor=tr.early_stopping.monitor, patience=int(tr.early_stopping.patience),
+        label_smoothing=float(tr.label_smoothing), class_weight=class_weights(cfg, splits), ema=float(tr.ema))
+    return Trainer(run_model, optimizer, preprocess, settings, train_loader, loaders["val"].dataset)
+
+
+def class_weights(cfg: DictConfig, splits: DatasetSplits) -> tuple[float, ...] | None:
+    """trainer.class_weights=balanced: w_c = N / (K · n_c) over the training split (sklearn's "balanced"; a
+    class with no training image gets 1). The weighted loss then counts every class as much as any other."""
+    if cfg.trainer.class_weights != "balanced":
+        return None
+    counts = list(splits.class_counts()["train"].values())
+    total, k = sum(counts), len(counts)
+    weights = tuple(total / (k * n) if n else 1.0 for n in counts)
+    log.info("class weights (balanced, from the training counts): %s",
+             ", ".join(f"{c} {w:.3f}" for c, w in zip(splits.classes, weights)))
+    return weights
+
+
+def load_model_from_checkpoint(path: str | Path) -> tuple[nn.Module, DictConfig, dict]:
+    """Rebuild the trained model from an adapter file alone (its metadata holds config, classes, base identity)."""
+    tensors, meta = ckpt.load_adapter(path)
+    try:
+        stored, classes, identity = meta["config"], list(meta["classes"]), meta["base_weights"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"checkpoint {path} lacks lora-cls metadata ({exc})") from None
+    train_cfg = stored_train_config(stored, f"checkpoint {path}")
+    model, _, got_identity = build_classifier(train_cfg, len(classes))
+    if got_identity["sha256"] != identity.get("sha256"):
+        raise UserError(f"checkpoint {path} was trained on other base weights (model.weights={identity.get('weights')}); "
+                        "make the same base weights available (e.g. the same ImageNet file) and try again")
+    ckpt.apply_adapter(model, tensors, f"checkpoint {path}")
+    return model, train_cfg, meta

@@ -1,0 +1,107 @@
+"""`evaluate_checkpoint(cfg, run_dir)`: lora-eval, a trained checkpoint on its run's split or on other data.
+
+The model is rebuilt from the adapter file alone (`build.load_model_from_checkpoint`) and evaluated on the split
+its run wrote to splits.json, so the training run's test metrics are reproduced exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from lora_cls.conf.checks import validate_eval
+from lora_cls.data.augment import BatchAugment
+from lora_cls.data.layouts import prepare_splits
+from lora_cls.data.loaders import ImageDataset, eval_loader
+from lora_cls.data.splits import DatasetSplits, read_splits_json
+from lora_cls.engine.device import Runtime, resolve_device, resolve_precision
+from lora_cls.engine.evaluation import evaluate
+from lora_cls.errors import UserError
+from lora_cls.files import write_json
+from lora_cls.runs import reports
+from lora_cls.runs.checkpoint import resolve_checkpoint
+from lora_cls.runs.console import print_metrics
+from lora_cls.runs.folder import RunDir, check_fresh_run_dir, run_metrics
+from lora_cls.runs.misclassified import write_errors
+from lora_cls.tasks.build import eval_batch_size, load_model_from_checkpoint
+
+log = logging.getLogger(__name__)
+console = Console(stderr=True)
+
+
+def _run_data_root(adapter_path: Path, train_cfg: DictConfig) -> Path:
+    """The data folder a training run used: its splits.json's root, else its config's dataset.root."""
+    splits_path = RunDir.of_checkpoint(adapter_path).splits
+    if splits_path.is_file():
+        try:
+            return Path(read_splits_json(splits_path).root).resolve()
+        except UserError:
+            pass
+    return Path(str(train_cfg.dataset.root)).expanduser().resolve()
+
+
+def eval_splits(cfg: DictConfig, path: Path, train_cfg: DictConfig, meta: dict) -> DatasetSplits:
+    """The split to evaluate: the run's own splits.json, or `dataset.root` (another copy, or other data)."""
+    if not cfg.dataset.root:
+        splits_path = RunDir.of_checkpoint(path).splits
+        if not splits_path.is_file():
+            raise UserError(f"no splits.json beside the checkpoint (looked for {splits_path}); pass dataset.root=")
+        return read_splits_json(splits_path)
+    classes = list(meta["classes"])
+    # The generated synthetic set is a folder layout: another root is read as a plain folder.
+    name = cfg.dataset.name or ("folder" if train_cfg.dataset.name == "synthetic" else train_cfg.dataset.name)
+    ds_cfg = OmegaConf.merge(train_cfg.dataset, {"root": cfg.dataset.root, "name": name})
+    splits = prepare_splits(ds_cfg, need=() if cfg.split == "all" else (cfg.split,))
+    if cfg.split == "all" and splits.root == _run_data_root(path, train_cfg):
+        raise UserError(f"split=all on {splits.root}, the data the run was trained on, would count its training "
+                        "images; use split=test or val there, and split=all for other data")
+    if splits.classes != classes:
+        raise UserError(f"dataset.root={cfg.dataset.root} has classes {splits.classes}, but the checkpoint was "
+                        f"trained on {classes}; evaluate on data with the same classes")
+    # The run's positive class, not the layout's default (synthetic read as a folder would flip it).
+    splits.positive_class = meta.get("positive_class", splits.positive_class)
+    return splits
+
+
+def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """lora-eval: evaluate a checkpoint on its run's split (or another dataset.root) and write reports."""
+    run = RunDir(run_dir)
+    validate_eval(cfg)
+    check_fresh_run_dir(run.path)
+    path = resolve_checkpoint(cfg.ckpt)
+    model, train_cfg, meta = load_model_from_checkpoint(path)
+    splits = eval_splits(cfg, path, train_cfg, meta)
+    device = resolve_device(cfg.device, "device")
+    precision = resolve_precision(cfg.precision or meta.get("precision", "auto"), device)
+    ds = train_cfg.dataset
+    skip_bad = ds.skip_bad if cfg.dataset.skip_bad is None else cfg.dataset.skip_bad
+    dataset = ImageDataset(splits.root, splits.split(cfg.split), int(ds.image_size), cache=bool(ds.cache.enabled),
+                           max_cache_bytes=int(float(ds.cache.max_gb) * 2**30), skip_bad=bool(skip_bad),
+                           max_pixels=ds.max_image_pixels, cache_dir=getattr(ds.cache, "dir", None))
+    if dataset.skipped:
+        log.warning("skipped %d undecodable image(s) (dataset.skip_bad=true): %s", len(dataset.skipped),
+                    ", ".join(dataset.skipped[:5]) + (" ..." if len(dataset.skipped) > 5 else ""))
+    channels_last = bool(train_cfg.trainer.channels_last)
+    Runtime(device, precision, channels_last).place(model)
+    batch_size = int(cfg.batch_size or meta.get("eval_batch_size") or eval_batch_size(train_cfg))
+    preprocess = BatchAugment(False, 0.0, 0.0).to(device)
+    out = evaluate(model, eval_loader(dataset, batch_size), preprocess, device, precision, channels_last,
+                   desc=cfg.split, progress=bool(cfg.progress))
+    title = f"{train_cfg.model.name} {train_cfg.finetune} (eval)"
+    split_result = reports.split_results(out, splits.classes, splits.positive_class, run.reports(cfg.split),
+                                         f"{title} — {cfg.split}")
+    errors = write_errors(run.reports(cfg.split), [str(splits.root / p) for p, _ in dataset.samples],
+                          lambda i: dataset[i][0].permute(1, 2, 0).numpy(), out.y_true, out.probs, splits.classes)
+    metrics = {**run_metrics(train_cfg), "checkpoint": str(path), "split": cfg.split,
+               "data_root": str(splits.root), cfg.split: split_result, "device": str(device),
+               "precision": precision.name, "best_epoch": meta.get("best_epoch"), "images": len(dataset),
+               "skipped_images": dataset.skipped, "misclassified": errors}
+    write_json(run.metrics, metrics)
+    if cfg.progress:
+        print_metrics(split_result, f"{cfg.split} ({len(dataset)} images)", console=console)
+    log.info("%s accuracy %.4f on %d images; reports in %s", cfg.split, split_result["accuracy"], len(dataset),
+             run.reports(cfg.split))
+    return metrics

@@ -1,0 +1,316 @@
+"""lora-export: a trained run as a model that runs without lora-cls, checked against the trained model.
+
+Formats (docs/DESIGN.md §3 for the math): `torchvision` (the merged model W' = d·W + s·BA, b' = d·b + C, as a
+plain state dict for the model's own constructor with the new head), `lowrank` (at d = 0 every adapted layer as
+two small layers A then s·B with bias C), `onnx` and `torchscript` (the merged model, or with `lowrank=true` the
+low-rank one, with a dynamic batch dimension). Every export is read back from its file and run on a batch of the
+run's test images; the largest absolute logit difference against the training model (float32, adapters on their
+two-path forward) is stored in export.json, and one above `tolerance` times the largest |logit| (at least 1) is
+an error.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_cls.adapters.inject import (
+    adapted_units,
+    export_low_rank,
+    get_decay_state,
+    merge_lora,
+    set_merge_on_eval,
+)
+from lora_cls.adapters.layer import LoRALayer
+from lora_cls.conf.schema import EXPORT_FORMATS, to_container
+from lora_cls.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+from lora_cls.data.loaders import ImageDataset
+from lora_cls.data.splits import read_splits_json
+from lora_cls.engine.loss import plain_logits
+from lora_cls.errors import UserError
+from lora_cls.files import atomic_open, write_json
+from lora_cls.models.build import build_model
+from lora_cls.models.registry import model_spec
+from lora_cls.runs.checkpoint import resolve_checkpoint
+from lora_cls.runs.folder import EXPORT_SUMMARY, RunDir
+from lora_cls.tasks.build import load_model_from_checkpoint
+
+log = logging.getLogger(__name__)
+
+FORMATS = EXPORT_FORMATS
+MODEL_FILES = {"torchvision": "model.pth", "lowrank": "model.pth", "onnx": "model.onnx", "torchscript": "model.pt"}
+MODEL_JSON = "model.json"  # beside a state dict: what `load_exported` needs to rebuild the model
+EXPORT_JSON = EXPORT_SUMMARY
+
+
+# -- sizes -----------------------------------------------------------------------------------------------------
+
+def count_macs(model: nn.Module, image_size: int) -> int:
+    """Multiply-adds of one forward pass of a (1, 3, S, S) image, summed over the Conv2d and Linear modules
+    (forward hooks; matrix products outside such modules, e.g. attention scores, are not counted)."""
+    total = 0
+
+    def conv(m: nn.Conv2d, _inputs: Any, out: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = m.kernel_size
+        total += out[0].numel() * (m.in_channels // m.groups) * kh * kw
+
+    def linear(m: nn.Linear, _inputs: Any, out: torch.Tensor) -> None:
+        nonlocal total
+        total += out[0].numel() * m.in_features
+
+    hooks = [m.register_forward_hook(conv if isinstance(m, nn.Conv2d) else linear)
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.inference_mode():
+            model.eval()(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def state_bytes(model: nn.Module) -> bytes:
+    """The model's state dict as torch.save writes it (what `torch.load(weights_only=True)` reads back)."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buffer)
+    return buffer.getvalue()
+
+
+def model_stats(model: nn.Module, image_size: int) -> dict[str, int]:
+    """Parameters, state-dict file size (bytes) and multiply-adds per image of a plain model."""
+    return {"parameters": sum(p.numel() for p in model.parameters()), "file_bytes": len(state_bytes(model)),
+            "macs": count_macs(model, image_size)}
+
+
+# -- the exported model and what rebuilds it -------------------------------------------------------------------
+
+def added_biases(model: nn.Module, plain: nn.Module) -> list[str]:
+    """Adapted layers without a bias of their own that have one in the export: the compensating bias C of a
+    decay schedule (b' = d·b + C)."""
+    return [name for name, unit in adapted_units(model) if isinstance(unit, LoRALayer) and unit.bias is None
+            and isinstance(m := plain.get_submodule(name), (nn.Conv2d, nn.Linear)) and m.bias is not None]
+
+
+def model_description(train_cfg: Any, meta: dict, low_rank: list[str], biased: list[str]) -> dict[str, Any]:
+    """model.json: everything besides the weights that running the model needs (classes, input, constructor)."""
+    spec = model_spec(train_cfg.model.name, train_cfg.model.source)
+    return {"model": train_cfg.model.name, "source": train_cfg.model.source, "head": spec.head,
+            "classes": [str(c) for c in meta["classes"]], "positive_class": meta.get("positive_class"),
+            "image_size": int(train_cfg.dataset.image_size), "aux_heads": bool(train_cfg.model.aux_heads),
+            "transform_input": train_cfg.model.weights == "imagenet" and train_cfg.model.name in
+            ("googlenet", "inception_v3"),
+            "input": "float32 (N, 3, S, S): RGB resized to S x S (bilinear, antialiased), x/255 - mean, / std",
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "low_rank_layers": low_rank,
+            "added_biases": biased}
+
+
+def _two_layers(layer: nn.Module, rank: int, has_bias: bool) -> nn.Sequential:
+    """Empty A and B layers of `layer`'s geometry at `rank` (filled by load_state_dict)."""
+    if isinstance(layer, nn.Conv2d):
+        a = nn.Conv2d(layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                      layer.groups, bias=False, padding_mode=layer.padding_mode)
+        return nn.Sequential(a, nn.Conv2d(rank, layer.out_channels, 1, groups=layer.groups, bias=has_bias))
+    return nn.Sequential(nn.Linear(layer.in_features, rank, bias=False),
+                         nn.Linear(rank, layer.out_features, bias=has_bias))
+
+
+def load_exported(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A `torchvision` or `lowrank` export (model.pth + model.json) as a plain model in eval mode, and model.json.
+
+    The model is the constructor's own (torchvision or timm, random init, new head for the classes); the layers in
+    model.json's `added_biases` get a bias (a decay schedule's C), those in `low_rank_layers` become two small
+    layers; then the state dict is loaded strictly.
+    """
+    folder = Path(folder)
+    try:
+        desc = json.loads((folder / MODEL_JSON).read_text(encoding="utf-8"))
+        state = torch.load(folder / MODEL_FILES["torchvision"], map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{folder} is not a lora-export torchvision/lowrank folder (model.pth + model.json): "
+                        f"{exc}") from None
+    model = build_model(desc["model"], None, len(desc["classes"]), source=desc["source"],
+                        image_size=int(desc["image_size"]), aux=bool(desc["aux_heads"]))
+    if desc.get("transform_input"):
+        model.transform_input = True
+    for name in desc.get("added_biases", []):
+        layer = model.get_submodule(name)
+        layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
+    for name in desc["low_rank_layers"]:
+        layer = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        replacement = _two_layers(layer, int(state[f"{name}.0.weight"].shape[0]), f"{name}.1.bias" in state)
+        setattr(model.get_submodule(parent) if parent else model, child, replacement)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), desc
+
+
+def _plain_model(model: nn.Module, low_rank: bool, path: Path) -> nn.Module:
+    if not low_rank:
+        return merge_lora(model).eval()
+    d = get_decay_state(model)
+    if d is None or d.value != 0.0:
+        got = "no adapters (finetune is not lora)" if d is None else f"d = {d.value:g}"
+        raise UserError(f"a low-rank export needs d = 0 (the frozen weights no longer contribute), but {path} has "
+                        f"{got}; train with schedule=decay (or decay_noise) schedule.d_min=0 and a schedule.end the "
+                        "run reaches before its best epoch (e.g. schedule.end=0.8), then export that run")
+    return export_low_rank(model).eval()
+
+
+def _save(plain: nn.Module, fmt: str, path: Path, example: torch.Tensor, opset: int) -> None:
+    if fmt in ("torchvision", "lowrank"):
+        data = state_bytes(plain)
+    elif fmt == "torchscript":
+        buffer = io.BytesIO()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.save(torch.jit.trace(plain, example, check_trace=False), buffer)
+        data = buffer.getvalue()
+    else:
+        data = _onnx_bytes(plain, example, opset)
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def _onnx_module():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError:
+        raise UserError("format=onnx needs the optional packages onnx and onnxruntime: "
+                        "pip install 'lora-cls[export]' (or pip install onnx onnxruntime)") from None
+    return onnxruntime
+
+
+def _onnx_bytes(plain: nn.Module, example: torch.Tensor, opset: int) -> bytes:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated, still the one on torch 2.1+
+        torch.onnx.export(plain, (example,), buffer, input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+                          dynamo=False)
+    return buffer.getvalue()
+
+
+def _runner(fmt: str, folder: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The exported file read back, as a function from a normalised float32 batch to logits."""
+    path = folder / MODEL_FILES[fmt]
+    if fmt in ("torchvision", "lowrank"):
+        model = load_exported(folder)[0]
+        return lambda x: plain_logits(model(x))
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export; still supported
+            scripted = torch.jit.load(str(path), map_location="cpu").eval()
+        return lambda x: scripted(x)
+    session = _onnx_module().InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(["logits"], {"images": x.numpy()})[0])
+
+
+# -- verification ----------------------------------------------------------------------------------------------
+
+def verification_images(adapter: Path, image_size: int, count: int) -> tuple[torch.Tensor, str]:
+    """uint8 (N, 3, S, S): the first `count` test images of the run's splits.json, or, when that split cannot be
+    read, seeded random images (the returned description says which, and why)."""
+    splits_path = RunDir.of_checkpoint(adapter).splits
+    try:
+        splits = read_splits_json(splits_path)
+        name = "test" if splits.test else "val"
+        # A handful of images: decoded directly, not written to the decoded-image cache as an entry of their own.
+        data = ImageDataset(splits.root, splits.split(name)[:count], image_size, cache=False, skip_bad=True)
+        if len(data):
+            return torch.stack([data[i][0] for i in range(len(data))]), f"{len(data)} {name} images of {splits_path}"
+        reason = f"no readable {name} image in {splits_path}"
+    except UserError as exc:
+        reason = str(exc)
+    log.warning("verifying on %d random images instead of the run's test images: %s", count, reason)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (count, 3, image_size, image_size), dtype=torch.uint8, generator=generator)
+    return images, f"{count} random images (the run's test split is unavailable: {reason})"
+
+
+@torch.inference_mode()
+def reference_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The training model's float32 logits, adapters on their two-path forward (not merged)."""
+    set_merge_on_eval(model, False)
+    try:
+        return plain_logits(model.eval()(x)).float()
+    finally:
+        set_merge_on_eval(model, True)
+
+
+def _check_fresh(out: Path) -> None:
+    found = [f for f in (EXPORT_JSON, *set(MODEL_FILES.values())) if (out / f).exists()]
+    if found:
+        raise UserError(f"export folder {out} already holds an export ({', '.join(found)}); choose another "
+                        "hydra.run.dir")
+
+
+def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, *, low_rank: bool = False,
+                      tolerance: float = 1e-4, images: int = 16, opset: int = 17) -> dict[str, Any]:
+    """Export the run or adapter file `ckpt` as `fmt` into the folder `out`, verify it, write export.json.
+
+    Returns export.json's content: files, verification (images, max_abs_logit_diff, tolerance) and, per model
+    exported, parameters, file size and multiply-adds (for `lowrank`, also the base model's, and the ratios).
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    out = Path(out)
+    _check_fresh(out)
+    if fmt == "onnx":
+        _onnx_module()
+    path = resolve_checkpoint(ckpt)
+    model, train_cfg, meta = load_model_from_checkpoint(path)
+    model.float().eval()
+    low_rank = low_rank or fmt == "lowrank"
+    plain = _plain_model(model, low_rank, path)
+    size = int(train_cfg.dataset.image_size)
+    batch, source = verification_images(path, size, images)
+    x = normalize(batch)
+    names = [n for n, _ in adapted_units(model) if isinstance(plain.get_submodule(n), nn.Sequential)]
+    desc = model_description(train_cfg, meta, names if low_rank else [], [] if low_rank else added_biases(model, plain))
+    if fmt in ("torchvision", "lowrank"):
+        write_json(out / MODEL_JSON, desc)
+    _save(plain, fmt, out / MODEL_FILES[fmt], x[:2], opset)
+    with torch.inference_mode():
+        reference = reference_logits(model, x)
+        diff = float((_runner(fmt, out)(x).float() - reference).abs().max())
+    # float32 rounding of the merged weights grows with the logits' size: the tolerance is relative to it
+    allowed = tolerance * max(1.0, float(reference.abs().max()))
+    report = _report(fmt, out, path, desc, train_cfg, plain, low_rank)
+    report["verification"] = {"images": len(x), "source": source, "max_abs_logit_diff": diff,
+                              "max_abs_logit": float(reference.abs().max()), "tolerance": tolerance,
+                              "allowed_diff": allowed, "dtype": "float32", "ok": diff <= allowed}
+    write_json(out / EXPORT_JSON, report)
+    if not diff <= allowed:
+        raise UserError(f"the {fmt} export differs from the trained model by {diff:.3g} in its logits on {source}, "
+                        f"more than tolerance={tolerance:g} × the largest |logit| ({allowed:.3g}); it is kept in "
+                        f"{out} for inspection but is not verified")
+    return report
+
+
+def _report(fmt: str, out: Path, path: Path, desc: dict, train_cfg: Any, plain: nn.Module,
+            low_rank: bool) -> dict[str, Any]:
+    size = desc["image_size"]
+    stats = {**model_stats(plain, size), "file_bytes_on_disk": (out / MODEL_FILES[fmt]).stat().st_size}
+    report: dict[str, Any] = {"format": fmt, "file": MODEL_FILES[fmt], "checkpoint": str(path),
+                              "low_rank": low_rank, **{k: desc[k] for k in ("model", "classes", "image_size",
+                                                                            "mean", "std")},
+                              "exported": stats, "train_config": to_container(train_cfg)}
+    if low_rank:
+        base = build_model(desc["model"], None, len(desc["classes"]), source=desc["source"], image_size=size,
+                           aux=desc["aux_heads"])
+        report["base"] = model_stats(base, size)
+        report["ratios_vs_base"] = {k: stats[k] / report["base"][k] for k in ("parameters", "file_bytes", "macs")}
+        report["low_rank_layers"] = desc["low_rank_layers"]
+    return report
+
+

@@ -1,0 +1,221 @@
+"""lora-predict: class predictions for new images from a trained checkpoint.
+
+`predict(cfg, run_dir)` rebuilds the model from the adapter file alone (`load_model_from_checkpoint`), merges
+the adapters into plain layers (`merge_lora`: W' = d·W + s·BA, docs/DESIGN.md §3) and classifies every image that
+`cfg.input` names (a file, a folder searched recursively, or a glob), decoded and normalised exactly as in
+training. It writes `predictions.csv` (path, predicted class, one probability column per class) and
+`predict.json` (a summary) into `run_dir`.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+from tqdm.auto import tqdm
+
+from lora_cls.adapters.inject import merge_lora
+from lora_cls.conf.checks import validate_predict
+from lora_cls.data.augment import normalize
+from lora_cls.data.decode import (
+    IMAGE_EXTENSIONS,
+    UnreadableImage,
+    decode_image,
+    io_threads,
+    is_image,
+    verify_image,
+)
+from lora_cls.data.loaders import ImageDataset
+from lora_cls.data.splits import read_splits_json
+from lora_cls.engine.device import Precision, autocast, prepare_batch, resolve_device, resolve_precision
+from lora_cls.errors import UserError
+from lora_cls.files import atomic_open, write_json
+from lora_cls.runs.checkpoint import resolve_checkpoint
+from lora_cls.runs.console import print_predictions
+from lora_cls.runs.folder import PREDICT_SUMMARY, PREDICTIONS, RunDir, check_fresh_run_dir
+from lora_cls.tasks.build import load_model_from_checkpoint
+
+
+def collect_inputs(spec: str) -> list[Path]:
+    """The images `spec` names, sorted: a file as is; a folder's image files, recursively (hidden files and
+    folders and `__MACOSX` passed over, as in training); a glob's image files (`**` recurses)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = []
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
+            found += [Path(dirpath) / name for name in filenames if is_image(name)]
+        if not found:
+            raise UserError(f"input {spec}: no image files in this folder or below (image files end in "
+                            f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+        return sorted(found)
+    if glob.has_magic(spec):
+        found = [Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)]
+        images = sorted(p for p in found if p.is_file() and is_image(p.name))
+        if not images:
+            raise UserError(f"input {spec}: the pattern matches no image file ({len(found)} other matches)")
+        return images
+    raise UserError(f"input {spec} does not exist; give an image, a folder or a glob such as 'photos/*.jpg'")
+
+
+def split_inputs(adapter: Path, split: str) -> list[Path]:
+    """The images of split `split` in the splits.json of the run that wrote `adapter`, in the split's order."""
+    splits_path = RunDir.of_checkpoint(adapter).splits
+    if not splits_path.is_file():
+        raise UserError(f"split={split}: no splits.json beside the checkpoint (looked for {splits_path}); "
+                        "use input=<folder> instead")
+    splits = read_splits_json(splits_path)
+    if not splits.split(split):
+        raise UserError(f"split={split}: the run's {split} split is empty ({splits_path})")
+    return [splits.root / p for p, _ in splits.split(split)]
+
+
+def _batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _split_lookup(train_cfg: Any, adapter: Path, split: str) -> dict[Path, torch.Tensor | str] | None:
+    """split=: the split's images from the decoded-image cache, as training and lora-eval read them, by path (an
+    undecodable file's value is the reason); None when the run did not use the cache."""
+    ds = train_cfg.dataset
+    if not ds.cache.enabled:
+        return None
+    splits = read_splits_json(RunDir.of_checkpoint(adapter).splits)
+    data = ImageDataset(splits.root, splits.split(split), int(ds.image_size), skip_bad=True,
+                        max_cache_bytes=int(float(ds.cache.max_gb) * 2**30), max_pixels=ds.max_image_pixels,
+                        cache_dir=getattr(ds.cache, "dir", None))
+    lookup: dict[Path, torch.Tensor | str] = {splits.root / p: data.images[i] for i, (p, _) in enumerate(data.samples)}
+    lookup.update({splits.root / p: reason for p, reason in data.bad})
+    return lookup
+
+
+def _decode(path: Path, size: int, max_pixels: int | None) -> torch.Tensor | str:
+    try:
+        return decode_image(path, size, max_pixels)
+    except UnreadableImage as exc:
+        return exc.reason or "undecodable"
+
+
+def _bad_inputs_error(bad: list[tuple[str, str]]) -> UserError:
+    shown = "\n".join(f"  {path}: {reason}" for path, reason in bad)
+    return UserError(f"{len(bad)} input file(s) are not decodable images; remove them from the input, or pass "
+                     f"skip_bad=true to skip them:\n{shown}")
+
+
+@torch.inference_mode()
+def classify(model: nn.Module, images: torch.Tensor, device: torch.device, precision: Precision,
+             channels_last: bool) -> torch.Tensor:
+    """uint8 (N, 3, S, S) → float32 class probabilities (N, K): normalise, forward under autocast, softmax."""
+    x = normalize(prepare_batch(images, device, channels_last))
+    with autocast(device, precision):
+        logits = model(x)
+    return logits.float().softmax(dim=1).cpu()
+
+
+def predict(cfg: Any, run_dir: str | Path) -> list[dict[str, Any]]:
+    """Classify the images of `cfg.input` with the checkpoint `cfg.ckpt`; write and return the predictions.
+
+    Each row: {"path", "predicted", "prob_<class>" for every class}, in sorted path order. Undecodable inputs
+    stop the command with one error listing them all, or with `skip_bad` are skipped and listed in predict.json.
+    """
+    return _predict(cfg, Path(run_dir))[0]
+
+
+def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    validate_predict(cfg)
+    check_fresh_run_dir(run_dir)
+    path = resolve_checkpoint(cfg.ckpt)
+    files = collect_inputs(str(cfg.input)) if cfg.input is not None else split_inputs(path, cfg.split)
+    model, train_cfg, meta = load_model_from_checkpoint(path)
+    classes = [str(c) for c in meta["classes"]]
+    device = resolve_device(cfg.device, "device")
+    precision = resolve_precision(cfg.precision or meta.get("precision", "auto"), device)
+    channels_last = bool(train_cfg.trainer.channels_last)
+    merged = merge_lora(model).eval()
+    del model
+    merged.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    size = int(train_cfg.dataset.image_size)
+    max_pixels = train_cfg.dataset.max_image_pixels
+    batch_size = int(cfg.batch_size or meta.get("eval_batch_size") or 2 * int(train_cfg.trainer.batch_size))
+
+    progress = None if cfg.progress else True  # tqdm's disable: None = only on a terminal
+    lookup = _split_lookup(train_cfg, path, cfg.split) if cfg.input is None else None
+    if lookup is not None:
+        reasons = [found if isinstance(found, str) else None for found in map(lookup.__getitem__, files)]
+    else:
+        with ThreadPoolExecutor(io_threads()) as pool:
+            # A cheap pass first (PIL open + verify), so a broken input stops the command before the long part.
+            reasons = list(tqdm(pool.map(lambda f: verify_image(f, max_pixels), files), total=len(files),
+                                desc=f"checking {len(files)} images",
+                                unit="img", leave=False, disable=progress))
+    bad = [(str(f), r) for f, r in zip(files, reasons) if r is not None]
+    if bad and not cfg.skip_bad:
+        raise _bad_inputs_error(bad)
+    todo = [f for f, r in zip(files, reasons) if r is None]
+
+    rows: list[dict[str, Any]] = []
+    with ThreadPoolExecutor(io_threads()) as pool, tqdm(total=len(todo), desc="predicting", unit="img",
+                                                         leave=False, disable=progress) as bar:
+        for chunk in _batches(todo, batch_size):
+            decoded = ([lookup[f] for f in chunk] if lookup is not None
+                       else list(pool.map(lambda f: _decode(f, size, max_pixels), chunk)))
+            good = [(f, t) for f, t in zip(chunk, decoded) if isinstance(t, torch.Tensor)]
+            bad += [(str(f), t) for f, t in zip(chunk, decoded) if isinstance(t, str)]
+            if good:
+                probs = classify(merged, torch.stack([t for _, t in good]), device, precision, channels_last)
+                for (f, _), p in zip(good, probs.tolist()):
+                    best = max(range(len(classes)), key=p.__getitem__)  # first maximum, as argmax
+                    rows.append({"path": str(f), "predicted": classes[best],
+                                 **{f"prob_{c}": round(v, 6) for c, v in zip(classes, p)}})
+            bar.update(len(chunk))
+    if bad and not cfg.skip_bad:
+        raise _bad_inputs_error(bad)  # damage that only decoding finds
+    if not rows:
+        raise UserError(f"input {cfg.input}: none of the {len(files)} file(s) could be decoded")
+
+    write_predictions(run_dir / PREDICTIONS, rows, classes)
+    summary = {"status": "ok", "checkpoint": str(path), "input": cfg.input and str(cfg.input), "split": cfg.split,
+               "classes": classes,
+               "images": len(rows), "class_counts": class_counts(rows, classes),
+               "skipped": [{"path": p, "reason": r} for p, r in bad], "image_size": size,
+               "device": str(device), "precision": precision.name}
+    write_json(run_dir / PREDICT_SUMMARY, summary)
+    return rows, summary
+
+
+def class_counts(rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> dict[str, int]:
+    counts = Counter(row["predicted"] for row in rows)
+    return {c: counts.get(c, 0) for c in classes}
+
+
+def write_predictions(path: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> None:
+    fields = ["path", "predicted", *(f"prob_{c}" for c in classes)]
+    with atomic_open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run_predict(cfg: Any, run_dir: str | Path, console: Console | None = None) -> dict[str, Any]:
+    """`predict`, then print the table; returns predict.json's content (the CLI's job function)."""
+    rows, summary = _predict(cfg, Path(run_dir))
+    console = console or Console()
+    print_predictions(rows, summary["classes"], int(cfg.show), console)
+    skipped = summary["skipped"]
+    if skipped:
+        console.print(f"[yellow]skipped {len(skipped)} undecodable file(s)[/yellow] (skip_bad=true): "
+                      + ", ".join(s["path"] for s in skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    console.print(f"predictions: {Path(run_dir) / PREDICTIONS}")
+    return summary
