@@ -14,7 +14,7 @@ The Python API (imported on first use, so `import lora_cls` stays fast):
 __version__ = "0.1.0"
 
 _API = {"load": "lora_cls.tasks.inference", "Classifier": "lora_cls.tasks.inference", "export_checkpoint": "lora_cls.tasks.export",
-        "load_exported": "lora_cls.tasks.export", "compare_runs": "lora_cls.tasks.compare",
+        "load_exported": "lora_cls.tasks.inference", "compare_runs": "lora_cls.tasks.compare",
         "UserError": "lora_cls.errors"}
 __all__ = ["__version__", *_API]
 

@@ -14,13 +14,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 from PIL import Image
 
-from lora_cls.conf.schema import register_configs
-
-CONFIG_MODULE = "lora_cls.conf"
+from lora_cls.conf.schema import compose
 
 # ResNet34 (random init) + LoRA r8 preset on 80 synthetic 32 px images, one epoch: a few seconds on a CPU.
 TINY = [
@@ -41,9 +38,7 @@ def path_value(path: str | os.PathLike) -> str:
 
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
     """Compose `train` or `eval` from the packaged config tree, exactly as the CLIs do (no Hydra run)."""
-    register_configs()
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides))
+    return compose(config_name, overrides)
 
 
 # ------------------------------------------------------------------------------------------ data tests

@@ -3,11 +3,10 @@
 import csv
 from pathlib import Path
 
-from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 from PIL import Image
 
-from lora_cls.conf.schema import register_configs
+from lora_cls.conf.schema import compose
 
 # A deterministic tiny run; with NOISY (weight noise on two layers only) every RNG stream is exercised without
 # the CPU cost of drawing 19.8M Gaussians per step for the whole preset (see README, "Noise cost on CPU").
@@ -19,9 +18,7 @@ NOISY = ["schedule=decay_noise", "lora.dropout=0.1", "lora.targets=[layer3.0.con
 
 def train_cfg(*overrides: str) -> DictConfig:
     """The training config composed with these overrides, as lora-train would."""
-    register_configs()
-    with initialize_config_module("lora_cls.conf", version_base="1.3"):
-        return compose("train", list(overrides))
+    return compose("train", overrides)
 
 
 def without_timing(metrics: dict) -> dict:

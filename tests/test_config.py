@@ -14,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import lora_cls.conf
 from lora_cls.conf.checks import validate, validate_eval
-from lora_cls.conf.schema import flatten, schema_defaults, stored_train_config, to_container
+from lora_cls.conf.schema import flatten, schema_defaults, stored_train_config
 from lora_cls.errors import UserError
 
 RESNET34_PRESET = ["layer3.*.conv1", "layer3.*.conv2", "layer4.*.conv1", "layer4.*.conv2"]
@@ -105,14 +105,30 @@ def test_defaults_are_the_offline_synthetic_resnet34_lora_run(compose_cfg):
     validate(cfg)
 
 
-def test_schema_defaults_equal_the_yaml_defaults(compose_cfg):
-    # An older checkpoint or last.pt lacking a key is read with the schema's default: it must be the YAML's.
-    composed = flatten(to_container(compose_cfg()))
-    assert {k: v for k, v in schema_defaults().items() if k != "dataset.root"} == {
-        k: v for k, v in composed.items() if k != "dataset.root"}
-    # alpha follows rank in the schema too: a rank-4 file stored without alpha keeps s = 1
+GROUPS_OVER_THE_TRAIN_SCHEMA = ("dataset", "model", "lora", "schedule", "optimizer", "trainer")
+IDENTITY_KEYS = {"name", "kind"}  # what names the option itself may equal the default (model=resnet34)
+
+
+@pytest.mark.parametrize("group", GROUPS_OVER_THE_TRAIN_SCHEMA)
+def test_group_options_hold_only_what_differs_from_the_schema(group):
+    """Every default is written once, in the schema: a group option that repeats one would be a second copy."""
+    import yaml
+
+    defaults = schema_defaults()
+    for path in sorted((Path(lora_cls.conf.__file__).parent / group).glob("*.yaml")):
+        values = flatten(yaml.safe_load(path.read_text()) or {}, f"{group}.")
+        repeated = [k for k, v in values.items() if k in defaults and defaults[k] == v
+                    and k.rsplit(".", 1)[-1] not in IDENTITY_KEYS]
+        assert not repeated, f"{path.name} repeats schema defaults: {repeated}"
+        assert all(k in defaults for k in values), f"{path.name}: keys outside the schema"
+
+
+def test_a_stored_config_without_a_key_reads_it_as_the_schema_default():
+    # An older checkpoint or last.pt lacking a key is read with the schema's default. alpha follows rank in the
+    # schema too: a rank-4 file stored without alpha keeps s = 1.
     assert stored_train_config({"lora": {"rank": 4}}, "test").lora.alpha == 4.0
     assert stored_train_config({"lora": {"rank": 4, "alpha": 16}}, "test").lora.alpha == 16.0
+    assert stored_train_config({}, "test").dataset.cache.max_gb == schema_defaults()["dataset.cache.max_gb"]
 
 
 def test_command_line_overrides_win_over_the_experiment(compose_cfg):

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from lora_cls.errors import UserError
-from lora_cls.tasks.export import EXPORT_JSON, count_macs, export_checkpoint, load_exported, model_stats
+from lora_cls.tasks.export import EXPORT_JSON, count_macs, export_checkpoint, model_stats
+from lora_cls.tasks.inference import load_exported
 
 TOLERANCE = 1e-4  # × the largest |logit|: float32 logits of ResNet34 at 32 px
 

@@ -28,10 +28,11 @@ def test_decay_factor_at_the_corners():
 
 def test_decay_factor_defaults_and_rounding():
     # t0 = round(0.1·15) = 2 (banker's rounding of 1.5), t1 = round(0.9·15) = 14 (13.5 → 14)
-    assert decay_factor(1, 15) == 1.0 and decay_factor(2, 15) == 1.0
-    assert decay_factor(8, 15) == pytest.approx(0.5)
-    assert decay_factor(14, 15) == 0.0
-    assert [decay_factor(t, 10) for t in range(11)] == pytest.approx(
+    defaults = DecaySchedule("decay")  # start 0.1, end 0.9, d_min 0
+    assert defaults.factor(1, 15) == 1.0 and defaults.factor(2, 15) == 1.0
+    assert defaults.factor(8, 15) == pytest.approx(0.5)
+    assert defaults.factor(14, 15) == 0.0
+    assert [defaults.factor(t, 10) for t in range(11)] == pytest.approx(
         [1, 1, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0, 0])
 
 

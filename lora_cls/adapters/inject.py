@@ -200,17 +200,22 @@ def get_decay_state(model: nn.Module) -> DecayState | None:
     return None
 
 
-def inject_lora(model: nn.Module, targets: Sequence[str], rank: int, alpha: float, *,
+def inject_lora(model: nn.Module, targets: Sequence[str], rank: int = 8, alpha: float | None = None, *,
                 exclude: Iterable[str] = (), rank_pattern: Mapping[str, int] | None = None,
-                names: Sequence[str] | None = None, **options) -> list[str]:
+                names: Sequence[str] | None = None, options: LoRAOptions | None = None, **fields) -> list[str]:
     """Replace the units selected by `targets` (or the already resolved `names`) with LoRA adapters, in place;
     return their names.
 
-    `options` are the other LoRAOptions fields; `rank_pattern` sets per-layer ranks (`layer_ranks`). The model
-    gets one DecayState (attribute `lora_decay` of its first adapter) shared by all its adapters. Freezing is the
-    caller's business (see models.prepare_finetune): this only adds layers.
+    The adapters' settings are `options`, or LoRAOptions(rank, alpha (default: rank), **fields); `rank_pattern`
+    sets per-layer ranks (`layer_ranks`). The model gets one DecayState (attribute `lora_decay` of its first
+    adapter) shared by all its adapters. Freezing is the caller's business (see models.finetune.prepare_finetune):
+    this only adds layers.
     """
-    opts = LoRAOptions(rank=rank, alpha=alpha, **options)
+    if options is None:
+        options = LoRAOptions(rank=rank, alpha=float(rank) if alpha is None else alpha, **fields)
+    elif fields:
+        raise TypeError(f"inject_lora: give either options or LoRAOptions fields, not both ({', '.join(fields)})")
+    opts, rank = options, options.rank
     names = list(names) if names is not None else select_targets(model, targets, exclude)
     ranks = layer_ranks(model, names, rank, rank_pattern)
     decay = get_decay_state(model)

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lora_cls.adapters.fused import fusable, fused_frozen_plus_adapter
 from lora_cls.adapters.options import LORA_INITS, LoRAOptions  # noqa: F401  (imported from here by other modules)
@@ -35,10 +34,12 @@ DECAY_ATTR = "lora_decay"  # registered on the first adapted layer only, so d is
 
 
 class _StepCounter:
-    """Optimizer steps taken in this process (any torch.optim optimizer).
+    """Optimizer steps taken in this process by the optimizers handed to `track_optimizer`.
 
     Fused optimizers (torch.optim's fused AdamW/SGD, on CPU and CUDA) update parameters without bumping their
-    version counters, so the merged-weight cache is keyed on this count as well as on the versions.
+    version counters, so the merged-weight cache of evaluation is keyed on this count as well as on the versions.
+    Nothing is registered globally: lora-cls's own optimizers are tracked by the code that builds them
+    (engine.optim.build_optimizer), and switching a layer to train mode starts its cache afresh anyway.
     """
 
     count = 0
@@ -48,7 +49,13 @@ class _StepCounter:
         cls.count += 1
 
 
-register_optimizer_step_post_hook(_StepCounter.bump)
+def track_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Count `optimizer`'s steps for the merged-weight cache of evaluation (needed for an optimizer that updates
+    parameters in eval mode without bumping their versions, e.g. a fused AdamW); returns it."""
+    optimizer.register_step_post_hook(_StepCounter.bump)
+    return optimizer
+
+
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 

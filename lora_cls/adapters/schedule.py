@@ -8,14 +8,14 @@ t1 = round(end·T). `none` is plain LoRA: d ≡ 1, no noise, no compensating bia
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lora_cls.errors import UserError
 
 SCHEDULE_KINDS = ("none", "decay", "decay_noise")
 
 
-def decay_factor(step: int, total: int, start: float = 0.1, end: float = 0.9, d_min: float = 0.0) -> float:
+def decay_factor(step: int, total: int, start: float, end: float, d_min: float) -> float:
     """d(t) for global step `step` of `total` steps."""
     t0, t1 = round(start * total), round(end * total)
     if step < t0:
@@ -33,12 +33,15 @@ class DecaySchedule:
     frozen, since a frozen dataclass makes its config node read-only for Hydra's overrides.
     """
 
-    kind: str = "none"
-    start: float = 0.1
-    end: float = 0.9
-    d_min: float = 0.0
-    noise_cutoff: float = 0.3
-    noise_per_channel: bool = False
+    kind: str = field(default="none", metadata={"help": "none (plain LoRA) | decay (d from 1 to d_min, plus a "
+                                                        "learnable bias C) | decay_noise (decay + weight noise)"})
+    start: float = field(default=0.1, metadata={"help": "d = 1 until round(start · total steps)"})
+    end: float = field(default=0.9, metadata={"help": "then linear down to d_min at round(end · total steps)"})
+    d_min: float = field(default=0.0, metadata={"help": "d's final value (0: the layer is a pure rank-r "
+                                                        "factorization)"})
+    noise_cutoff: float = field(default=0.3, metadata={"help": "decay_noise: weight noise only while d >= this"})
+    noise_per_channel: bool = field(default=False, metadata={"help": "noise statistics per output channel "
+                                                                     "instead of the whole tensor"})
 
     def __post_init__(self) -> None:
         # The one check of these values: lora-train's config check builds this object (config.decay_schedule).

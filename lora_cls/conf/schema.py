@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,11 +18,22 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lora_cls.adapters.options import LoRAOptions
 from lora_cls.adapters.schedule import DecaySchedule
 from lora_cls.errors import UserError
 
 log = logging.getLogger(__name__)
 CONFIG_MODULE = "lora_cls.conf"  # the packaged YAML tree (config_path="pkg://lora_cls.conf")
+# Training settings that never change what a run computes: how it is shown, loaded and recorded. A resume may
+# change them (and dataset.root: the same data elsewhere); lora-compare shows no column for them.
+NEUTRAL_KEYS = frozenset({"trainer.resume", "trainer.progress", "trainer.num_workers", "dataset.cache.enabled",
+                          "dataset.cache.max_gb", "dataset.cache.dir"})
+NEUTRAL_PREFIXES = ("logger.",)  # a logger records the run
+
+
+def is_neutral(key: str) -> bool:
+    """Whether the dotted training key `key` changes nothing a run computes (NEUTRAL_KEYS, logger.*)."""
+    return key in NEUTRAL_KEYS or key.startswith(NEUTRAL_PREFIXES)
 
 PRECISIONS = ("auto", "32", "bf16", "16")
 OPTIMIZERS = ("adamw", "sgd")
@@ -32,18 +43,30 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 MONITORS = ("val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_loss")
 
 
+def setting(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
+    """A schema field: its default (or `factory` for a mutable one) and its one-line help, written once here.
+    The config reference (docs/config.md, scripts/config_reference.py) is generated from these."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class SyntheticConfig:
-    num_per_class: int = 300
-    source_size: int = 64
-    seed: int = 0
+    """The generated offline set (dataset=synthetic): cells with or without a dark inclusion."""
+
+    num_per_class: int = setting(300, "images per class (70/15/15 % train/val/test)")
+    source_size: int = setting(64, "side of the generated PNG files, in pixels")
+    seed: int = setting(0, "seed of the generator (another seed is another set, generated into another root)")
 
 
 @dataclass
 class AugmentConfig:
-    hflip: bool = True
-    rotation: float = 10.0
-    color_jitter: float = 0.1
+    """Training augmentation, per sample, on the batch's device (lora_cls.data.augment)."""
+
+    hflip: bool = setting(True, "random horizontal flip (p = 0.5)")
+    rotation: float = setting(10.0, "random rotation, uniform in ± this many degrees (reflection padding)")
+    color_jitter: float = setting(0.1, "brightness, contrast and saturation factors uniform in [1 - x, 1 + x]")
 
 
 @dataclass
@@ -51,89 +74,118 @@ class CacheConfig:
     """The decoded-image cache (lora_cls.data.cache). Before it, max_gb capped the in-memory copy of a run's
     images; now it caps the cache folder on disk (older configs' 4.0 stays a valid cap)."""
 
-    enabled: bool = True
-    max_gb: float = 10.0
-    dir: str | None = None  # null: $LORA_CLS_CACHE_DIR, else ($XDG_CACHE_HOME or ~/.cache)/lora_cls/images
+    enabled: bool = setting(True, "decode every image once into the on-disk cache; false: decode every epoch")
+    max_gb: float = setting(10.0, "size cap of the cache folder (GiB); least recently used entries are evicted")
+    dir: str | None = setting(None, "cache folder; null: $LORA_CLS_CACHE_DIR, else ($XDG_CACHE_HOME or ~/.cache)"
+                                    "/lora_cls/images")
 
 
 @dataclass
 class DatasetConfig:
-    name: str = "synthetic"
-    root: str = MISSING  # each dataset option sets it; `folder` leaves it to the user (`???`)
-    image_size: int = 64
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    split_seed: int = 0
-    positive_class: str | None = None
-    skip_bad: bool = False
-    max_image_pixels: int | None = 89_478_485  # larger images are refused as undecodable; null: no limit
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
+    """The data a run trains and is evaluated on (one option of the `dataset` group sets what differs)."""
+
+    name: str = setting("synthetic", "layout: synthetic | folder | smoking | malaria")
+    root: str = setting(MISSING, "the dataset folder; each dataset option sets it, `folder` leaves it to you")
+    image_size: int = setting(64, "side the images are resized to, in pixels")
+    val_fraction: float = setting(0.15, "share of the pool carved out for validation where the layout has none")
+    test_fraction: float = setting(0.15, "share of the pool carved out for testing where the layout has none")
+    split_seed: int = setting(0, "seed of the stratified (or patient-grouped) split")
+    positive_class: str | None = setting(None, "class whose sensitivity and ROC AUC are reported (binary "
+                                               "tasks); null: the layout's default")
+    skip_bad: bool = setting(False, "drop (and list) undecodable images instead of stopping")
+    max_image_pixels: int | None = setting(89_478_485, "larger images are refused (decompression-bomb guard); "
+                                                       "null: no limit")
+    synthetic: SyntheticConfig = setting(help="the generated set (dataset=synthetic)", factory=SyntheticConfig)
+    augment: AugmentConfig = setting(help="training augmentation", factory=AugmentConfig)
+    cache: CacheConfig = setting(help="the decoded-image cache", factory=CacheConfig)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet34"
-    weights: str | None = "imagenet"
-    source: str = "torchvision"  # torchvision | timm (the optional extra)
-    aux_heads: bool = False  # GoogLeNet / Inception v3: train with their auxiliary heads
+    """The backbone: any torchvision classifier by name, or timm's with source=timm."""
+
+    name: str = setting("resnet34", "model name (`lora-models` lists them)")
+    weights: str | None = setting("imagenet", "imagenet | null (random init) | path to a torchvision-format state "
+                                              "dict")
+    source: str = setting("torchvision", "torchvision | timm (pip install 'lora-cls[timm]')")
+    aux_heads: bool = setting(False, "GoogLeNet / Inception v3 only: train with their auxiliary heads")
+
+
+_ADAPTER = LoRAOptions()  # the adapter defaults of lora_cls.adapters (one place for rank, dropout, init, ...)
 
 
 @dataclass
 class LoRAConfig:
-    rank: int = 8
-    alpha: float = "${.rank}"  # type: ignore[assignment]  # s = alpha / rank = 1 unless set, as in the YAML
-    dropout: float = 0.0
-    rslora: bool = False
-    init: str = "kaiming"
-    targets: list[str] | None = None
-    # per-layer ranks {glob: rank} (PEFT's rank_pattern); Any, so that a command-line dict replaces the null
-    rank_pattern: Any = None
-    bn: str = "train"
-    allow_high_rank: bool = False  # allow a rank that reaches a layer's min(out, in·k·k) (no longer low rank)
-    fused: str = "auto"  # conv adapters in one convolution with the frozen one: auto | true | false (same function)
+    """The adapters: which layers, rank, scaling, initialisation; and the BatchNorm policy."""
+
+    rank: int = setting(_ADAPTER.rank, "r, the rank of every adapter (per layer: rank_pattern)")
+    alpha: float = setting("${.rank}", "s = alpha / rank; default: the rank (s = 1, kept constant across a rank "
+                                       "sweep)")  # type: ignore[assignment]
+    dropout: float = setting(_ADAPTER.dropout, "dropout on the adapter's input (training only)")
+    rslora: bool = setting(_ADAPTER.rslora, "s = alpha / sqrt(rank) (rsLoRA)")
+    init: str = setting(_ADAPTER.init, "A's init: kaiming | gaussian (B and C start at 0)")
+    targets: list[str] | None = setting(None, "glob patterns over module names; null: the model's preset or the "
+                                              "default rule (docs/models.md)")
+    # Any, so that a command-line dict replaces the null
+    rank_pattern: Any = setting(None, "per-layer ranks {glob: rank}, e.g. 'lora.rank_pattern={layer4.*: 16}' "
+                                      "(the first glob matching a layer or a container above it)")
+    bn: str = setting("train", "BatchNorm: train (running statistics update and are saved) | frozen (keep the "
+                               "pretrained ones)")
+    allow_high_rank: bool = setting(False, "allow a rank that reaches a layer's min(out, in·k·k), where LoRA is "
+                                           "no longer low rank")
+    fused: str = setting(_ADAPTER.fused, "auto | true | false: conv adapters in one convolution with the frozen "
+                                         "one (same function; auto: where measured faster)")
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    nesterov: bool = True
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_fraction: float = 0.05
-    min_lr_ratio: float = 0.01
-    head_lr_scale: float = 1.0  # the new head's lr = lr x this (it starts from scratch, the adapters from zero change)
+    """The optimizer (fused AdamW or SGD) and its learning-rate schedule (linear warm-up, then cosine)."""
+
+    name: str = setting("adamw", "adamw | sgd")
+    lr: float = setting(1e-3, "peak learning rate")
+    weight_decay: float = setting(1e-4, "decoupled weight decay (AdamW), L2 (SGD)")
+    momentum: float = setting(0.9, "SGD only")
+    nesterov: bool = setting(True, "SGD only")
+    betas: list[float] = setting(help="AdamW only", factory=lambda: [0.9, 0.999])
+    warmup_fraction: float = setting(0.05, "linear warm-up over this fraction of all steps, then cosine")
+    min_lr_ratio: float = setting(0.01, "the cosine ends at lr × this")
+    head_lr_scale: float = setting(1.0, "the new head's lr = lr × this (it starts from scratch, the adapters "
+                                        "from zero change)")
 
 
 @dataclass
 class EarlyStoppingConfig:
-    monitor: str = "val_accuracy"
-    patience: int = 5
+    monitor: str = setting("val_accuracy", "val_accuracy | val_balanced_accuracy | val_macro_f1 | val_loss")
+    patience: int = setting(5, "epochs without improvement before stopping (never before a decay reaches d_min)")
 
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 10
-    batch_size: int = 32
-    eval_batch_size: int | None = None
-    precision: str = "auto"
-    device: str = "auto"
-    channels_last: bool = True
-    compile: bool = False
-    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
-    num_workers: int = 2
-    seed: int = 0
-    deterministic: bool = False
-    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    max_steps_per_epoch: int | None = None
-    resume: str = "auto"
-    progress: bool = True
-    label_smoothing: float = 0.0  # cross-entropy target smoothing (training loss only)
-    class_weights: str | None = None  # null | balanced: loss weights N / (K * n_c) from the training counts
-    ema: float = 0.0  # decay of an exponential moving average of the trainable weights (e.g. 0.999); 0: off
+    """How training runs: length, batch, device and precision, seeds, resume, and the recipe options."""
+
+    epochs: int = setting(10, "training epochs (early stopping may end sooner)")
+    batch_size: int = setting(32, "training batch (the global batch under torchrun)")
+    eval_batch_size: int | None = setting(None, "evaluation batch; null: 2 × batch_size")
+    precision: str = setting("auto", "auto (CUDA: bf16, or fp16 + GradScaler; CPU: bf16 where native) | 32 | "
+                                     "bf16 | 16")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    channels_last: bool = setting(True, "model and batches in channels_last memory format")
+    compile: bool = setting(False, "torch.compile the training step (docs/BENCHMARKS.md says where it pays)")
+    compile_mode: str = setting("default", "torch.compile mode: default | reduce-overhead (CUDA graphs) | "
+                                           "max-autotune | max-autotune-no-cudagraphs")
+    num_workers: int = setting(2, "DataLoader workers when dataset.cache.enabled=false (0 when cached)")
+    seed: int = setting(0, "seed of every RNG (and of the random base weights with model.weights=null)")
+    deterministic: bool = setting(False, "remove run-to-run variation of the device's kernels (CUDA)")
+    early_stopping: EarlyStoppingConfig = setting(help="early stopping", factory=EarlyStoppingConfig)
+    max_steps_per_epoch: int | None = setting(None, "cap on optimizer steps per epoch (tests, quick looks)")
+    resume: str = setting("auto", "auto (continue an interrupted run in hydra.run.dir) | never | <run folder or "
+                                  "last.pt>")
+    progress: bool = setting(True, "progress bars and console tables")
+    label_smoothing: float = setting(0.0, "cross-entropy label smoothing (training loss only)")
+    class_weights: str | None = setting(None, "null | balanced: loss weights N / (K · n_c) from the training "
+                                              "split's class counts")
+    ema: float = setting(0.0, "decay of an EMA of the trainable weights (e.g. 0.999), validated, saved and "
+                              "evaluated instead; 0: off")
 
 
 @dataclass
@@ -143,86 +195,102 @@ class CsvLoggerConfig:
 
 @dataclass
 class TensorBoardLoggerConfig:
-    dir: str = "tensorboard"  # event files; a relative path is inside the run folder
+    dir: str = setting("tensorboard", "event files; a relative path is inside the run folder")
 
 
 @dataclass
 class MLflowLoggerConfig:
-    tracking_uri: str | None = None  # null: a local store in ./mlruns (sqlite file mlflow.db + artifacts/)
-    experiment: str = "lora-cls"
-    run_name: str | None = None  # null: the run folder's name (in a sweep: <sweep folder>/<job>)
+    tracking_uri: str | None = setting(None, "null: a local store in ./mlruns (sqlite file mlflow.db + "
+                                             "artifacts/)")
+    experiment: str = setting("lora-cls", "MLflow experiment name")
+    run_name: str | None = setting(None, "null: the run folder's name (in a sweep: <sweep folder>/<job>)")
 
 
 @dataclass
 class LoggerConfig:
-    csv: CsvLoggerConfig | None = field(default_factory=CsvLoggerConfig)
-    tensorboard: TensorBoardLoggerConfig | None = None
-    mlflow: MLflowLoggerConfig | None = None
+    """Experiment loggers beside the run folder (lora_cls/runs/tracking.py): `logger=[tensorboard,mlflow]`."""
+
+    csv: CsvLoggerConfig | None = setting(help="the run folder alone (always written)", factory=CsvLoggerConfig)
+    tensorboard: TensorBoardLoggerConfig | None = setting(None, "TensorBoard event files in the run folder")
+    mlflow: MLflowLoggerConfig | None = setting(None, "an MLflow run per training run")
 
 
 @dataclass
 class TrainConfig:
-    """The training config. These defaults equal the YAML tree's (a test compares them), and a key added later
-    must default to the behaviour from before it existed: older checkpoints are read with it."""
+    """The training config (lora-train). The YAML group options hold only what differs from these defaults; a key
+    added later must default to the behaviour from before it existed: older checkpoints are read with it."""
 
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    schedule: DecaySchedule = field(default_factory=DecaySchedule)  # the runtime object is its own schema
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    finetune: str = "lora"
-    logger: LoggerConfig = field(default_factory=LoggerConfig)  # the `logger=` group (lora_cls/tracking.py)
+    dataset: DatasetConfig = setting(help="the data", factory=DatasetConfig)
+    model: ModelConfig = setting(help="the backbone", factory=ModelConfig)
+    lora: LoRAConfig = setting(help="the adapters", factory=LoRAConfig)
+    # the runtime object is its own schema (lora_cls/adapters/schedule.py holds its defaults and help)
+    schedule: DecaySchedule = setting(help="the decay / noise schedule d(t)", factory=DecaySchedule)
+    optimizer: OptimizerConfig = setting(help="the optimizer and LR schedule", factory=OptimizerConfig)
+    trainer: TrainerConfig = setting(help="how training runs", factory=TrainerConfig)
+    finetune: str = setting("lora", "lora | full (every parameter) | linear (the head only)")
+    logger: LoggerConfig = setting(help="experiment loggers", factory=LoggerConfig)
 
 
 @dataclass
 class EvalDatasetConfig:
-    root: str | None = None
-    name: str | None = None
-    skip_bad: bool | None = None  # null: the training run's dataset.skip_bad
+    root: str | None = setting(None, "another copy of the data with the same classes; null: the run's split")
+    name: str | None = setting(None, "its layout (folder | smoking | malaria); null: the run's (synthetic is read "
+                                     "as folder)")
+    skip_bad: bool | None = setting(None, "null: the training run's dataset.skip_bad")
 
 
 @dataclass
 class EvalConfig:
-    ckpt: str = MISSING
-    split: str = "test"
-    dataset: EvalDatasetConfig = field(default_factory=EvalDatasetConfig)
-    device: str = "auto"
-    precision: str | None = None
-    batch_size: int | None = None
-    progress: bool = True
+    """lora-eval: a checkpoint on its run's split (or on other data)."""
+
+    ckpt: str = setting(MISSING, "a lora-train run folder or its checkpoints/adapter.safetensors")
+    split: str = setting("test", "val | test | train | all (all needs dataset.root: every image of that folder)")
+    dataset: EvalDatasetConfig = setting(help="other data to evaluate on", factory=EvalDatasetConfig)
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    precision: str | None = setting(None, "null: the training run's precision")
+    batch_size: int | None = setting(None, "null: the training run's eval batch size")
+    progress: bool = setting(True, "progress bars and console tables")
 
 
 @dataclass
 class PredictConfig:
-    ckpt: str = MISSING  # a lora-train run folder or its checkpoints/adapter.safetensors
-    input: str | None = None  # an image, a folder (searched recursively) or a glob
-    split: str | None = None  # instead of input: train, val or test of the run's own splits.json
-    device: str = "auto"
-    precision: str | None = None  # null: the training run's precision
-    batch_size: int | None = None  # null: the training run's eval batch size
-    skip_bad: bool = False  # skip undecodable inputs (listed in predict.json) instead of stopping
-    show: int = 20  # rows of the console table
-    progress: bool = True
+    """lora-predict: class predictions for new images."""
+
+    ckpt: str = setting(MISSING, "a lora-train run folder or its checkpoints/adapter.safetensors")
+    input: str | None = setting(None, "an image, a folder (searched recursively) or a quoted glob such as "
+                                      "'photos/*.jpg'")
+    split: str | None = setting(None, "instead of input: train | val | test of the run's own splits.json")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    precision: str | None = setting(None, "null: the training run's precision")
+    batch_size: int | None = setting(None, "null: the training run's eval batch size")
+    skip_bad: bool = setting(False, "skip undecodable inputs (listed in predict.json) instead of stopping")
+    show: int = setting(20, "rows of the console table; predictions.csv has them all")
+    progress: bool = setting(True, "progress bars")
 
 
 @dataclass
 class ExportConfig:
-    ckpt: str = MISSING  # a lora-train run folder or its checkpoints/adapter.safetensors
-    format: str = "torchvision"  # torchvision | lowrank | onnx | torchscript
-    lowrank: bool = False  # onnx/torchscript: the low-rank model (d = 0) instead of the merged one
-    tolerance: float = 1e-4  # max |logit difference| allowed against the trained model, × max(1, largest |logit|)
-    images: int = 16  # test images the export is verified on
-    opset: int = 17  # ONNX opset
+    """lora-export: a trained run as a model that runs without lora-cls, verified against it."""
+
+    ckpt: str = setting(MISSING, "a lora-train run folder or its checkpoints/adapter.safetensors")
+    format: str = setting("torchvision", "torchvision | lowrank | onnx | torchscript")
+    lowrank: bool = setting(False, "onnx/torchscript: the low-rank model (needs d = 0) instead of the merged one")
+    tolerance: float = setting(1e-4, "max |logit difference| allowed against the trained model, × max(1, the "
+                                     "largest |logit|)")
+    images: int = setting(16, "test images of the run's splits.json the export is verified on")
+    opset: int = setting(17, "ONNX opset")
 
 
 @dataclass
 class DataCheckConfig:
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    splits: str | None = None  # a run folder or splits.json: check the split that run used
-    patients: bool | None = None  # null: on for dataset=malaria and for file names all carrying _IMG_
-    show: int = 20  # rows per problem table on the console (datacheck.json lists everything)
-    progress: bool = True
+    """lora-data check: what a dataset holds and what would spoil a run."""
+
+    dataset: DatasetConfig = setting(help="the dataset, as lora-train reads it", factory=DatasetConfig)
+    splits: str | None = setting(None, "a run folder or its splits.json: check the split that run used instead")
+    patients: bool | None = setting(None, "patient-overlap check; null: on for dataset=malaria and for NIH-style "
+                                          "names (*_IMG_*)")
+    show: int = setting(20, "rows per problem table on the console (datacheck.json lists everything)")
+    progress: bool = setting(True, "progress bars")
 
 
 @functools.cache

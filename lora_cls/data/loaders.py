@@ -81,6 +81,16 @@ class ImageDataset(Dataset):
         self.samples = samples
         self.labels = torch.tensor([label for _, label in samples], dtype=torch.long)
 
+    @classmethod
+    def from_config(cls, root: str | Path, samples: Sequence[Sample], cfg: Any, skip_bad: bool | None = None,
+                    cache: bool | None = None) -> ImageDataset:
+        """A split read as the dataset config `cfg` says (image size, cache and its cap and folder, the pixel
+        limit, skip_bad unless given)."""
+        return cls(root, samples, int(cfg.image_size), cache=bool(cfg.cache.enabled) if cache is None else cache,
+                   max_cache_bytes=int(float(cfg.cache.max_gb) * 2**30),
+                   skip_bad=bool(cfg.skip_bad if skip_bad is None else skip_bad), max_pixels=cfg.max_image_pixels,
+                   cache_dir=getattr(cfg.cache, "dir", None))
+
     def _verify_all(self, samples: list[Sample]) -> list[tuple[str, str]]:
         paths = [path for path, _ in samples]
         with ThreadPoolExecutor(io_threads()) as pool:
@@ -141,10 +151,7 @@ def build_loaders(splits: DatasetSplits, cfg: Any, batch_size: int, num_workers:
     bad: list[tuple[str, str]] = []
     for name in SPLIT_NAMES:
         try:
-            datasets[name] = ImageDataset(splits.root, splits.split(name), int(cfg.image_size), cache=cache,
-                                          max_cache_bytes=int(float(cfg.cache.max_gb) * 2**30),
-                                          skip_bad=bool(cfg.skip_bad), max_pixels=cfg.max_image_pixels,
-                                          cache_dir=getattr(cfg.cache, "dir", None))
+            datasets[name] = ImageDataset.from_config(splits.root, splits.split(name), cfg)
         except UndecodableImages as e:
             bad += e.bad  # keep checking the other splits: one error listing every bad file
     if bad:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from lora_cls.adapters.layer import track_optimizer
 from lora_cls.errors import UserError
 
 
@@ -33,10 +34,10 @@ def build_optimizer(params: Iterable[nn.Parameter] | Iterable[dict], name: str, 
         raise UserError(f"optimizer.name must be adamw or sgd; got {name!r}")
     if fuse:
         try:
-            return make(fused=True)
+            return track_optimizer(make(fused=True))
         except (RuntimeError, TypeError, ValueError):
             pass
-    return make(foreach=True)
+    return track_optimizer(make(foreach=True))
 
 
 def _trainable_groups(params: Iterable) -> list:

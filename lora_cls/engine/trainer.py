@@ -109,11 +109,13 @@ class Trainer:
     """Epochs of optimizer steps with the decay schedule stepped by the global step, validated after each epoch.
 
     `model` may be wrapped (DistributedDataParallel, torch.compile): steps go through it, everything else uses
-    `base_model`. `train_loader` and `val_set` are needed by `fit` only: `step` runs on any batch.
+    `base_model`. `train_loader` and `val_set` are needed by `fit` only: `step` runs on any batch. `timing` is
+    the stopwatch the phases of `fit` are timed on (lora-train's covers the whole run); a new one by default.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, preprocess: nn.Module,
-                 settings: TrainerSettings, train_loader: Iterable | None = None, val_set: Dataset | None = None):
+                 settings: TrainerSettings, train_loader: Iterable | None = None, val_set: Dataset | None = None,
+                 timing: Stopwatch | None = None):
         self.model, self.optimizer, self.preprocess, self.settings = model, optimizer, preprocess, settings
         self.train_loader, self.val_set = train_loader, val_set
         # The module itself, under DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers.
@@ -127,7 +129,7 @@ class Trainer:
         self._class_weight = (None if settings.class_weight is None else
                               torch.tensor(settings.class_weight, dtype=torch.float32, device=settings.runtime.device))
         self.state = FitState()
-        self.timing = Stopwatch(settings.runtime.device)  # lora-train hands in the run's own (train.py)
+        self.timing = timing if timing is not None else Stopwatch(settings.runtime.device)
         self.first_step_started: float | None = None  # perf_counter() when this process's first step began
         self._waiting_for_d_min = False
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from lora_cls.adapters.inject import inject_lora
 from lora_cls.adapters.layer import DECAY_ATTR, LoRALayer
+from lora_cls.adapters.options import LoRAOptions
 from lora_cls.errors import UserError
 from lora_cls.models.registry import default_target_names, model_heads, model_spec
 
@@ -25,12 +26,14 @@ BN_POLICIES = ("train", "frozen")
 
 
 def prepare_finetune(model: nn.Module, name: str, finetune: str, targets: Sequence[str] | None = None,
-                     rank: int = 8, alpha: float | None = None, *, source: str = "torchvision", aux: bool = False,
-                     rank_pattern: Mapping[str, int] | None = None, **lora_options) -> list[str]:
+                     rank: int = 8, alpha: float | None = None, *, options: LoRAOptions | None = None,
+                     source: str = "torchvision", aux: bool = False, rank_pattern: Mapping[str, int] | None = None,
+                     **fields) -> list[str]:
     """Set up `finetune` mode in place; return the names of the adapted layers (empty unless lora).
 
-    lora: adapters on `targets` (the preset or default rule when None), ranks by `rank_pattern`; trainable =
-    adapters (A, B, C) and heads. full: every parameter trainable. linear: only the heads (linear probe).
+    lora: adapters on `targets` (the preset or default rule when None), with `options` (or LoRAOptions(rank,
+    alpha, **fields)), ranks by `rank_pattern`; trainable = adapters (A, B, C) and heads. full: every parameter
+    trainable. linear: only the heads (linear probe).
     """
     if finetune not in FINETUNE_MODES:
         raise UserError(f"finetune must be one of {', '.join(FINETUNE_MODES)}; got {finetune!r}")
@@ -41,10 +44,11 @@ def prepare_finetune(model: nn.Module, name: str, finetune: str, targets: Sequen
         model.requires_grad_(True)
         return adapted
     if finetune == "lora":
-        alpha = float(rank) if alpha is None else alpha
-        names = None if targets else default_target_names(spec, rank, rank_pattern)
-        adapted = inject_lora(model, list(targets or ()), rank, alpha, exclude=model_heads(spec, True),
-                              rank_pattern=rank_pattern, names=names, **lora_options)
+        if options is None:
+            options = LoRAOptions(rank=rank, alpha=float(rank) if alpha is None else alpha, **fields)
+        names = None if targets else default_target_names(spec, options.rank, rank_pattern)
+        adapted = inject_lora(model, list(targets or ()), exclude=model_heads(spec, True), rank_pattern=rank_pattern,
+                              names=names, options=options)
     model.requires_grad_(False)
     for head in heads:
         model.get_submodule(head).requires_grad_(True)

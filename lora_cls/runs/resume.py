@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import nn
 
-from lora_cls.conf.schema import flatten, schema_defaults, to_container
+from lora_cls.conf.schema import flatten, is_neutral, schema_defaults, to_container
 from lora_cls.engine.trainer import Trainer
 from lora_cls.errors import UserError
 from lora_cls.models.finetune import trainable_state
@@ -31,9 +31,8 @@ from lora_cls.runs.folder import (
 
 log = logging.getLogger(__name__)
 
-# Keys that may differ between a run and its resumption (they do not change what is computed).
-RESUME_FREE_KEYS = {"trainer.resume", "trainer.progress", "trainer.num_workers", "dataset.root",
-                    "dataset.cache.enabled", "dataset.cache.max_gb", "dataset.cache.dir"}
+# A resume may change the neutral keys (conf.schema.is_neutral) and where the data is.
+RESUME_FREE_KEYS = frozenset({"dataset.root"})
 
 
 def resume_state(cfg: DictConfig, model: nn.Module, trainer: Trainer) -> dict[str, Any]:
@@ -90,8 +89,8 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict] | None:
     defaults = schema_defaults()
     saved = {**defaults, **{k: v for k, v in state["config"].items() if k in defaults}}
     now = flatten(to_container(cfg))
-    changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k)
-                     and not k.startswith("logger."))  # a logger records the run; it changes nothing computed
+    changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE_KEYS and not is_neutral(k)
+                     and saved.get(k) != now.get(k))
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
         raise UserError(f"cannot resume: the config differs from the interrupted run's ({detail}); resume with the "

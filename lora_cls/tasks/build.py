@@ -26,6 +26,7 @@ from lora_cls.data.splits import DatasetSplits
 from lora_cls.engine import distributed
 from lora_cls.engine.device import Runtime, resolve_device, resolve_precision, seed_everything
 from lora_cls.engine.optim import build_optimizer, head_param_groups, warmup_cosine
+from lora_cls.engine.timing import Stopwatch
 from lora_cls.engine.trainer import Trainer, TrainerSettings
 from lora_cls.errors import UserError
 from lora_cls.models.build import build_model
@@ -73,11 +74,9 @@ def build_classifier(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, list
                         aux=aux)
     identity = {"weights": cfg.model.weights, "init_seed": int(cfg.trainer.seed),
                 "sha256": ckpt.base_fingerprint(model, model_spec(name, source).head)}
-    options = vars(lora_options(cfg)).copy()
     rank_pattern = dict(cfg.lora.rank_pattern) if cfg.lora.rank_pattern else None
-    adapted = prepare_finetune(model, name, cfg.finetune, targets=cfg.lora.targets, rank=options.pop("rank"),
-                               alpha=options.pop("alpha"), source=source, aux=aux, rank_pattern=rank_pattern,
-                               **options)
+    adapted = prepare_finetune(model, name, cfg.finetune, targets=cfg.lora.targets, options=lora_options(cfg),
+                               source=source, aux=aux, rank_pattern=rank_pattern)
     if cfg.finetune == "lora" and not cfg.lora.targets:
         log.info("default targets of %s at rank %s: %d layers (%s)", name, cfg.lora.rank, len(adapted),
                  summarize(adapted))
@@ -115,8 +114,9 @@ def rank_train_loader(loader: DataLoader, seed: int, info: distributed.DistInfo)
 
 
 def build_trainer(cfg: DictConfig, model: nn.Module, runtime: Runtime, loaders: dict[str, DataLoader],
-                  splits: DatasetSplits) -> Trainer:
-    """Place the model (compiled, wrapped in DDP as configured) and set up its optimizer, schedules and engine."""
+                  splits: DatasetSplits, timing: Stopwatch | None = None) -> Trainer:
+    """Place the model (compiled, wrapped in DDP as configured) and set up its optimizer, schedules and engine
+    (timed on `timing`, the run's stopwatch)."""
     tr, op, info = cfg.trainer, cfg.optimizer, runtime.dist
     runtime.place(model)
     run_model = compiled(model, tr.compile_mode, runtime.device) if tr.compile else model
@@ -144,7 +144,7 @@ def build_trainer(cfg: DictConfig, model: nn.Module, runtime: Runtime, loaders: 
         classes=tuple(splits.classes), positive_class=splits.positive_class, eval_batch_size=eval_batch_size(cfg),
         bn=cfg.lora.bn, monitor=tr.early_stopping.monitor, patience=int(tr.early_stopping.patience),
         label_smoothing=float(tr.label_smoothing), class_weight=class_weights(cfg, splits), ema=float(tr.ema))
-    return Trainer(run_model, optimizer, preprocess, settings, train_loader, loaders["val"].dataset)
+    return Trainer(run_model, optimizer, preprocess, settings, train_loader, loaders["val"].dataset, timing)
 
 
 def class_weights(cfg: DictConfig, splits: DatasetSplits) -> tuple[float, ...] | None:

@@ -18,15 +18,12 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lora_cls.conf.schema import flatten, schema_defaults
+from lora_cls.conf.schema import flatten, is_neutral, schema_defaults
 from lora_cls.errors import UserError
 from lora_cls.runs.folder import METRICS, RunDir
 from lora_cls.runs.summary import _find_job_dirs, summary_table, write_summary_files
 
 STEM = "comparison"
-# Settings that never change what a run computes (resume.RESUME_FREE_KEYS, less dataset.root: other data is
-# a difference worth a column).
-NEUTRAL_KEYS = {"trainer.resume", "trainer.progress", "trainer.num_workers"}
 
 
 def run_folders(specs: list[str]) -> list[Path]:
@@ -74,7 +71,7 @@ def differing_keys(configs: list[dict[str, Any]]) -> list[str]:
     keys: list[str] = []
     for config in configs:
         keys += [k for k in config if k not in keys]
-    return [k for k in keys if k not in NEUTRAL_KEYS and len({json.dumps(c.get(k), sort_keys=True, default=str)
+    return [k for k in keys if not is_neutral(k) and len({json.dumps(c.get(k), sort_keys=True, default=str)
                                                               for c in configs}) > 1]
 
 

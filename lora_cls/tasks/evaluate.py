@@ -1,6 +1,6 @@
 """`evaluate_checkpoint(cfg, run_dir)`: lora-eval, a trained checkpoint on its run's split or on other data.
 
-The model is rebuilt from the adapter file alone (`build.load_model_from_checkpoint`) and evaluated on the split
+The model is rebuilt from the adapter file alone (`inference.from_checkpoint`) and evaluated on the split
 its run wrote to splits.json, so the training run's test metrics are reproduced exactly.
 """
 
@@ -13,20 +13,16 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from lora_cls.conf.checks import validate_eval
-from lora_cls.data.augment import BatchAugment
 from lora_cls.data.layouts import prepare_splits
-from lora_cls.data.loaders import ImageDataset, eval_loader
+from lora_cls.data.loaders import ImageDataset
 from lora_cls.data.splits import DatasetSplits, read_splits_json
-from lora_cls.engine.device import Runtime, resolve_device, resolve_precision
-from lora_cls.engine.evaluation import evaluate
 from lora_cls.errors import UserError
 from lora_cls.files import write_json
 from lora_cls.runs import reports
-from lora_cls.runs.checkpoint import resolve_checkpoint
 from lora_cls.runs.console import print_metrics
 from lora_cls.runs.folder import RunDir, check_fresh_run_dir, run_metrics
 from lora_cls.runs.misclassified import write_errors
-from lora_cls.tasks.build import eval_batch_size, load_model_from_checkpoint
+from lora_cls.tasks.inference import from_checkpoint
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -71,33 +67,23 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     run = RunDir(run_dir)
     validate_eval(cfg)
     check_fresh_run_dir(run.path)
-    path = resolve_checkpoint(cfg.ckpt)
-    model, train_cfg, meta = load_model_from_checkpoint(path)
+    clf = from_checkpoint(cfg.ckpt, cfg.device, cfg.precision)  # precision null: the run's own
+    path, train_cfg, meta = clf.checkpoint, clf.config, clf.meta
     splits = eval_splits(cfg, path, train_cfg, meta)
-    device = resolve_device(cfg.device, "device")
-    precision = resolve_precision(cfg.precision or meta.get("precision", "auto"), device)
-    ds = train_cfg.dataset
-    skip_bad = ds.skip_bad if cfg.dataset.skip_bad is None else cfg.dataset.skip_bad
-    dataset = ImageDataset(splits.root, splits.split(cfg.split), int(ds.image_size), cache=bool(ds.cache.enabled),
-                           max_cache_bytes=int(float(ds.cache.max_gb) * 2**30), skip_bad=bool(skip_bad),
-                           max_pixels=ds.max_image_pixels, cache_dir=getattr(ds.cache, "dir", None))
+    dataset = ImageDataset.from_config(splits.root, splits.split(cfg.split), train_cfg.dataset,
+                                       skip_bad=cfg.dataset.skip_bad)
     if dataset.skipped:
         log.warning("skipped %d undecodable image(s) (dataset.skip_bad=true): %s", len(dataset.skipped),
                     ", ".join(dataset.skipped[:5]) + (" ..." if len(dataset.skipped) > 5 else ""))
-    channels_last = bool(train_cfg.trainer.channels_last)
-    Runtime(device, precision, channels_last).place(model)
-    batch_size = int(cfg.batch_size or meta.get("eval_batch_size") or eval_batch_size(train_cfg))
-    preprocess = BatchAugment(False, 0.0, 0.0).to(device)
-    out = evaluate(model, eval_loader(dataset, batch_size), preprocess, device, precision, channels_last,
-                   desc=cfg.split, progress=bool(cfg.progress))
+    out = clf.evaluate(dataset, cfg.batch_size, desc=cfg.split, progress=bool(cfg.progress))
     title = f"{train_cfg.model.name} {train_cfg.finetune} (eval)"
     split_result = reports.split_results(out, splits.classes, splits.positive_class, run.reports(cfg.split),
                                          f"{title} — {cfg.split}")
     errors = write_errors(run.reports(cfg.split), [str(splits.root / p) for p, _ in dataset.samples],
                           lambda i: dataset[i][0].permute(1, 2, 0).numpy(), out.y_true, out.probs, splits.classes)
     metrics = {**run_metrics(train_cfg), "checkpoint": str(path), "split": cfg.split,
-               "data_root": str(splits.root), cfg.split: split_result, "device": str(device),
-               "precision": precision.name, "best_epoch": meta.get("best_epoch"), "images": len(dataset),
+               "data_root": str(splits.root), cfg.split: split_result, "device": str(clf.device),
+               "precision": clf.precision.name, "best_epoch": meta.get("best_epoch"), "images": len(dataset),
                "skipped_images": dataset.skipped, "misclassified": errors}
     write_json(run.metrics, metrics)
     if cfg.progress:

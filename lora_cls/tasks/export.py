@@ -12,10 +12,8 @@ an error.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +40,11 @@ from lora_cls.models.registry import model_spec
 from lora_cls.runs.checkpoint import resolve_checkpoint
 from lora_cls.runs.folder import EXPORT_SUMMARY, RunDir
 from lora_cls.tasks.build import load_model_from_checkpoint
+from lora_cls.tasks.inference import MODEL_FILES, MODEL_JSON, load, onnx_runtime
 
 log = logging.getLogger(__name__)
 
 FORMATS = EXPORT_FORMATS
-MODEL_FILES = {"torchvision": "model.pth", "lowrank": "model.pth", "onnx": "model.onnx", "torchscript": "model.pt"}
-MODEL_JSON = "model.json"  # beside a state dict: what `load_exported` needs to rebuild the model
 EXPORT_JSON = EXPORT_SUMMARY
 
 
@@ -100,10 +97,12 @@ def added_biases(model: nn.Module, plain: nn.Module) -> list[str]:
             and isinstance(m := plain.get_submodule(name), (nn.Conv2d, nn.Linear)) and m.bias is not None]
 
 
-def model_description(train_cfg: Any, meta: dict, low_rank: list[str], biased: list[str]) -> dict[str, Any]:
-    """model.json: everything besides the weights that running the model needs (classes, input, constructor)."""
+def model_description(train_cfg: Any, meta: dict, fmt: str, low_rank: list[str], biased: list[str]) -> dict[str, Any]:
+    """model.json: everything besides the weights that running the model needs (format and file, classes, input,
+    constructor); `lora_cls.load` and `inference.read_export` read it."""
     spec = model_spec(train_cfg.model.name, train_cfg.model.source)
-    return {"model": train_cfg.model.name, "source": train_cfg.model.source, "head": spec.head,
+    return {"format": fmt, "file": MODEL_FILES[fmt], "model": train_cfg.model.name, "source": train_cfg.model.source,
+            "head": spec.head,
             "classes": [str(c) for c in meta["classes"]], "positive_class": meta.get("positive_class"),
             "image_size": int(train_cfg.dataset.image_size), "aux_heads": bool(train_cfg.model.aux_heads),
             "transform_input": train_cfg.model.weights == "imagenet" and train_cfg.model.name in
@@ -111,46 +110,6 @@ def model_description(train_cfg: Any, meta: dict, low_rank: list[str], biased: l
             "input": "float32 (N, 3, S, S): RGB resized to S x S (bilinear, antialiased), x/255 - mean, / std",
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "low_rank_layers": low_rank,
             "added_biases": biased}
-
-
-def _two_layers(layer: nn.Module, rank: int, has_bias: bool) -> nn.Sequential:
-    """Empty A and B layers of `layer`'s geometry at `rank` (filled by load_state_dict)."""
-    if isinstance(layer, nn.Conv2d):
-        a = nn.Conv2d(layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
-                      layer.groups, bias=False, padding_mode=layer.padding_mode)
-        return nn.Sequential(a, nn.Conv2d(rank, layer.out_channels, 1, groups=layer.groups, bias=has_bias))
-    return nn.Sequential(nn.Linear(layer.in_features, rank, bias=False),
-                         nn.Linear(rank, layer.out_features, bias=has_bias))
-
-
-def load_exported(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """A `torchvision` or `lowrank` export (model.pth + model.json) as a plain model in eval mode, and model.json.
-
-    The model is the constructor's own (torchvision or timm, random init, new head for the classes); the layers in
-    model.json's `added_biases` get a bias (a decay schedule's C), those in `low_rank_layers` become two small
-    layers; then the state dict is loaded strictly.
-    """
-    folder = Path(folder)
-    try:
-        desc = json.loads((folder / MODEL_JSON).read_text(encoding="utf-8"))
-        state = torch.load(folder / MODEL_FILES["torchvision"], map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"{folder} is not a lora-export torchvision/lowrank folder (model.pth + model.json): "
-                        f"{exc}") from None
-    model = build_model(desc["model"], None, len(desc["classes"]), source=desc["source"],
-                        image_size=int(desc["image_size"]), aux=bool(desc["aux_heads"]))
-    if desc.get("transform_input"):
-        model.transform_input = True
-    for name in desc.get("added_biases", []):
-        layer = model.get_submodule(name)
-        layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
-    for name in desc["low_rank_layers"]:
-        layer = model.get_submodule(name)
-        parent, _, child = name.rpartition(".")
-        replacement = _two_layers(layer, int(state[f"{name}.0.weight"].shape[0]), f"{name}.1.bias" in state)
-        setattr(model.get_submodule(parent) if parent else model, child, replacement)
-    model.load_state_dict(state, strict=True)
-    return model.eval(), desc
 
 
 def _plain_model(model: nn.Module, low_rank: bool, path: Path) -> nn.Module:
@@ -180,16 +139,6 @@ def _save(plain: nn.Module, fmt: str, path: Path, example: torch.Tensor, opset: 
         f.write(data)
 
 
-def _onnx_module():
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime
-    except ImportError:
-        raise UserError("format=onnx needs the optional packages onnx and onnxruntime: "
-                        "pip install 'lora-cls[export]' (or pip install onnx onnxruntime)") from None
-    return onnxruntime
-
-
 def _onnx_bytes(plain: nn.Module, example: torch.Tensor, opset: int) -> bytes:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
@@ -198,21 +147,6 @@ def _onnx_bytes(plain: nn.Module, example: torch.Tensor, opset: int) -> bytes:
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
                           dynamo=False)
     return buffer.getvalue()
-
-
-def _runner(fmt: str, folder: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The exported file read back, as a function from a normalised float32 batch to logits."""
-    path = folder / MODEL_FILES[fmt]
-    if fmt in ("torchvision", "lowrank"):
-        model = load_exported(folder)[0]
-        return lambda x: plain_logits(model(x))
-    if fmt == "torchscript":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export; still supported
-            scripted = torch.jit.load(str(path), map_location="cpu").eval()
-        return lambda x: scripted(x)
-    session = _onnx_module().InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return lambda x: torch.from_numpy(session.run(["logits"], {"images": x.numpy()})[0])
 
 
 # -- verification ----------------------------------------------------------------------------------------------
@@ -248,7 +182,7 @@ def reference_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_fresh(out: Path) -> None:
-    found = [f for f in (EXPORT_JSON, *set(MODEL_FILES.values())) if (out / f).exists()]
+    found = [f for f in (EXPORT_JSON, MODEL_JSON, *set(MODEL_FILES.values())) if (out / f).exists()]
     if found:
         raise UserError(f"export folder {out} already holds an export ({', '.join(found)}); choose another "
                         "hydra.run.dir")
@@ -266,7 +200,7 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, *, low_rank: 
     out = Path(out)
     _check_fresh(out)
     if fmt == "onnx":
-        _onnx_module()
+        onnx_runtime()
     path = resolve_checkpoint(ckpt)
     model, train_cfg, meta = load_model_from_checkpoint(path)
     model.float().eval()
@@ -276,13 +210,14 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, *, low_rank: 
     batch, source = verification_images(path, size, images)
     x = normalize(batch)
     names = [n for n, _ in adapted_units(model) if isinstance(plain.get_submodule(n), nn.Sequential)]
-    desc = model_description(train_cfg, meta, names if low_rank else [], [] if low_rank else added_biases(model, plain))
-    if fmt in ("torchvision", "lowrank"):
-        write_json(out / MODEL_JSON, desc)
+    desc = model_description(train_cfg, meta, fmt, names if low_rank else [],
+                             [] if low_rank else added_biases(model, plain))
+    write_json(out / MODEL_JSON, desc)
     _save(plain, fmt, out / MODEL_FILES[fmt], x[:2], opset)
     with torch.inference_mode():
         reference = reference_logits(model, x)
-        diff = float((_runner(fmt, out)(x).float() - reference).abs().max())
+        exported = load(out)  # the file read back through the one inference path, as a user loads it
+        diff = float((exported.logits(batch).cpu() - reference).abs().max())
     # float32 rounding of the merged weights grows with the logits' size: the tolerance is relative to it
     allowed = tolerance * max(1.0, float(reference.abs().max()))
     report = _report(fmt, out, path, desc, train_cfg, plain, low_rank)

@@ -1,8 +1,15 @@
-"""The Python API: a run, an adapter file or a `lora-export` folder as a ready classifier (`load`), which
-predicts on PIL images, image files or tensors, with the run's classes and preprocessing, and exports itself."""
+"""The one inference path: a run, its adapter file or a `lora-export` folder as a ready `Classifier` (`load`).
+
+Loading, merging the adapters into plain layers (W' = d·W + s·BA, docs/DESIGN.md §3), preprocessing and the
+forward pass under the run's precision are written once, here: lora-eval, lora-predict, the Python API
+(`lora_cls.load`) and lora-export's verification of the file it wrote all go through `Classifier`. An export of
+any format (model.pth with model.json, ONNX, TorchScript) is read back by `read_export`.
+"""
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,52 +19,81 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
+from torch.utils.data import Dataset
 
-from lora_cls.data.augment import normalize
+from lora_cls.adapters.inject import merge_lora
+from lora_cls.data.augment import BatchAugment
+from lora_cls.data.loaders import eval_loader
+from lora_cls.engine.device import Precision, autocast, prepare_batch, resolve_device, resolve_precision
+from lora_cls.engine.evaluation import EvalOutput, evaluate
+from lora_cls.engine.loss import plain_logits
 from lora_cls.errors import UserError
+from lora_cls.models.build import build_model
+from lora_cls.runs.checkpoint import resolve_checkpoint
 
 ImageInput = Any  # a PIL image, a path, a (3, H, W) / (N, 3, H, W) tensor, or a sequence of these
+MODEL_FILES = {"torchvision": "model.pth", "lowrank": "model.pth", "onnx": "model.onnx", "torchscript": "model.pt"}
+MODEL_JSON = "model.json"  # beside every export: what running it needs (classes, input, constructor, format)
+FLOAT32 = Precision("32", None, False, "float32")
 
 
 class Classifier:
     """A trained classifier in eval mode on `device`, adapters merged into plain layers.
 
-    `classes` are the class names in logit order, `image_size` the side the images are resized to; `model` is the
-    plain torch module (float32 input (N, 3, S, S), ImageNet-normalised); `checkpoint` is the adapter file it came
-    from (None for a `lora-export` folder).
+    `classes` are the class names in logit order, `image_size` the side images are resized to; `model` is the
+    plain torch module (float32 input (N, 3, S, S), normalised as in training); `precision` is what its forward
+    runs under (float32 unless asked otherwise); `checkpoint` is the adapter file it came from (None for a
+    `lora-export` folder), `config` and `meta` that file's training config and metadata (None for an export),
+    `batch_size` the training run's evaluation batch.
     """
 
     def __init__(self, model: nn.Module, classes: Sequence[str], image_size: int, checkpoint: Path | None = None,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", precision: Precision = FLOAT32, channels_last: bool = False,
+                 positive_class: str | None = None, config: Any = None, meta: dict | None = None,
+                 batch_size: int = 64) -> None:
         self.device = torch.device(device)
-        self.model = model.eval().to(self.device)
+        self.precision, self.channels_last = precision, bool(channels_last)
+        memory = torch.channels_last if channels_last else torch.preserve_format
+        self.model = model.eval().to(self.device, memory_format=memory)
         self.classes = [str(c) for c in classes]
         self.image_size = int(image_size)
-        self.checkpoint = checkpoint
+        self.checkpoint, self.positive_class, self.config, self.meta = checkpoint, positive_class, config, meta
+        self.batch_size = int(batch_size)  # the training run's evaluation batch: what evaluate/predict use by default
+        self._normalize = BatchAugment(False, 0.0, 0.0).eval().to(self.device)  # eval mode: normalisation only
 
     def __repr__(self) -> str:
         return (f"Classifier({type(self.model).__name__}, classes={self.classes}, image_size={self.image_size}, "
                 f"device={self.device})")
 
     def preprocess(self, images: ImageInput) -> torch.Tensor:
-        """Images → the model's input: float32 (N, 3, S, S), resized and ImageNet-normalised as in training.
+        """Images → the model's input: float32 (N, 3, S, S) on the device, resized and normalised as in training.
 
         PIL images and paths are decoded as training does (EXIF orientation, RGB, antialiased bilinear resize);
         uint8 tensors are taken as 0–255 and float tensors as 0–1, (3, H, W) or (N, 3, H, W), RGB.
         """
-        batch = torch.stack([self._uint8(image) for image in _as_list(images)])
-        return normalize(batch).to(self.device)
+        return self._normalize(self._batch(images))
 
     @torch.inference_mode()
+    def logits(self, images: ImageInput) -> torch.Tensor:
+        """float32 logits (N, K) on the device, under the classifier's precision."""
+        x = self.preprocess(images)
+        with autocast(self.device, self.precision):
+            return plain_logits(self.model(x)).float()
+
     def probabilities(self, images: ImageInput) -> torch.Tensor:
         """Class probabilities, float32 (N, K) on the CPU, columns in the order of `classes`."""
-        from lora_cls.engine.loss import plain_logits
-
-        return plain_logits(self.model(self.preprocess(images))).float().softmax(dim=1).cpu()
+        return self.logits(images).softmax(dim=1).cpu()
 
     def predict(self, images: ImageInput) -> list[str]:
         """The predicted class name of each image."""
         return [self.classes[i] for i in self.probabilities(images).argmax(dim=1).tolist()]
+
+    def evaluate(self, dataset: Dataset, batch_size: int | None = None, desc: str = "eval",
+                 progress: bool = True) -> EvalOutput:
+        """Loss and class probabilities over a dataset of (uint8 image, label), as training's final evaluation."""
+        loader = eval_loader(dataset, int(batch_size or self.batch_size))
+        return evaluate(self.model, loader, self._normalize, self.device, self.precision, self.channels_last,
+                        desc=desc, progress=progress)
 
     def export(self, format: str, folder: str | Path, **options: Any) -> dict[str, Any]:
         """`lora-export` from Python: write `format` (torchvision, lowrank, onnx, torchscript) into `folder`,
@@ -68,6 +104,14 @@ class Classifier:
         from lora_cls.tasks.export import export_checkpoint
 
         return export_checkpoint(self.checkpoint, format, folder, **options)
+
+    def _batch(self, images: ImageInput) -> torch.Tensor:
+        """uint8 (N, 3, S, S) on the device: a ready batch as it is, anything else through `_uint8` per image."""
+        if isinstance(images, torch.Tensor) and images.dim() == 4 and images.dtype == torch.uint8 and \
+                tuple(images.shape[1:]) == (3, self.image_size, self.image_size):
+            return prepare_batch(images, self.device, self.channels_last)
+        batch = torch.stack([self._uint8(image) for image in _as_list(images)])
+        return prepare_batch(batch, self.device, self.channels_last)
 
     def _uint8(self, image: Any) -> torch.Tensor:
         size = self.image_size
@@ -101,19 +145,122 @@ def _as_list(images: ImageInput) -> list[Any]:
     return [images]
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
-    """A lora-train run folder, its adapter file, or a lora-export folder (torchvision or lowrank) as a ready
-    Classifier: the model rebuilt from the file alone, adapters merged (W' = d·W + s·BA), in eval mode."""
-    path = Path(path).expanduser()
-    from lora_cls.tasks.export import MODEL_JSON, load_exported
+def from_checkpoint(path: str | Path, device: str | torch.device = "cpu", precision: str | None = "32",
+                    device_key: str = "device") -> Classifier:
+    """A run folder or adapter file as a Classifier: the model rebuilt from the file alone, adapters merged.
 
-    if (path / MODEL_JSON).is_file():
-        model, desc = load_exported(path)
-        return Classifier(model, desc["classes"], desc["image_size"], None, device)
-    from lora_cls.adapters.inject import merge_lora
-    from lora_cls.runs.checkpoint import resolve_checkpoint
-    from lora_cls.tasks.build import load_model_from_checkpoint
+    `precision`: "32", "bf16", "16", "auto", or None for the training run's own (what lora-eval uses to reproduce
+    the run's metrics exactly); `device`: "cpu", "cuda", "cuda:N" or "auto"."""
+    from lora_cls.tasks.build import eval_batch_size, load_model_from_checkpoint
 
     adapter = resolve_checkpoint(path)
     model, train_cfg, meta = load_model_from_checkpoint(adapter)
-    return Classifier(merge_lora(model.float()), meta["classes"], int(train_cfg.dataset.image_size), adapter, device)
+    where = resolve_device(str(device), device_key) if not isinstance(device, torch.device) else device
+    how = resolve_precision(precision or meta.get("precision", "auto"), where)
+    merged = merge_lora(model)
+    del model
+    return Classifier(merged, meta["classes"], int(train_cfg.dataset.image_size), adapter, where, how,
+                      bool(train_cfg.trainer.channels_last), meta.get("positive_class"), train_cfg, meta,
+                      int(meta.get("eval_batch_size") or eval_batch_size(train_cfg)))
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", precision: str | None = "32") -> Classifier:
+    """A lora-train run folder, its adapter file, or a lora-export folder (any format) as a ready Classifier in
+    eval mode; float32 unless `precision` says otherwise (None: the training run's precision)."""
+    path = Path(path).expanduser()
+    if (path / MODEL_JSON).is_file():
+        model, desc = read_export(path)
+        return Classifier(model, desc["classes"], desc["image_size"], None, device,
+                          positive_class=desc.get("positive_class"))
+    return from_checkpoint(path, device, precision)
+
+
+# -- exports, read back -----------------------------------------------------------------------------------------
+
+def _two_layers(layer: nn.Module, rank: int, has_bias: bool) -> nn.Sequential:
+    """Empty A and B layers of `layer`'s geometry at `rank` (filled by load_state_dict)."""
+    if isinstance(layer, nn.Conv2d):
+        a = nn.Conv2d(layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                      layer.groups, bias=False, padding_mode=layer.padding_mode)
+        return nn.Sequential(a, nn.Conv2d(rank, layer.out_channels, 1, groups=layer.groups, bias=has_bias))
+    return nn.Sequential(nn.Linear(layer.in_features, rank, bias=False),
+                         nn.Linear(rank, layer.out_features, bias=has_bias))
+
+
+def _description(folder: Path) -> dict[str, Any]:
+    try:
+        desc = json.loads((folder / MODEL_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{folder} is not a lora-export folder (its {MODEL_JSON} cannot be read: {exc})") from None
+    if not isinstance(desc, dict) or "classes" not in desc:
+        raise UserError(f"{folder / MODEL_JSON} is not a lora-export model description")
+    return desc
+
+
+def load_exported(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A `torchvision` or `lowrank` export (model.pth + model.json) as a plain model in eval mode, and model.json.
+
+    The model is the constructor's own (torchvision or timm, random init, new head for the classes); the layers in
+    model.json's `added_biases` get a bias (a decay schedule's C), those in `low_rank_layers` become two small
+    layers; then the state dict is loaded strictly.
+    """
+    folder = Path(folder)
+    desc = _description(folder)
+    try:
+        state = torch.load(folder / MODEL_FILES["torchvision"], map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{folder} is not a lora-export torchvision/lowrank folder (model.pth + model.json): "
+                        f"{exc}") from None
+    model = build_model(desc["model"], None, len(desc["classes"]), source=desc["source"],
+                        image_size=int(desc["image_size"]), aux=bool(desc["aux_heads"]))
+    if desc.get("transform_input"):
+        model.transform_input = True
+    for name in desc.get("added_biases", []):
+        layer = model.get_submodule(name)
+        layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
+    for name in desc["low_rank_layers"]:
+        layer = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        replacement = _two_layers(layer, int(state[f"{name}.0.weight"].shape[0]), f"{name}.1.bias" in state)
+        setattr(model.get_submodule(parent) if parent else model, child, replacement)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), desc
+
+
+def onnx_runtime():
+    """onnxruntime, or the UserError that names the optional extra."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError:
+        raise UserError("format=onnx needs the optional packages onnx and onnxruntime: "
+                        "pip install 'lora-cls[export]' (or pip install onnx onnxruntime)") from None
+    return onnxruntime
+
+
+class OnnxModule(nn.Module):
+    """An ONNX export as a module: float32 images (N, 3, S, S) → logits, run by onnxruntime on the CPU."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.session = onnx_runtime().InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.session.run(["logits"], {"images": x.detach().float().cpu().contiguous().numpy()})[0]
+        return torch.from_numpy(logits).to(x.device)
+
+
+def read_export(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Any lora-export folder as (a module from normalised float32 images to logits, model.json)."""
+    folder = Path(folder)
+    desc = _description(folder)
+    fmt = desc.get("format", "torchvision")  # exports from before model.json named its format were model.pth
+    if fmt in ("torchvision", "lowrank"):
+        return load_exported(folder)
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export; still supported
+            return torch.jit.load(str(folder / MODEL_FILES[fmt]), map_location="cpu").eval(), desc
+    if fmt == "onnx":
+        return OnnxModule(folder / MODEL_FILES[fmt]), desc
+    raise UserError(f"{folder / MODEL_JSON}: unknown export format {fmt!r}")

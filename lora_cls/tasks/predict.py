@@ -1,7 +1,8 @@
 """lora-predict: class predictions for new images from a trained checkpoint.
 
-`predict(cfg, run_dir)` rebuilds the model from the adapter file alone (`load_model_from_checkpoint`), merges
-the adapters into plain layers (`merge_lora`: W' = d·W + s·BA, docs/DESIGN.md §3) and classifies every image that
+`predict(cfg, run_dir)` loads the checkpoint through the one inference path (`inference.from_checkpoint`: the
+model rebuilt from the adapter file alone, adapters merged into plain layers, W' = d·W + s·BA, docs/DESIGN.md §3)
+and classifies every image that
 `cfg.input` names (a file, a folder searched recursively, or a glob), decoded and normalised exactly as in
 training. It writes `predictions.csv` (path, predicted class, one probability column per class) and
 `predict.json` (a summary) into `run_dir`.
@@ -20,12 +21,9 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from torch import nn
 from tqdm.auto import tqdm
 
-from lora_cls.adapters.inject import merge_lora
 from lora_cls.conf.checks import validate_predict
-from lora_cls.data.augment import normalize
 from lora_cls.data.decode import (
     IMAGE_EXTENSIONS,
     UnreadableImage,
@@ -36,13 +34,12 @@ from lora_cls.data.decode import (
 )
 from lora_cls.data.loaders import ImageDataset
 from lora_cls.data.splits import read_splits_json
-from lora_cls.engine.device import Precision, autocast, prepare_batch, resolve_device, resolve_precision
 from lora_cls.errors import UserError
 from lora_cls.files import atomic_open, write_json
 from lora_cls.runs.checkpoint import resolve_checkpoint
 from lora_cls.runs.console import print_predictions
 from lora_cls.runs.folder import PREDICT_SUMMARY, PREDICTIONS, RunDir, check_fresh_run_dir
-from lora_cls.tasks.build import load_model_from_checkpoint
+from lora_cls.tasks.inference import Classifier, from_checkpoint
 
 
 def collect_inputs(spec: str) -> list[Path]:
@@ -89,13 +86,10 @@ def _batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
 def _split_lookup(train_cfg: Any, adapter: Path, split: str) -> dict[Path, torch.Tensor | str] | None:
     """split=: the split's images from the decoded-image cache, as training and lora-eval read them, by path (an
     undecodable file's value is the reason); None when the run did not use the cache."""
-    ds = train_cfg.dataset
-    if not ds.cache.enabled:
+    if not train_cfg.dataset.cache.enabled:
         return None
     splits = read_splits_json(RunDir.of_checkpoint(adapter).splits)
-    data = ImageDataset(splits.root, splits.split(split), int(ds.image_size), skip_bad=True,
-                        max_cache_bytes=int(float(ds.cache.max_gb) * 2**30), max_pixels=ds.max_image_pixels,
-                        cache_dir=getattr(ds.cache, "dir", None))
+    data = ImageDataset.from_config(splits.root, splits.split(split), train_cfg.dataset, skip_bad=True)
     lookup: dict[Path, torch.Tensor | str] = {splits.root / p: data.images[i] for i, (p, _) in enumerate(data.samples)}
     lookup.update({splits.root / p: reason for p, reason in data.bad})
     return lookup
@@ -114,16 +108,6 @@ def _bad_inputs_error(bad: list[tuple[str, str]]) -> UserError:
                      f"skip_bad=true to skip them:\n{shown}")
 
 
-@torch.inference_mode()
-def classify(model: nn.Module, images: torch.Tensor, device: torch.device, precision: Precision,
-             channels_last: bool) -> torch.Tensor:
-    """uint8 (N, 3, S, S) → float32 class probabilities (N, K): normalise, forward under autocast, softmax."""
-    x = normalize(prepare_batch(images, device, channels_last))
-    with autocast(device, precision):
-        logits = model(x)
-    return logits.float().softmax(dim=1).cpu()
-
-
 def predict(cfg: Any, run_dir: str | Path) -> list[dict[str, Any]]:
     """Classify the images of `cfg.input` with the checkpoint `cfg.ckpt`; write and return the predictions.
 
@@ -138,61 +122,58 @@ def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, A
     check_fresh_run_dir(run_dir)
     path = resolve_checkpoint(cfg.ckpt)
     files = collect_inputs(str(cfg.input)) if cfg.input is not None else split_inputs(path, cfg.split)
-    model, train_cfg, meta = load_model_from_checkpoint(path)
-    classes = [str(c) for c in meta["classes"]]
-    device = resolve_device(cfg.device, "device")
-    precision = resolve_precision(cfg.precision or meta.get("precision", "auto"), device)
-    channels_last = bool(train_cfg.trainer.channels_last)
-    merged = merge_lora(model).eval()
-    del model
-    merged.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    size = int(train_cfg.dataset.image_size)
-    max_pixels = train_cfg.dataset.max_image_pixels
-    batch_size = int(cfg.batch_size or meta.get("eval_batch_size") or 2 * int(train_cfg.trainer.batch_size))
-
+    clf = from_checkpoint(path, cfg.device, cfg.precision)  # precision null: the run's own
     progress = None if cfg.progress else True  # tqdm's disable: None = only on a terminal
-    lookup = _split_lookup(train_cfg, path, cfg.split) if cfg.input is None else None
+    lookup = _split_lookup(clf.config, path, cfg.split) if cfg.input is None else None
+    max_pixels = clf.config.dataset.max_image_pixels
     if lookup is not None:
         reasons = [found if isinstance(found, str) else None for found in map(lookup.__getitem__, files)]
     else:
         with ThreadPoolExecutor(io_threads()) as pool:
             # A cheap pass first (PIL open + verify), so a broken input stops the command before the long part.
             reasons = list(tqdm(pool.map(lambda f: verify_image(f, max_pixels), files), total=len(files),
-                                desc=f"checking {len(files)} images",
-                                unit="img", leave=False, disable=progress))
+                                desc=f"checking {len(files)} images", unit="img", leave=False, disable=progress))
     bad = [(str(f), r) for f, r in zip(files, reasons) if r is not None]
     if bad and not cfg.skip_bad:
         raise _bad_inputs_error(bad)
-    todo = [f for f, r in zip(files, reasons) if r is None]
-
-    rows: list[dict[str, Any]] = []
-    with ThreadPoolExecutor(io_threads()) as pool, tqdm(total=len(todo), desc="predicting", unit="img",
-                                                         leave=False, disable=progress) as bar:
-        for chunk in _batches(todo, batch_size):
-            decoded = ([lookup[f] for f in chunk] if lookup is not None
-                       else list(pool.map(lambda f: _decode(f, size, max_pixels), chunk)))
-            good = [(f, t) for f, t in zip(chunk, decoded) if isinstance(t, torch.Tensor)]
-            bad += [(str(f), t) for f, t in zip(chunk, decoded) if isinstance(t, str)]
-            if good:
-                probs = classify(merged, torch.stack([t for _, t in good]), device, precision, channels_last)
-                for (f, _), p in zip(good, probs.tolist()):
-                    best = max(range(len(classes)), key=p.__getitem__)  # first maximum, as argmax
-                    rows.append({"path": str(f), "predicted": classes[best],
-                                 **{f"prob_{c}": round(v, 6) for c, v in zip(classes, p)}})
-            bar.update(len(chunk))
-    if bad and not cfg.skip_bad:
+    rows, undecodable = _classify(clf, [f for f, r in zip(files, reasons) if r is None], lookup,
+                                  int(cfg.batch_size or clf.batch_size), progress)
+    bad += undecodable
+    if undecodable and not cfg.skip_bad:
         raise _bad_inputs_error(bad)  # damage that only decoding finds
     if not rows:
         raise UserError(f"input {cfg.input}: none of the {len(files)} file(s) could be decoded")
-
-    write_predictions(run_dir / PREDICTIONS, rows, classes)
+    write_predictions(run_dir / PREDICTIONS, rows, clf.classes)
     summary = {"status": "ok", "checkpoint": str(path), "input": cfg.input and str(cfg.input), "split": cfg.split,
-               "classes": classes,
-               "images": len(rows), "class_counts": class_counts(rows, classes),
-               "skipped": [{"path": p, "reason": r} for p, r in bad], "image_size": size,
-               "device": str(device), "precision": precision.name}
+               "classes": clf.classes, "images": len(rows), "class_counts": class_counts(rows, clf.classes),
+               "skipped": [{"path": p, "reason": r} for p, r in bad], "image_size": clf.image_size,
+               "device": str(clf.device), "precision": clf.precision.name}
     write_json(run_dir / PREDICT_SUMMARY, summary)
     return rows, summary
+
+
+def _classify(clf: Classifier, files: list[Path], lookup: dict | None, batch_size: int,
+              progress: bool | None) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Prediction rows of `files` (decoded in threads, or taken from the split's cached images), batch by batch;
+    and the (path, reason) of those that turned out undecodable."""
+    rows: list[dict[str, Any]] = []
+    bad: list[tuple[str, str]] = []
+    max_pixels = clf.config.dataset.max_image_pixels
+    with ThreadPoolExecutor(io_threads()) as pool, tqdm(total=len(files), desc="predicting", unit="img",
+                                                         leave=False, disable=progress) as bar:
+        for chunk in _batches(files, batch_size):
+            decoded = ([lookup[f] for f in chunk] if lookup is not None
+                       else list(pool.map(lambda f: _decode(f, clf.image_size, max_pixels), chunk)))
+            good = [(f, t) for f, t in zip(chunk, decoded) if isinstance(t, torch.Tensor)]
+            bad += [(str(f), t) for f, t in zip(chunk, decoded) if isinstance(t, str)]
+            if good:
+                probs = clf.probabilities(torch.stack([t for _, t in good]))
+                for (f, _), p in zip(good, probs.tolist()):
+                    best = max(range(len(clf.classes)), key=p.__getitem__)  # first maximum, as argmax
+                    rows.append({"path": str(f), "predicted": clf.classes[best],
+                                 **{f"prob_{c}": round(v, 6) for c, v in zip(clf.classes, p)}})
+            bar.update(len(chunk))
+    return rows, bad
 
 
 def class_counts(rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> dict[str, int]:

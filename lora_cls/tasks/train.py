@@ -180,8 +180,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     log.info("params: total %d, trainable %d (%.4f%%), %d adapted layers", params["total"], params["trainable"],
              params["trainable_pct"], len(adapted))
     with watch.phase("model_build"):
-        trainer = build.build_trainer(cfg, model, runtime, loaders, splits)
-    trainer.timing = watch
+        trainer = build.build_trainer(cfg, model, runtime, loaders, splits, timing=watch)
     metadata = {"config": to_container(cfg), "classes": splits.classes, "positive_class": splits.positive_class,
                 "base_weights": identity, "eval_batch_size": build.eval_batch_size(cfg),
                 "precision": runtime.precision.name}
