@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -16,6 +18,26 @@ def override_value(overrides: list[str], key: str) -> str | None:
     """The value Hydra will use for `key`: the last `key=`, `+key=` or `++key=` on the command line."""
     values = [value for name, value in map(split_override, overrides) if name == key and value is not None]
     return values[-1] if values else None
+
+
+def override_values(overrides: list[str]) -> dict[str, Any]:
+    """{key: value} of plain `key=value` overrides as Hydra types them (int, float, bool, None, str); a list or dict
+    value as its text. Deletions (`~key`) and what Hydra cannot parse are left out."""
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    out: dict[str, Any] = {}
+    for text in overrides:
+        try:
+            (override,) = parser.parse_overrides([text])
+        except (HydraException, ValueError):
+            continue
+        if override.is_delete():
+            continue
+        value = override.value()
+        out[override.key_or_group] = (value if value is None or isinstance(value, (bool, int, float, str))
+                                      else override.get_value_element_as_str())
+    return out
 
 
 def override_variants(overrides: list[str], multirun: bool) -> list[list[str]]:

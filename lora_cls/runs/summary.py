@@ -14,10 +14,10 @@ from typing import Any
 
 import yaml
 
+from lora_cls.conf.overrides import override_values
 from lora_cls.files import atomic_open, write_text
 from lora_cls.runs.folder import METRICS, read_metrics
 from lora_cls.runs.plots import _plot_sweep
-from lora_cls.runs.reports import INT_RE
 
 log = logging.getLogger(__name__)
 
@@ -114,30 +114,13 @@ def _natural_key(text: str) -> tuple:
     )
 
 
-_NUMBER_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
 def _read_overrides(job_dir: Path) -> dict[str, Any]:
-    path = job_dir / ".hydra" / "overrides.yaml"
+    """A job's overrides (its .hydra/overrides.yaml), typed as Hydra types them."""
     try:
-        items = yaml.safe_load(path.read_text(encoding="utf-8"))
+        items = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError):
         return {}
-    if not isinstance(items, list):
-        return {}
-    out: dict[str, Any] = {}
-    for item in items:
-        key, _, value = str(item).partition("=")
-        key = key.lstrip("+~")
-        if not key:
-            continue
-        if INT_RE.match(value):
-            out[key] = int(value)
-        elif _NUMBER_RE.match(value):
-            out[key] = float(value)
-        else:
-            out[key] = value
-    return out
+    return override_values([str(item) for item in items]) if isinstance(items, list) else {}
 
 
 def _summary_row(job: str, job_overrides: dict[str, Any], job_dir: Path) -> dict:
