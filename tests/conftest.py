@@ -168,6 +168,35 @@ def run_cli() -> Callable[..., subprocess.CompletedProcess]:
     return _run
 
 
+@pytest.fixture
+def run_main(monkeypatch, capsys) -> Callable[..., subprocess.CompletedProcess]:
+    """run_main("lora-train", *args, cwd=folder): a console script's main() run in this process, for a command
+    that ends before Hydra starts (a precheck failure, argparse commands): no interpreter start-up, same output
+    and exit status as the installed script. A command that reaches Hydra fails the test: run it with `run_cli`.
+    """
+    from importlib.metadata import entry_points
+
+    def reached_hydra(*args, **kwargs):
+        raise AssertionError("the command passed its precheck and started Hydra: test it with run_cli")
+
+    def _run(name: str, *args: str, cwd: str | os.PathLike) -> subprocess.CompletedProcess:
+        main = next(e for e in entry_points(group="console_scripts") if e.name == name).load()
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", [name, *args])
+        monkeypatch.setattr("signal.signal", lambda *a: None)  # leave pytest's handlers alone
+        monkeypatch.setattr(sys.modules["hydra.main"], "_run_hydra", reached_hydra)
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess([name, *args], code, out.out, out.err)
+
+    return _run
+
+
 @pytest.fixture(scope="session")
 def noisy_data_root(tmp_path_factory) -> str:
     """The synthetic set (40 images per class) of the deterministic runs below, generated on first use."""

@@ -285,50 +285,56 @@ def test_train_and_eval_from_another_directory(run_cli, tiny_overrides, path_ove
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "run"]  # nothing else written into the cwd
 
 
-USER_ERRORS = [  # (script, arguments, text of the `error:` line, fails inside the job so a run folder exists)
-    pytest.param("lora-train", ["lora.rank=0"], "lora.rank", False, id="bad-value"),
-    pytest.param("lora-train", ["lora.targets=[layer9]"], "target pattern 'layer9'", False, id="bad-target"),
-    pytest.param("lora-eval", ["ckpt=/nonexistent/run"], "/nonexistent/run", True, id="missing-ckpt"),
-    pytest.param("lora-eval", [], "ckpt: is required", False, id="eval-without-ckpt"),
-    pytest.param("lora-eval", ["ckpt=/nonexistent/run", "device=gpu"], "device: must be auto, cpu, cuda", False,
+USER_ERRORS = [  # (script, arguments, text of the `error:` line): refused before Hydra starts, so no folder at all
+    pytest.param("lora-train", ["lora.rank=0"], "lora.rank", id="bad-value"),
+    pytest.param("lora-train", ["lora.targets=[layer9]"], "target pattern 'layer9'", id="bad-target"),
+    pytest.param("lora-eval", [], "ckpt: is required", id="eval-without-ckpt"),
+    pytest.param("lora-eval", ["ckpt=/nonexistent/run", "device=gpu"], "device: must be auto, cpu, cuda",
                  id="eval-bad-device"),
-    pytest.param("lora-predict", ["input=."], "ckpt: is required", False, id="predict-without-ckpt"),
-    pytest.param("lora-train", ["hydra.run.dirr=elsewhere"], "hydra.run.dirr", False, id="hydra-key-typo"),
+    pytest.param("lora-predict", ["input=."], "ckpt: is required", id="predict-without-ckpt"),
+    pytest.param("lora-train", ["hydra.run.dirr=elsewhere"], "hydra.run.dirr", id="hydra-key-typo"),
 ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("script, args, needle, makes_folder", USER_ERRORS)
-def test_user_errors_end_with_one_error_line(run_cli, tiny_overrides, path_override, tmp_path, script, args, needle,
-                                            makes_folder):
+@pytest.mark.parametrize("script, args, needle", USER_ERRORS)
+def test_user_errors_end_with_one_error_line(run_main, tiny_overrides, path_override, tmp_path, script, args, needle):
     run_dir = tmp_path / "run"
     config = tiny_overrides if script == "lora-train" else ["progress=false"]
-    proc = run_cli(script, *config, *args, path_override("hydra.run.dir", run_dir), cwd=tmp_path)
+    proc = run_main(script, *config, *args, path_override("hydra.run.dir", run_dir), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     line = last_line(proc.stderr)
     assert line.startswith("error: ")
     assert needle in line
-    if makes_folder:  # failed inside the job: the run folder records it
-        metrics = read_json(run_dir / "metrics.json")
-        assert metrics["status"] == "failed"
-        assert needle in metrics["error"]
-    else:  # refused before Hydra started: no folder at all
-        assert not run_dir.exists()
+    assert not run_dir.exists()
 
 
 @pytest.mark.slow
-def test_train_refuses_an_existing_run_folder_from_the_cli(run_cli, tiny_run, tiny_overrides, path_override, tmp_path):
+def test_an_error_inside_the_job_ends_with_one_error_line_and_a_failed_metrics_json(run_cli, path_override,
+                                                                                     tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("lora-eval", "ckpt=/nonexistent/run", "progress=false", path_override("hydra.run.dir", run_dir),
+                   cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    line = last_line(proc.stderr)
+    assert line.startswith("error: ") and "/nonexistent/run" in line
+    metrics = read_json(run_dir / "metrics.json")  # failed inside the job: the run folder records it
+    assert metrics["status"] == "failed"
+    assert "/nonexistent/run" in metrics["error"]
+
+
+def test_train_refuses_an_existing_run_folder_from_the_cli(run_main, tiny_run, tiny_overrides, path_override,
+                                                           tmp_path):
     before = (tiny_run.run_dir / "metrics.json").read_bytes()
-    proc = run_cli("lora-train", *tiny_overrides, path_override("hydra.run.dir", tiny_run.run_dir), cwd=tmp_path)
+    proc = run_main("lora-train", *tiny_overrides, path_override("hydra.run.dir", tiny_run.run_dir), cwd=tmp_path)
     assert proc.returncode == 2
     assert last_line(proc.stderr).startswith("error: ")
     assert str(tiny_run.run_dir) in last_line(proc.stderr)
     assert (tiny_run.run_dir / "metrics.json").read_bytes() == before
 
 
-@pytest.mark.slow
-def test_eval_predict_and_data_never_write_into_a_run_folder(run_cli, tiny_run, synthetic_root, path_override,
+def test_eval_predict_and_data_never_write_into_a_run_folder(run_main, tiny_run, synthetic_root, path_override,
                                                              tmp_path):
     before = {p: p.read_bytes() for p in tiny_run.run_dir.rglob("*") if p.is_file()}
     run = tiny_run.run_dir
@@ -341,7 +347,7 @@ def test_eval_predict_and_data_never_write_into_a_run_folder(run_cli, tiny_run, 
         ("lora-data", ["check", path_override("dataset.root", synthetic_root), path_override("hydra.run.dir", run)]),
     ]
     for script, args in attempts:
-        proc = run_cli(script, *args, "progress=false", cwd=tmp_path)
+        proc = run_main(script, *args, "progress=false", cwd=tmp_path)
         assert proc.returncode == 2, (script, args, proc.stderr[-2000:])
         assert last_line(proc.stderr).startswith(f"error: run folder {run} already holds"), proc.stderr[-2000:]
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
@@ -376,11 +382,11 @@ def test_rank_sweep_writes_a_summary(rank_sweep):
 
 
 @pytest.mark.slow
-def test_second_sweep_into_the_same_folder_is_refused(run_cli, rank_sweep, tiny_overrides, path_override):
+def test_second_sweep_into_the_same_folder_is_refused(run_main, rank_sweep, tiny_overrides, path_override):
     first, sweep_dir = rank_sweep
     assert first.returncode == 0
     before = (sweep_dir / "summary.csv").read_bytes()
-    proc = run_cli("lora-train", "-m", *tiny_overrides, "lora.rank=8,16", path_override("hydra.sweep.dir", sweep_dir),
+    proc = run_main("lora-train", "-m", *tiny_overrides, "lora.rank=8,16", path_override("hydra.sweep.dir", sweep_dir),
                    cwd=sweep_dir.parent)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert last_line(proc.stderr).startswith(f"error: sweep folder {sweep_dir} already holds a finished sweep")

@@ -53,8 +53,8 @@ def test_compare_two_runs_shows_the_rank_column(tiny_run, rank4_run, run_cli, tm
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_compare_of_one_run_is_an_error_line(tiny_run, run_cli, tmp_path):
-    done = run_cli("lora-compare", str(tiny_run.run_dir), "--out", str(tmp_path / "c"), cwd=tmp_path)
+def test_compare_of_one_run_is_an_error_line(tiny_run, run_main, tmp_path):
+    done = run_main("lora-compare", str(tiny_run.run_dir), "--out", str(tmp_path / "c"), cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.startswith("error: lora-compare needs two or more runs")
 
 

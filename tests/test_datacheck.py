@@ -197,6 +197,8 @@ def test_lora_data_check_exit_status_and_report(run_cli, tmp_path, path_override
     assert proc.returncode == 1
     assert "bad_IMG_1.png" in proc.stdout and "Traceback" not in proc.stderr
 
-    proc = run_cli("lora-data", "dataset=folder", cwd=tmp_path)
+
+def test_lora_data_without_a_command_is_an_error_line(run_main, tmp_path):
+    proc = run_main("lora-data", "dataset=folder", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown command 'dataset=folder'; usage: lora-data check")
