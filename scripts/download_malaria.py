@@ -55,7 +55,9 @@ def run(args: argparse.Namespace) -> None:
         extract_zip(archive, dest, progress=progress)
         if args.archive is None and not args.keep_archive:
             archive.unlink()
-    report_layout("malaria", dest)
+    from lora_cls.conf.schema import dataset_config
+
+    report_layout("malaria", dest, dataset_config("malaria", dest))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -85,7 +85,9 @@ def run(args: argparse.Namespace) -> None:
         archive = kaggle_download(args.slug, download_dir)
         unpack(archive, dest, progress)
         shutil.rmtree(download_dir, ignore_errors=True)
-    report_layout("smoking", dest)
+    from lora_cls.conf.schema import dataset_config
+
+    report_layout("smoking", dest, dataset_config("smoking", dest))
 
 
 def main(argv: list[str] | None = None) -> None:

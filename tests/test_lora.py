@@ -17,7 +17,7 @@ from lora_cls.adapters.inject import (
     set_decay,
     set_merge_on_eval,
 )
-from lora_cls.adapters.layer import LoRAConv2d, LoRALinear
+from lora_cls.adapters.layer import LoRAConv2d, LoRALinear, track_optimizer
 from lora_cls.adapters.options import LoRAOptions
 from lora_cls.errors import UserError
 from lora_cls.models.build import build_model
@@ -346,12 +346,13 @@ def test_compiled_merged_eval_matches_eager_across_optimizer_steps():
 
 
 def _toy_model_and_optimizer(kind: dict, dtype: torch.dtype):
-    """A conv + linear model with adapters on both, an AdamW over the adapters, and an input."""
+    """A conv + linear model with adapters on both, an AdamW over the adapters (tracked, as lora-cls's own
+    optimizers are: no global hook sees every optimizer), and an input."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 6 * 6, 2)).to(dtype)
     inject_lora(model, ["0", "2"], rank=2, alpha=2)
     opt = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora" in n], lr=0.1, **kind)
-    return model, opt, torch.randn(4, 3, 6, 6, dtype=dtype)
+    return model, track_optimizer(opt), torch.randn(4, 3, 6, 6, dtype=dtype)
 
 
 def _merged_and_unmerged(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -381,7 +382,8 @@ def test_eval_after_an_optimizer_step_uses_the_updated_adapters(kind):
 
 @pytest.mark.parametrize("kind", [{"fused": True}, {"foreach": True}])
 def test_optimizer_step_taken_in_eval_mode_refreshes_the_merged_weight(kind):
-    """No train/eval switch between the step and the evaluation: the step counter alone must expire the cache."""
+    """No train/eval switch between the step and the evaluation: the tracked optimizer's step count alone must
+    expire the cache."""
     model, opt, x = _toy_model_and_optimizer(kind, torch.float64)
     model.eval()
     with torch.no_grad():

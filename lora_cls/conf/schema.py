@@ -12,6 +12,7 @@ import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -313,6 +314,11 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
     register_configs()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def dataset_config(name: str, root: str | Path) -> DictConfig:
+    """The dataset config `lora-train dataset=<name> dataset.root=<root>` uses (the download scripts' check)."""
+    return compose("train", [f"dataset={name}", f"dataset.root={Path(root)}"]).dataset
 
 
 @functools.cache

@@ -17,11 +17,9 @@ import urllib.request
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from lora_cls.errors import UserError
@@ -244,15 +242,9 @@ def zip_prefix(archive: str | Path, folder: str) -> str | None:
 # ----------------------------------------------------------------------------------------------- layout check
 
 
-def dataset_config(name: str, root: str | Path):
-    """The packaged `conf/dataset/<name>.yaml` with `root` set: what `lora-train dataset=<name>` would use."""
-    cfg = OmegaConf.load(files("lora_cls.conf.dataset").joinpath(f"{name}.yaml"))
-    cfg.root = str(root)
-    return cfg
-
-
-def check_layout(name: str, root: str | Path) -> tuple[DatasetSplits, list[str]]:
-    """Read an unpacked dataset exactly as training will; returns the splits and a list of warnings.
+def check_layout(name: str, cfg: Any) -> tuple[DatasetSplits, list[str]]:
+    """Read an unpacked dataset exactly as training will (`cfg`: its dataset config, e.g.
+    `conf.schema.dataset_config(name, root)`); returns the splits and a list of warnings.
 
     Warns (in the returned list) when counts differ from the published set. Decodability is the data check's
     job (`lora-data check`), not this one's: here only the layout, names and counts are checked.
@@ -261,7 +253,8 @@ def check_layout(name: str, root: str | Path) -> tuple[DatasetSplits, list[str]]
     from lora_cls.data.splits import SPLIT_NAMES
 
     with collected_warnings() as notes:
-        splits = prepare_splits(dataset_config(name, root))
+        splits = prepare_splits(cfg)
+    root = cfg.root
     if name == "malaria":
         for label, cls in enumerate(MALARIA_CLASSES):
             n = sum(1 for split in SPLIT_NAMES for _, y in splits.split(split) if y == label)
@@ -292,9 +285,10 @@ def describe_splits(name: str, splits: DatasetSplits) -> list[str]:
 # ----------------------------------------------------------------------------------------------- kaggle
 
 
-def report_layout(name: str, dest: Path) -> None:
-    """Read the unpacked data as lora-train will; print its splits, any warnings and the next step."""
-    splits, notes = check_layout(name, dest)
+def report_layout(name: str, dest: Path, cfg: Any) -> None:
+    """Read the unpacked data in `dest` as lora-train will (`cfg`: its dataset config); print its splits, any
+    warnings and the next step."""
+    splits, notes = check_layout(name, cfg)
     print("\n".join(describe_splits(name, splits)))
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
