@@ -37,8 +37,8 @@ def predict_cfg(tiny_run, compose_cfg, path_override):
 
 def test_predict_on_the_test_folder_matches_lora_eval(tiny_run, synthetic_root, predict_cfg, compose_cfg,
                                                       path_override, tmp_path):
-    from lora_cls.data.augment import BatchAugment
     from lora_cls.data.loaders import eval_loader
+    from lora_cls.data.preprocess import EvalTransform, Preprocessing
     from lora_cls.engine.device import resolve_device, resolve_precision
     from lora_cls.engine.evaluation import evaluate
     from lora_cls.tasks.build import load_model_from_checkpoint
@@ -68,13 +68,14 @@ def test_predict_on_the_test_folder_matches_lora_eval(tiny_run, synthetic_root, 
     # And image by image: the unmerged model through lora-eval's evaluation loop predicts the same classes.
     splits = read_splits_json(tiny_run.run_dir / "splits.json")
     model, train_cfg, meta = load_model_from_checkpoint(tiny_run.run_dir / "checkpoints" / "adapter.safetensors")
-    dataset = ImageDataset(splits.root, splits.test, int(train_cfg.dataset.image_size))
+    prep = Preprocessing.from_json(meta["preprocessing"], int(train_cfg.dataset.image_size))
+    dataset = ImageDataset(splits.root, splits.test, prep.geometry)
     device = resolve_device("auto")
     # In float32, so that the comparison is of the models and not of bf16 rounding in two memory layouts
     # (merged plain layers vs the adapter model): probabilities agree to 1e-4.
     rows32 = predict(predict_cfg(synthetic_root / "test", "precision=32"), tmp_path / "predict32")
     out = evaluate(model.to(device), eval_loader(dataset, int(meta["eval_batch_size"])),
-                   BatchAugment(False, 0.0, 0.0).to(device), device, resolve_precision("32", device),
+                   EvalTransform(prep).to(device), device, resolve_precision("32", device),
                    progress=False)
     assert [str(splits.root / p) for p, _ in splits.test] == [r["path"] for r in rows32]
     assert [splits.classes[i] for i in out.y_pred] == [r["predicted"] for r in rows32]

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lora_cls.engine.device import Precision, Runtime
 from lora_cls.engine.ema import WeightEMA
 from lora_cls.engine.loss import loss_and_logits
-from lora_cls.engine.optim import build_optimizer, head_param_groups
+from lora_cls.engine.optim import build_optimizer, param_groups
 from lora_cls.engine.trainer import Trainer, TrainerSettings
 from lora_cls.errors import UserError
 from lora_cls.models.finetune import trainable_state
@@ -51,16 +51,16 @@ def test_weighted_and_smoothed_losses_match_their_definitions():
 def test_head_lr_scale_gives_the_head_its_own_learning_rate_through_the_schedule():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))  # "1" is the head
     model[0].bias.requires_grad_(False)
-    groups = head_param_groups(model, ["1"], lr=0.01, head_lr_scale=10.0)
+    groups = param_groups(model, ["1"], lr=0.01, head_lr_scale=10.0)
     opt = build_optimizer(groups, "adamw", 0.01, 0.0)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.1])
     assert [len(g["params"]) for g in opt.param_groups] == [1, 2]  # the frozen bias left out
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.005, 0.05])
     del sched
-    one = head_param_groups(model, ["1"], lr=0.01, head_lr_scale=1.0)  # as before the option: one group, in order
+    one = param_groups(model, ["1"], lr=0.01, head_lr_scale=1.0)  # as before the option: one group, in order
     assert len(one) == 1 and one[0]["params"] == list(model.parameters())
-    only_head = head_param_groups(nn.Sequential(nn.Linear(4, 2)), ["0"], 0.01, 3.0)
+    only_head = param_groups(nn.Sequential(nn.Linear(4, 2)), ["0"], 0.01, 3.0)
     assert [g["lr"] for g in build_optimizer(only_head, "sgd", 0.01, 0.0).param_groups] == pytest.approx([0.03])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 from typing import Any
 
@@ -44,11 +45,7 @@ def validate(cfg: DictConfig | Any) -> None:
 
     check_value(d.image_size >= 16, "dataset.image_size", f"must be >= 16, got {d.image_size}")
     check_model(cfg.model, d.image_size)  # model.source, model.name, model.aux_heads, the sizes the model runs at
-    for key in ("val_fraction", "test_fraction"):
-        check_value(0.0 <= d[key] < 1.0, f"dataset.{key}", f"must be in [0, 1), got {d[key]}")
-    check_value(d.val_fraction + d.test_fraction < 1.0, "dataset.val_fraction",
-           "val_fraction + test_fraction must leave some training data")
-    check_value(d.cache.max_gb >= 0, "dataset.cache.max_gb", f"must be >= 0, got {d.cache.max_gb}")
+    _check_data(d, cfg.model)
     lora_options(cfg)
     check_value(lo.bn in BN_POLICIES, "lora.bn", f"must be {' or '.join(BN_POLICIES)}, got {lo.bn!r}")
     check_value(lo.targets is None or len(lo.targets) > 0, "lora.targets", "is empty; use null for the model's preset")
@@ -61,12 +58,11 @@ def validate(cfg: DictConfig | Any) -> None:
                        dict(lo.rank_pattern) if lo.rank_pattern else None, cfg.model.source, cfg.model.aux_heads)
     if cfg.finetune == "lora" and not lo.allow_high_rank:
         _check_rank_is_low(cfg)
-    check_value(op.name in OPTIMIZERS, "optimizer.name", f"must be one of {', '.join(OPTIMIZERS)}, got {op.name!r}")
-    check_value(op.lr > 0, "optimizer.lr", f"must be > 0, got {op.lr}")
-    check_value(op.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {op.weight_decay}")
-    check_value(0.0 <= op.warmup_fraction < 1.0, "optimizer.warmup_fraction", f"must be in [0, 1), got {op.warmup_fraction}")
-    check_value(0.0 <= op.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio", f"must be in [0, 1], got {op.min_lr_ratio}")
-    check_value(tr.epochs >= 1, "trainer.epochs", f"must be >= 1, got {tr.epochs}")
+    _check_optimizer(op)
+    check_value(tr.epochs == "auto" or (isinstance(tr.epochs, int) and not isinstance(tr.epochs, bool)
+                                        and tr.epochs >= 1), "trainer.epochs",
+                f"must be a positive integer or auto, got {tr.epochs!r}")
+    check_value(tr.min_steps >= 1, "trainer.min_steps", f"must be >= 1, got {tr.min_steps}")
     check_value(tr.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {tr.batch_size}")
     if tr.batch_size == 1 and lo.bn == "train":
         from lora_cls.models.checks import min_train_batch
@@ -87,6 +83,58 @@ def validate(cfg: DictConfig | Any) -> None:
     check_device(tr.device, "trainer.device")
     _check_recipe(tr, op)
     check_loggers(cfg.get("logger"))
+
+
+def _check_data(d: Any, model: Any) -> None:
+    from lora_cls.data.augment import PRESETS
+    from lora_cls.data.preprocess import FITS
+
+    for key in ("val_fraction", "test_fraction"):
+        check_value(0.0 <= d[key] < 1.0, f"dataset.{key}", f"must be in [0, 1), got {d[key]}")
+    check_value(d.val_fraction + d.test_fraction < 1.0, "dataset.val_fraction",
+                "val_fraction + test_fraction must leave some training data")
+    check_value(d.cache.max_gb >= 0, "dataset.cache.max_gb", f"must be >= 0, got {d.cache.max_gb}")
+    check_value(d.fit in FITS, "dataset.fit", f"must be {' or '.join(FITS)}, got {d.fit!r}")
+    check_value(d.crop_pct is None or 0 < d.crop_pct <= 1, "dataset.crop_pct", f"must be in (0, 1], got {d.crop_pct}")
+    check_value(model.preprocess in PREPROCESS, "model.preprocess",
+                f"must be one of {', '.join(PREPROCESS)}, got {model.preprocess!r}")
+    a = d.augment
+    check_value(a.preset in PRESETS, "dataset.augment.preset", f"must be one of {', '.join(PRESETS)}, got {a.preset!r}")
+    check_value(0 < a.scale <= 1, "dataset.augment.scale", f"must be in (0, 1], got {a.scale}")
+    check_value(0 <= a.erasing <= 1, "dataset.augment.erasing", f"must be in [0, 1], got {a.erasing}")
+    for key in ("mixup", "cutmix", "rotation", "color_jitter"):
+        check_value(a[key] >= 0, f"dataset.augment.{key}", f"must be >= 0, got {a[key]}")
+
+
+def _check_optimizer(op: Any) -> None:
+    check_value(op.name in OPTIMIZERS, "optimizer.name", f"must be one of {', '.join(OPTIMIZERS)}, got {op.name!r}")
+    for key in ("lr", "lr_lora", "lr_full", "lr_linear"):
+        check_value(op[key] is None and key == "lr" or (op[key] is not None and op[key] > 0), f"optimizer.{key}",
+                    f"must be > 0{' or null' if key == 'lr' else ''}, got {op[key]}")
+    check_value(op.lora_b_lr_ratio > 0, "optimizer.lora_b_lr_ratio", f"must be > 0, got {op.lora_b_lr_ratio}")
+    check_value(op.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {op.weight_decay}")
+    check_value(0.0 <= op.warmup_fraction < 1.0, "optimizer.warmup_fraction",
+                f"must be in [0, 1), got {op.warmup_fraction}")
+    check_value(0.0 <= op.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio", f"must be in [0, 1], got {op.min_lr_ratio}")
+
+
+def learning_rate(cfg: DictConfig | Any) -> float:
+    """The run's peak learning rate: optimizer.lr, else the finetune mode's own (optimizer.lr_<mode>)."""
+    op = cfg.optimizer
+    return float(op.lr if op.lr is not None else op[f"lr_{cfg.finetune}"])
+
+
+def training_epochs(cfg: DictConfig | Any, steps_per_epoch: int) -> int:
+    """trainer.epochs, or for `auto` max(10, ceil(trainer.min_steps / steps_per_epoch)): a small dataset gets
+    enough optimizer steps, a large one the 10 epochs lora-cls always trained (docs/training.md)."""
+    tr = cfg.trainer
+    if tr.epochs != "auto":
+        return int(tr.epochs)
+    return max(AUTO_MIN_EPOCHS, math.ceil(int(tr.min_steps) / max(1, steps_per_epoch)))
+
+
+AUTO_MIN_EPOCHS = 10
+PREPROCESS = ("auto", "own", "imagenet")
 
 
 def _check_recipe(tr: Any, op: Any) -> None:
@@ -145,6 +193,7 @@ def _check_inference(cfg: Any) -> None:
     check_value(cfg.precision is None or str(cfg.precision) in PRECISIONS, "precision",
            f"must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     check_value(cfg.batch_size is None or cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
+    check_value(cfg.tta in ("none", "flip"), "tta", f"must be none or flip, got {cfg.tta!r}")
 
 
 def validate_eval(cfg: DictConfig | Any) -> None:

@@ -32,6 +32,11 @@ NEUTRAL_KEYS = frozenset({"trainer.resume", "trainer.progress", "trainer.num_wor
 NEUTRAL_PREFIXES = ("logger.",)  # a logger records the run
 
 
+# Keys added after runs were already written, with the value that reproduces what those runs did: a stored config
+# (a checkpoint's metadata, last.pt) that lacks one is read with this value, not with today's default.
+ADDED_LATER = {"dataset.fit": "squash", "dataset.augment.preset": "light", "model.preprocess": "imagenet"}
+
+
 def is_neutral(key: str) -> bool:
     """Whether the dotted training key `key` changes nothing a run computes (NEUTRAL_KEYS, logger.*)."""
     return key in NEUTRAL_KEYS or key.startswith(NEUTRAL_PREFIXES)
@@ -65,9 +70,16 @@ class SyntheticConfig:
 class AugmentConfig:
     """Training augmentation, per sample, on the batch's device (lora_cls.data.augment)."""
 
-    hflip: bool = setting(True, "random horizontal flip (p = 0.5)")
-    rotation: float = setting(10.0, "random rotation, uniform in ± this many degrees (reflection padding)")
-    color_jitter: float = setting(0.1, "brightness, contrast and saturation factors uniform in [1 - x, 1 + x]")
+    preset: str = setting("natural", "none | light (flip, rotation, colour jitter) | natural (photos: random-resized "
+                                     "crop, flip, TrivialAugmentWide, erasing) | microscopy (crop, flips, 90° turns)")
+    hflip: bool = setting(True, "light: random horizontal flip (p = 0.5)")
+    rotation: float = setting(10.0, "light: random rotation, uniform in ± this many degrees (reflection padding)")
+    color_jitter: float = setting(0.1, "light, microscopy: brightness, contrast and saturation factors uniform in "
+                                       "[1 - x, 1 + x]")
+    scale: float = setting(0.35, "natural, microscopy: smallest area share of the random-resized crop")
+    erasing: float = setting(0.25, "natural: probability of random erasing")
+    mixup: float = setting(0.0, "MixUp alpha (0: off); the loss takes the mixed soft targets")
+    cutmix: float = setting(0.0, "CutMix alpha (0: off); with mixup too, each batch takes one of them")
 
 
 @dataclass
@@ -87,7 +99,11 @@ class DatasetConfig:
 
     name: str = setting("synthetic", "layout: synthetic | folder | smoking | malaria")
     root: str = setting(MISSING, "the dataset folder; each dataset option sets it, `folder` leaves it to you")
-    image_size: int = setting(64, "side the images are resized to, in pixels")
+    image_size: int = setting(64, "the model's input side S, in pixels")
+    fit: str = setting("crop", "crop (the short side resized to S / crop_pct, then the centre S × S crop, as "
+                               "torchvision and timm do) | squash (resized to S × S, aspect ratio not kept)")
+    crop_pct: float | None = setting(None, "S / resize side; null: the model's own (its weights' transforms or timm "
+                                           "pretrained_cfg), 0.875 for random init")
     val_fraction: float = setting(0.15, "share of the pool carved out for validation where the layout has none")
     test_fraction: float = setting(0.15, "share of the pool carved out for testing where the layout has none")
     split_seed: int = setting(0, "seed of the stratified (or patient-grouped) split")
@@ -109,6 +125,9 @@ class ModelConfig:
     weights: str | None = setting("imagenet", "imagenet | null (random init) | path to a torchvision-format state "
                                               "dict")
     source: str = setting("torchvision", "torchvision | timm (pip install 'lora-cls[timm]')")
+    preprocess: str = setting("auto", "normalisation and resize filter: auto (the weights' own with "
+                                      "weights=imagenet, else ImageNet statistics) | own (the model's own always) | "
+                                      "imagenet")
     aux_heads: bool = setting(False, "GoogLeNet / Inception v3 only: train with their auxiliary heads")
 
 
@@ -143,7 +162,13 @@ class OptimizerConfig:
     """The optimizer (fused AdamW or SGD) and its learning-rate schedule (linear warm-up, then cosine)."""
 
     name: str = setting("adamw", "adamw | sgd")
-    lr: float = setting(1e-3, "peak learning rate")
+    lr: float | None = setting(None, "peak learning rate; null: the finetune mode's own (lr_lora, lr_full, "
+                                     "lr_linear)")
+    lr_lora: float = setting(5e-3, "finetune=lora's learning rate when lr is null (adapters start at zero change)")
+    lr_full: float = setting(1e-3, "finetune=full's learning rate when lr is null")
+    lr_linear: float = setting(1e-2, "finetune=linear's learning rate when lr is null")
+    lora_b_lr_ratio: float = setting(1.0, "LoRA+: B's learning rate = lr × this (PEFT's loraplus_lr_ratio; 1: "
+                                          "plain LoRA)")
     weight_decay: float = setting(1e-4, "decoupled weight decay (AdamW), L2 (SGD)")
     momentum: float = setting(0.9, "SGD only")
     nesterov: bool = setting(True, "SGD only")
@@ -164,7 +189,9 @@ class EarlyStoppingConfig:
 class TrainerConfig:
     """How training runs: length, batch, device and precision, seeds, resume, and the recipe options."""
 
-    epochs: int = setting(10, "training epochs (early stopping may end sooner)")
+    epochs: Any = setting("auto", "training epochs, or auto: max(10, enough epochs for min_steps optimizer steps); "
+                                  "early stopping may end sooner")
+    min_steps: int = setting(500, "epochs=auto: the fewest optimizer steps a run gets")
     batch_size: int = setting(32, "training batch (the global batch under torchrun)")
     eval_batch_size: int | None = setting(None, "evaluation batch; null: 2 × batch_size")
     precision: str = setting("auto", "auto (CUDA: bf16, or fp16 + GradScaler; CPU: bf16 where native) | 32 | "
@@ -250,6 +277,8 @@ class EvalConfig:
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     precision: str | None = setting(None, "null: the training run's precision")
     batch_size: int | None = setting(None, "null: the training run's eval batch size")
+    tta: str = setting("none", "test-time augmentation: none | flip (the mean of the image's and its mirror's "
+                               "probabilities)")
     progress: bool = setting(True, "progress bars and console tables")
 
 
@@ -265,6 +294,8 @@ class PredictConfig:
     precision: str | None = setting(None, "null: the training run's precision")
     batch_size: int | None = setting(None, "null: the training run's eval batch size")
     skip_bad: bool = setting(False, "skip undecodable inputs (listed in predict.json) instead of stopping")
+    tta: str = setting("none", "test-time augmentation: none | flip (the mean of the image's and its mirror's "
+                               "probabilities)")
     show: int = setting(20, "rows of the console table; predictions.csv has them all")
     progress: bool = setting(True, "progress bars")
 
@@ -341,8 +372,9 @@ def unknown_keys(tree: Any, schema: dict | None = None, prefix: tuple[str, ...] 
 def stored_train_config(stored: Any, source: str) -> DictConfig:
     """A training config read back from a checkpoint, on today's schema.
 
-    Keys added to the schema since the file was written take their schema defaults (so a new key's default in
-    the dataclasses must reproduce the behaviour from before it existed). A key the schema does not know was
+    Keys added to the schema since the file was written take the value that reproduces what the run did
+    (ADDED_LATER), else their schema defaults (so such a key's default must reproduce the behaviour from before it
+    existed, or the key belongs in ADDED_LATER). A key the schema does not know was
     never read by lora-cls (a `+key=` override before those were refused, or a hand edit): it is dropped with a
     warning. A value of the wrong type, or anything that is not a config, is a UserError.
     """
@@ -359,7 +391,9 @@ def stored_train_config(stored: Any, source: str) -> DictConfig:
         log.warning("%s: ignoring config key(s) that lora-cls does not know: %s", source,
                     ", ".join(".".join(path) for path in dropped))
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), stored)
+        present = flatten(stored)
+        legacy = OmegaConf.from_dotlist([f"{k}={v}" for k, v in ADDED_LATER.items() if k not in present])
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), legacy, stored)
         OmegaConf.resolve(cfg)
     except (OmegaConfBaseException, ValueError, TypeError) as exc:
         key = getattr(exc, "full_key", None) or "?"
@@ -369,8 +403,13 @@ def stored_train_config(stored: Any, source: str) -> DictConfig:
 
 
 def schema_defaults() -> dict[str, Any]:
-    """The training schema's defaults as flat dotted keys (what a key absent from an older file meant)."""
+    """The training schema's defaults as flat dotted keys."""
     return flatten(copy.deepcopy(_schema_tree()))
+
+
+def stored_defaults() -> dict[str, Any]:
+    """What a key absent from a stored config meant: its ADDED_LATER value, else the schema's default."""
+    return {**schema_defaults(), **ADDED_LATER}
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -32,7 +32,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from lora_cls.data.decode import DECODER_VERSION, FILE_NOT_FOUND, UnreadableImage, decode_array, io_threads
+from lora_cls.data.decode import (
+    DECODER_VERSION,
+    FILE_NOT_FOUND,
+    Geometry,
+    UnreadableImage,
+    decode_array,
+    io_threads,
+)
 from lora_cls.errors import UserError
 
 log = logging.getLogger("lora_cls.data")
@@ -71,9 +78,10 @@ class CachedImages:
     key: str
 
 
-def entry_key(root: Path, paths: Sequence[str], size: int, max_pixels: int | None) -> str:
+def entry_key(root: Path, paths: Sequence[str], size: int | Geometry, max_pixels: int | None) -> str:
     """The hash of everything that decides an entry's bytes (a missing file counts with size and mtime -1)."""
-    digest = hashlib.sha256(json.dumps([FORMAT, DECODER_VERSION, int(size), max_pixels]).encode())
+    geometry = size if isinstance(size, Geometry) else Geometry(int(size))
+    digest = hashlib.sha256(json.dumps([FORMAT, DECODER_VERSION, *geometry.key(), max_pixels]).encode())
     for path in paths:
         full = os.path.join(root, path)
         try:
@@ -85,7 +93,7 @@ def entry_key(root: Path, paths: Sequence[str], size: int, max_pixels: int | Non
     return digest.hexdigest()[:32]
 
 
-def load_or_decode(root: str | Path, paths: Sequence[str], size: int, max_pixels: int | None,
+def load_or_decode(root: str | Path, paths: Sequence[str], size: int | Geometry, max_pixels: int | None,
                    folder: str | os.PathLike | None = None, max_bytes: int = 10 * 2**30,
                    pool: str = "auto") -> CachedImages:
     """The decoded images of `root/paths` at `size`: from the cache entry when there is one, else decoded once
@@ -103,7 +111,8 @@ def load_or_decode(root: str | Path, paths: Sequence[str], size: int, max_pixels
             found = _open(folder / key, key)  # another process may have built it while this one waited
             if found is not None:
                 return found
-            return _build(folder, key, root, list(paths), int(size), max_pixels, max_bytes, pool)
+            geometry = size if isinstance(size, Geometry) else Geometry(int(size))
+            return _build(folder, key, root, list(paths), geometry, max_pixels, max_bytes, pool)
     except OSError as e:
         raise UserError(f"cannot write the decoded-image cache in {folder} ({e.strerror or e}); set "
                         "dataset.cache.dir to a writable folder with space, or dataset.cache.enabled=false "
@@ -142,7 +151,7 @@ def _map(path: Path, shape: tuple[int, ...], mode: str) -> np.ndarray:
     return np.memmap(path, dtype=np.uint8, mode=mode, shape=shape)
 
 
-def _build(folder: Path, key: str, root: Path, paths: list[str], size: int, max_pixels: int | None,
+def _build(folder: Path, key: str, root: Path, paths: list[str], geometry: Geometry, max_pixels: int | None,
            max_bytes: int, pool: str) -> CachedImages:
     for stale in folder.glob(f"{TEMP}{key}-*"):
         shutil.rmtree(stale, ignore_errors=True)  # a killed writer's (this process holds the key's lock)
@@ -152,10 +161,12 @@ def _build(folder: Path, key: str, root: Path, paths: list[str], size: int, max_
     temp.mkdir()
     try:
         start = time.perf_counter()
+        size = geometry.size
         shape = (len(paths), 3, size, size)
-        bad = _decode_into(temp / DATA, shape, root, paths, size, max_pixels, pool)
+        bad = _decode_into(temp / DATA, shape, root, paths, geometry, max_pixels, pool)
         shape = _drop_bad(temp / DATA, shape, sorted(i for i, _ in bad))
-        meta = {"format": FORMAT, "root": str(root), "image_size": size, "max_pixels": max_pixels,
+        meta = {"format": FORMAT, "root": str(root), "image_size": size, "geometry": geometry.key(),
+                "max_pixels": max_pixels,
                 "decoder_version": DECODER_VERSION, "shape": list(shape), "paths": paths,
                 "bad": [[paths[i], reason] for i, reason in sorted(bad)],
                 "decode_seconds": round(time.perf_counter() - start, 3)}
@@ -182,7 +193,7 @@ def _build(folder: Path, key: str, root: Path, paths: list[str], size: int, max_
         shutil.rmtree(temp, ignore_errors=True)  # the mapping of an unkept entry outlives its file
 
 
-def _decode_into(data: Path, shape: tuple[int, int, int, int], root: Path, paths: list[str], size: int,
+def _decode_into(data: Path, shape: tuple[int, int, int, int], root: Path, paths: list[str], size: Geometry,
                  max_pixels: int | None, pool: str) -> list[tuple[int, str]]:
     """Decode every file into the raw file `data` (rows in list order; a bad file's row is left zero) by a pool
     of processes or threads, each writing its own rows; returns (index, reason) of the undecodable files."""
@@ -219,7 +230,7 @@ def _executor(pool: str, n: int) -> tuple[Executor, int]:
 
 
 def decode_rows(data: str, shape: tuple[int, int, int, int], root: str, paths: Sequence[str], first: int,
-                size: int, max_pixels: int | None) -> list[tuple[int, str]]:
+                size: int | Geometry, max_pixels: int | None) -> list[tuple[int, str]]:
     """Decode `paths` into rows first, first+1, ... of the raw file `data` (run by a pool worker)."""
     out = np.memmap(data, dtype=np.uint8, mode="r+", shape=shape)
     bad = []

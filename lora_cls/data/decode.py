@@ -12,6 +12,7 @@ import os
 import struct
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -107,27 +108,81 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 # Bumped whenever decode_array's output for the same file changes: it is part of the decoded-image cache key.
 DECODER_VERSION = 1
+FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
-def decode_image(path: str | Path, size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """Decode `path` to a uint8 tensor (3, size, size): EXIF orientation applied, any mode made RGB,
-    resized with antialiased bilinear filtering (aspect ratio not kept). Raises UnreadableImage (also for an
-    image of more than `max_pixels` pixels; None: no limit)."""
+@dataclass(frozen=True)
+class Geometry:
+    """How an image file becomes the uint8 square (size × size) a split stores (docs/DESIGN.md §5).
+
+    `crop` None: the whole image squashed to size × size (aspect ratio not kept; lora-cls before round 22).
+    `crop` = S: the short side resized to `size` (torchvision's Resize(size)) and the size × size square cut so that
+    the centred S × S crop inside it (`centre_offset`) is exactly torchvision's CenterCrop(S) of the resized
+    image; training's random crops are taken within the square. `interpolation`: the resize filter (PIL's,
+    antialiased).
+    """
+
+    size: int
+    crop: int | None = None
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in FILTERS:
+            raise UserError(f"interpolation must be one of {', '.join(FILTERS)}, got {self.interpolation!r}")
+        if self.crop is not None and not 0 < self.crop <= self.size:
+            raise ValueError(f"crop {self.crop} must be in (0, size={self.size}]")
+
+    def key(self) -> list:
+        """Its part of the decoded-image cache key (the squash at bilinear keeps the key entries had before)."""
+        return [self.size] if self.crop is None and self.interpolation == "bilinear" else \
+            [self.size, self.crop, self.interpolation]
+
+    def apply(self, rgb: Image.Image) -> Image.Image:
+        """An RGB image resized and cut to size × size."""
+        size, resample = self.size, FILTERS[self.interpolation]
+        if self.crop is None:
+            return rgb if rgb.size == (size, size) else rgb.resize((size, size), resample)
+        w, h = rgb.size
+        new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)  # torchvision's Resize(size)
+        if new != (w, h):
+            rgb = rgb.resize(new, resample)
+        left, top = (_square_offset(n, size, self.crop) for n in new)
+        return rgb.crop((left, top, left + size, top + size))
+
+
+def centre_offset(size: int, crop: int) -> int:
+    """Where torchvision's CenterCrop(crop) starts in a side of `size` pixels."""
+    return int(round((size - crop) / 2.0))
+
+
+def _square_offset(length: int, size: int, crop: int) -> int:
+    """The start of the size-long square in a side of `length`, placed so that the crop-long centre crop of the
+    square (`centre_offset(size, crop)`) starts where CenterCrop(crop) of the whole side starts."""
+    return min(max(centre_offset(length, crop) - centre_offset(size, crop), 0), length - size)
+
+
+def _geometry(size: int | Geometry) -> Geometry:
+    return size if isinstance(size, Geometry) else Geometry(int(size))
+
+
+def decode_image(path: str | Path, size: int | Geometry, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Decode `path` to a uint8 tensor (3, S, S): EXIF orientation applied, any mode made RGB, then `size` (a
+    Geometry; an int S squashes the image to S × S with antialiased bilinear filtering). Raises UnreadableImage
+    (also for an image of more than `max_pixels` pixels; None: no limit)."""
     import torch  # here, not at the top: the layout readers import this module for `is_image` without torch
 
     return torch.from_numpy(decode_array(path, size, max_pixels)).permute(2, 0, 1).contiguous()
 
 
-def decode_array(path: str | Path, size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """`decode_image` as a uint8 numpy array (size, size, 3), without torch (the cache's decoding processes)."""
+def decode_array(path: str | Path, size: int | Geometry, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """`decode_image` as a uint8 numpy array (S, S, 3), without torch (the cache's decoding processes)."""
+    geometry = _geometry(size)
+    size = geometry.size
     try:
         with Image.open(path) as image:
             _check_pixels(image, max_pixels)
             image = ImageOps.exif_transpose(image)
-            rgb = _to_rgb(image)
-            if rgb.size != (size, size):
-                rgb = rgb.resize((size, size), Image.BILINEAR)
-            pixels = np.array(rgb, dtype=np.uint8)
+            pixels = np.array(geometry.apply(_to_rgb(image)), dtype=np.uint8)
     except FileNotFoundError:
         raise UnreadableImage(path, FILE_NOT_FOUND) from None
     except _TooLarge as e:

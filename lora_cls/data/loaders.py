@@ -21,7 +21,14 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from lora_cls.data.cache import load_or_decode
-from lora_cls.data.decode import DEFAULT_MAX_PIXELS, UndecodableImages, decode_image, io_threads, verify_image
+from lora_cls.data.decode import (
+    DEFAULT_MAX_PIXELS,
+    Geometry,
+    UndecodableImages,
+    decode_image,
+    io_threads,
+    verify_image,
+)
 from lora_cls.data.splits import SPLIT_NAMES, DatasetSplits, Sample
 from lora_cls.errors import UserError
 
@@ -32,7 +39,8 @@ DEFAULT_CACHE_BYTES = 10 * 2**30  # dataset.cache.max_gb's default
 
 
 class ImageDataset(Dataset):
-    """Images of one split as `(uint8 tensor (3, S, S), int label)`.
+    """Images of one split as `(uint8 tensor (3, S, S), int label)`, S × S as `image_size` says (an int: the image
+    squashed to S × S; a decode.Geometry: its resize and square cut, docs/DESIGN.md §5).
 
     With `cache` (the default) every image is decoded once into the decoded-image cache in `cache_dir`
     (`lora_cls.data.cache`; `max_cache_bytes` caps that folder) and `.images` is the whole split, uint8
@@ -43,11 +51,12 @@ class ImageDataset(Dataset):
     raise one UserError listing them all, or with `skip_bad=True` are dropped and listed in `.skipped`.
     """
 
-    def __init__(self, root: str | Path, samples: Sequence[Sample], image_size: int, cache: bool = True,
+    def __init__(self, root: str | Path, samples: Sequence[Sample], image_size: int | Geometry, cache: bool = True,
                  max_cache_bytes: int = DEFAULT_CACHE_BYTES, skip_bad: bool = False,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, cache_dir: str | os.PathLike | None = None) -> None:
         self.root = Path(root)
-        self.image_size = int(image_size)
+        self.geometry = image_size if isinstance(image_size, Geometry) else Geometry(int(image_size))
+        self.image_size = self.geometry.size
         self.max_pixels = max_pixels
         self.skipped: list[str] = []
         self.bad: list[tuple[str, str]] = []  # (path, reason) of the skipped files
@@ -64,7 +73,7 @@ class ImageDataset(Dataset):
         self.cache_path: Path | None = None  # the entry folder (None: not cached, or not kept: over the cap)
         self.images: torch.Tensor | None = None
         if self.cached:
-            entry = load_or_decode(self.root, [path for path, _ in samples], self.image_size, max_pixels,
+            entry = load_or_decode(self.root, [path for path, _ in samples], self.geometry, max_pixels,
                                    cache_dir, int(max_cache_bytes))
             bad = entry.bad
             self.cache_hit, self.cache_path = entry.hit, entry.path
@@ -83,10 +92,11 @@ class ImageDataset(Dataset):
 
     @classmethod
     def from_config(cls, root: str | Path, samples: Sequence[Sample], cfg: Any, skip_bad: bool | None = None,
-                    cache: bool | None = None) -> ImageDataset:
-        """A split read as the dataset config `cfg` says (image size, cache and its cap and folder, the pixel
-        limit, skip_bad unless given)."""
-        return cls(root, samples, int(cfg.image_size), cache=bool(cfg.cache.enabled) if cache is None else cache,
+                    cache: bool | None = None, geometry: Geometry | None = None) -> ImageDataset:
+        """A split read as the dataset config `cfg` says (cache and its cap and folder, the pixel limit, skip_bad
+        unless given), decoded as `geometry` says (default: squashed to dataset.image_size)."""
+        return cls(root, samples, geometry or Geometry(int(cfg.image_size)),
+                   cache=bool(cfg.cache.enabled) if cache is None else cache,
                    max_cache_bytes=int(float(cfg.cache.max_gb) * 2**30),
                    skip_bad=bool(cfg.skip_bad if skip_bad is None else skip_bad), max_pixels=cfg.max_image_pixels,
                    cache_dir=getattr(cfg.cache, "dir", None))
@@ -105,7 +115,7 @@ class ImageDataset(Dataset):
         path, label = self.samples[index]
         if self.images is not None:
             return self.images[index], label
-        return decode_image(self.root / path, self.image_size, self.max_pixels), label
+        return decode_image(self.root / path, self.geometry, self.max_pixels), label
 
 
     def __getitems__(self, indices: Sequence[int]) -> Batch | list[tuple[torch.Tensor, int]]:
@@ -134,8 +144,9 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def build_loaders(splits: DatasetSplits, cfg: Any, batch_size: int, num_workers: int, seed: int,
-                  pin_memory: bool = False) -> dict[str, DataLoader]:
-    """DataLoaders for "train", "val" and "test", yielding (uint8 (B, 3, S, S), int64 (B,)) batches.
+                  pin_memory: bool = False, geometry: Geometry | None = None) -> dict[str, DataLoader]:
+    """DataLoaders for "train", "val" and "test", yielding (uint8 (B, 3, S, S), int64 (B,)) batches, the images
+    decoded as `geometry` says (default: squashed to cfg.image_size).
 
     With `cfg.cache.enabled` the splits come from the decoded-image cache (`cfg.cache.dir`, capped at
     `cfg.cache.max_gb`); then loading runs in the main process (indexing a tensor is cheaper than worker
@@ -151,7 +162,7 @@ def build_loaders(splits: DatasetSplits, cfg: Any, batch_size: int, num_workers:
     bad: list[tuple[str, str]] = []
     for name in SPLIT_NAMES:
         try:
-            datasets[name] = ImageDataset.from_config(splits.root, splits.split(name), cfg)
+            datasets[name] = ImageDataset.from_config(splits.root, splits.split(name), cfg, geometry=geometry)
         except UndecodableImages as e:
             bad += e.bad  # keep checking the other splits: one error listing every bad file
     if bad:

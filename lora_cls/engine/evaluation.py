@@ -1,4 +1,5 @@
-"""Evaluation on the merged view of a model: loss and class probabilities over a loader or a whole split (sharded over processes), and BatchNorm statistics recomputed for the current weights."""
+"""Evaluation on the merged view of a model: loss and class probabilities over a loader or a whole split
+(sharded over processes), test-time augmentation, and BatchNorm statistics recomputed for the current weights."""
 
 from __future__ import annotations
 
@@ -34,10 +35,25 @@ class EvalOutput:
         return self.probs.argmax(axis=1)
 
 
+TTA_MODES = ("none", "flip")
+
+
+def tta_views(x: torch.Tensor, tta: str) -> torch.Tensor:
+    """The batch the model sees for test-time augmentation `tta`: x itself, or (flip) x followed by its mirror."""
+    return torch.cat([x, x.flip(-1)]) if tta == "flip" else x
+
+
+def merge_views(probs: torch.Tensor, tta: str) -> torch.Tensor:
+    """Class probabilities of `tta_views` (V·N, K) → (N, K): their mean over the V views."""
+    return probs.view(2, -1, probs.shape[-1]).mean(0) if tta == "flip" else probs
+
+
 def evaluate(model: nn.Module, loader: Iterable, preprocess: nn.Module, device: torch.device,
              precision: Precision, channels_last: bool = True, desc: str = "eval",
-             progress: bool = True) -> EvalOutput:
-    """Loss and class probabilities over a loader, on `merged_view(model)`: the adapters merged into plain layers."""
+             progress: bool = True, tta: str = "none") -> EvalOutput:
+    """Loss and class probabilities over a loader, on `merged_view(model)`: the adapters merged into plain layers.
+    With `tta` (flip) the probabilities are the mean over the image and its mirror, and the loss is the negative
+    log of that mean's probability of the true class."""
     model = merged_view(model)
     was_training = model.training
     model.eval()
@@ -49,11 +65,16 @@ def evaluate(model: nn.Module, loader: Iterable, preprocess: nn.Module, device: 
             x = preprocess(prepare_batch(x, device, channels_last))
             y = y.to(device, non_blocking=True)
             with autocast(device, precision):
-                logits = plain_logits(model(x))
+                logits = plain_logits(model(tta_views(x, tta)))
             logits = logits.float()
-            losses.append(F.cross_entropy(logits, y, reduction="sum"))
+            if tta == "none":
+                losses.append(F.cross_entropy(logits, y, reduction="sum"))
+                p = logits.softmax(dim=1)
+            else:
+                p = merge_views(logits.softmax(dim=1), tta)
+                losses.append(F.nll_loss(p.clamp_min(1e-12).log(), y, reduction="sum"))
             labels.append(y)
-            probs.append(logits.softmax(dim=1))
+            probs.append(p)
     model.train(was_training)
     if not labels:
         raise UserError(f"the {desc} split is empty")

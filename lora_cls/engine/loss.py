@@ -11,7 +11,9 @@ def loss_and_logits(outputs, y: torch.Tensor, class_weight: torch.Tensor | None 
                     label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy and plain logits of a model's output: a tensor, or GoogLeNet/Inception's (logits, aux...)
     tuple while training with auxiliary heads (loss = main + w·Σ aux, w = 0.3 GoogLeNet, 0.4 Inception v3).
-    `class_weight` (K,) and `label_smoothing` are those of F.cross_entropy (a weighted mean over the batch)."""
+    `y` is class indices (N,) or, after MixUp/CutMix, soft targets (N, K) (the cross-entropy against the mixed
+    target distribution). `class_weight` (K,) and `label_smoothing` are those of F.cross_entropy (with indices a
+    weighted mean over the batch, with soft targets the mean of the weighted per-sample losses)."""
     import torch.nn.functional as F
 
     def ce(logits: torch.Tensor) -> torch.Tensor:

@@ -48,17 +48,24 @@ def _trainable_groups(params: Iterable) -> list:
     return [g for g in groups if g["params"]]
 
 
-def head_param_groups(model: nn.Module, heads: Sequence[str], lr: float, head_lr_scale: float) -> list[dict]:
-    """Two param groups: the heads' parameters at lr × head_lr_scale, every other one at lr. At scale 1, one group
-    in the model's parameter order, as before the option existed (so older last.pt optimizer states load)."""
+def param_groups(model: nn.Module, heads: Sequence[str], lr: float, head_lr_scale: float = 1.0,
+                 lora_b_lr_ratio: float = 1.0) -> list[dict]:
+    """Param groups at their learning rates: the heads' parameters at lr × head_lr_scale, every adapter's B at
+    lr × lora_b_lr_ratio (LoRA+, Hayou et al. 2024: PEFT's `create_loraplus_optimizer` with `loraplus_lr_ratio`),
+    every other one at lr. With both factors 1, one group in the model's parameter order, as before the options
+    existed (so older last.pt optimizer states load); otherwise the groups base, heads, B (empty ones are dropped
+    by build_optimizer)."""
     def in_head(name: str) -> bool:
         return any(name == h or name.startswith(h + ".") for h in heads)
 
     named = list(model.named_parameters())
-    if head_lr_scale == 1.0:
+    if head_lr_scale == 1.0 and lora_b_lr_ratio == 1.0:
         return [{"params": [p for _, p in named], "lr": lr}]
-    return [{"params": [p for n, p in named if not in_head(n)], "lr": lr},
-            {"params": [p for n, p in named if in_head(n)], "lr": lr * head_lr_scale}]
+    head = [p for n, p in named if in_head(n)]
+    b = [p for n, p in named if not in_head(n) and n.rsplit(".", 1)[-1] == "lora_B"]
+    chosen = {id(p) for p in head + b}
+    return [{"params": [p for _, p in named if id(p) not in chosen], "lr": lr},
+            {"params": head, "lr": lr * head_lr_scale}, {"params": b, "lr": lr * lora_b_lr_ratio}]
 
 
 def warmup_cosine(total_steps: int, warmup_fraction: float, min_lr_ratio: float) -> Callable[[int], float]:

@@ -145,12 +145,14 @@ class Trainer:
             self.decay.set(self.settings.schedule.factor(self.state.global_step, self.settings.total_steps))
         x = self.preprocess(rt.batch(x))
         y = y.to(rt.device, non_blocking=True)
+        mix = getattr(self.preprocess, "mix", None)  # MixUp/CutMix (data.augment.TrainAugment): soft targets
+        x, target = mix(x, y) if mix is not None and self.preprocess.training else (x, y)
         if self._graphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: CUDA-graph outputs may be overwritten
         with rt.autocast():
             outputs = self.model(x)
         # GoogLeNet/Inception with aux heads: (logits, aux...)
-        loss, logits = loss_and_logits(outputs, y, self._class_weight, self.settings.label_smoothing)
+        loss, logits = loss_and_logits(outputs, target, self._class_weight, self.settings.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

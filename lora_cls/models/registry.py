@@ -177,6 +177,24 @@ def _architecture(source: str, name: str) -> ModelSpec:
 
 # -- default targets ------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=256)
+def input_statistics(name: str, source: str = "torchvision") -> dict:
+    """What the model's pretrained weights expect of an image: {mean, std, crop_pct, interpolation, source} from
+    the torchvision weights' `transforms()` (resize and crop sizes give crop_pct) or timm's pretrained_cfg."""
+    if source == "torchvision":
+        import torchvision.models as tvm
+
+        weights = tvm.get_model_weights(name).DEFAULT
+        t = weights.transforms()
+        return {"mean": tuple(t.mean), "std": tuple(t.std), "crop_pct": t.crop_size[0] / t.resize_size[0],
+                "interpolation": t.interpolation.value, "source": f"torchvision:{weights}"}
+    cfg = _timm().models.get_pretrained_cfg(name)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    return {"mean": tuple(cfg.get("mean", (0.485, 0.456, 0.406))), "std": tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+            "crop_pct": float(cfg.get("crop_pct", 0.875)), "interpolation": str(cfg.get("interpolation", "bicubic")),
+            "source": f"timm:{cfg.get('architecture', name)}.{cfg.get('tag', '')}".rstrip(".")}
+
+
 def is_transformer(model: nn.Module) -> bool:
     return any(isinstance(m, nn.MultiheadAttention) or "Attention" in type(m).__name__ for m in model.modules())
 

@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import nn
 
-from lora_cls.conf.schema import flatten, is_neutral, schema_defaults, to_container
+from lora_cls.conf.schema import flatten, is_neutral, stored_defaults, to_container
 from lora_cls.engine.trainer import Trainer
 from lora_cls.errors import UserError
 from lora_cls.models.finetune import trainable_state
@@ -47,7 +47,9 @@ def resume_state(cfg: DictConfig, model: nn.Module, trainer: Trainer) -> dict[st
             "epochs_without_improvement": s.epochs_without_improvement, "train_seconds": s.train_seconds,
             "train_images": s.train_images, "history": s.history, "rng": ckpt.rng_state(),
             "loader_rng": loader_rng.get_state() if loader_rng is not None else None, "time": time.time(),
-            "ema": trainer.ema.state_dict() if trainer.ema is not None else None}
+            "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
+            # the augmentation's own random stream (data.augment.TrainAugment)
+            "augment_rng": trainer.preprocess.rng_state() if hasattr(trainer.preprocess, "rng_state") else None}
 
 
 def resume_source(resume: str, run_dir: Path) -> Path | None:
@@ -86,7 +88,7 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict] | None:
         raise UserError(f"{resume_from} is not a lora-cls last.pt")
     # A key the interrupted run's lora-cls did not have yet meant its schema default; a key the schema does not
     # know (a `+key=` override from before those were refused) was never read, so it cannot differ.
-    defaults = schema_defaults()
+    defaults = stored_defaults()
     saved = {**defaults, **{k: v for k, v in state["config"].items() if k in defaults}}
     now = flatten(to_container(cfg))
     changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE_KEYS and not is_neutral(k)
@@ -122,4 +124,6 @@ def restore(state: dict, model: nn.Module, trainer: Trainer) -> None:
     generator = getattr(trainer.train_loader, "generator", None)
     if state.get("loader_rng") is not None and generator is not None:
         generator.set_state(state["loader_rng"])
+    if state.get("augment_rng") is not None and hasattr(trainer.preprocess, "set_rng_state"):
+        trainer.preprocess.set_rng_state(state["augment_rng"])
     ckpt.set_rng_state(state["rng"])

@@ -17,21 +17,22 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-from lora_cls.conf.checks import decay_schedule, lora_options
+from lora_cls.conf.checks import decay_schedule, learning_rate, lora_options, training_epochs
 from lora_cls.conf.schema import stored_train_config
-from lora_cls.data.augment import BatchAugment
+from lora_cls.data.augment import TrainAugment
 from lora_cls.data.layouts import prepare_splits
 from lora_cls.data.loaders import build_loaders
+from lora_cls.data.preprocess import IMAGENET_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from lora_cls.data.splits import DatasetSplits
 from lora_cls.engine import distributed
 from lora_cls.engine.device import Runtime, resolve_device, resolve_precision, seed_everything
-from lora_cls.engine.optim import build_optimizer, head_param_groups, warmup_cosine
+from lora_cls.engine.optim import build_optimizer, param_groups, warmup_cosine
 from lora_cls.engine.timing import Stopwatch
 from lora_cls.engine.trainer import Trainer, TrainerSettings
 from lora_cls.errors import UserError
 from lora_cls.models.build import build_model
 from lora_cls.models.finetune import prepare_finetune
-from lora_cls.models.registry import model_heads, model_spec, summarize
+from lora_cls.models.registry import input_statistics, model_heads, model_spec, summarize
 from lora_cls.runs import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -50,16 +51,32 @@ def train_runtime(cfg: DictConfig, info: distributed.DistInfo) -> Runtime:
                    bool(tr.progress) and info.is_main)
 
 
-def load_data(cfg: DictConfig, runtime: Runtime) -> tuple[DatasetSplits, dict[str, DataLoader]]:
-    """The run's splits and their loaders (undecodable files either fail here or are dropped from the splits)."""
+def preprocessing(cfg: DictConfig) -> Preprocessing:
+    """The run's preprocessing (docs/DESIGN.md §5): the model's own normalisation, resize filter and crop ratio
+    (torchvision weights' transforms(), timm's pretrained_cfg) when it trains from those weights
+    (model.preprocess=auto with model.weights=imagenet, or own), ImageNet's statistics and crop ratio otherwise;
+    dataset.fit and dataset.crop_pct as set."""
+    d, m = cfg.dataset, cfg.model
+    own = m.preprocess == "own" or (m.preprocess == "auto" and m.weights == "imagenet")
+    stats = input_statistics(m.name, m.source) if own else {"source": "imagenet"}
+    crop_pct = d.crop_pct if d.crop_pct is not None else stats.get("crop_pct", IMAGENET_CROP_PCT)
+    return Preprocessing.of(int(d.image_size), d.fit, float(crop_pct), stats.get("interpolation", "bilinear"),
+                            stats.get("mean", IMAGENET_MEAN), stats.get("std", IMAGENET_STD), stats["source"])
+
+
+def load_data(cfg: DictConfig, runtime: Runtime, prep: Preprocessing | None = None
+              ) -> tuple[DatasetSplits, dict[str, DataLoader]]:
+    """The run's splits and their loaders (undecodable files either fail here or are dropped from the splits),
+    the images stored as `prep` says (default: the run's `preprocessing`)."""
     splits = prepare_splits(cfg.dataset)
     workers = int(cfg.trainer.num_workers)
     if workers and multiprocessing.current_process().daemon:
         # A launcher's worker process (joblib) is daemonic and may not start DataLoader workers.
         log.info("running inside a daemonic launcher process: loading data without DataLoader workers")
         workers = 0
+    prep = prep or preprocessing(cfg)
     loaders = build_loaders(splits, cfg.dataset, int(cfg.trainer.batch_size), workers, int(cfg.trainer.seed),
-                            pin_memory=runtime.device.type == "cuda")
+                            pin_memory=runtime.device.type == "cuda", geometry=prep.geometry)
     return splits, loaders
 
 
@@ -114,9 +131,9 @@ def rank_train_loader(loader: DataLoader, seed: int, info: distributed.DistInfo)
 
 
 def build_trainer(cfg: DictConfig, model: nn.Module, runtime: Runtime, loaders: dict[str, DataLoader],
-                  splits: DatasetSplits, timing: Stopwatch | None = None) -> Trainer:
-    """Place the model (compiled, wrapped in DDP as configured) and set up its optimizer, schedules and engine
-    (timed on `timing`, the run's stopwatch)."""
+                  splits: DatasetSplits, timing: Stopwatch | None = None, prep: Preprocessing | None = None) -> Trainer:
+    """Place the model (compiled, wrapped in DDP as configured) and set up its augmentation (for `prep`, default
+    the run's preprocessing), optimizer, schedules and engine (timed on `timing`, the run's stopwatch)."""
     tr, op, info = cfg.trainer, cfg.optimizer, runtime.dist
     runtime.place(model)
     run_model = compiled(model, tr.compile_mode, runtime.device) if tr.compile else model
@@ -124,27 +141,41 @@ def build_trainer(cfg: DictConfig, model: nn.Module, runtime: Runtime, loaders: 
         # Gradients of the trainable parameters only are averaged: frozen weights never enter DDP's buckets.
         device = runtime.device
         run_model = DistributedDataParallel(run_model, device_ids=[device.index] if device.type == "cuda" else None)
-    aug = cfg.dataset.augment
-    preprocess = BatchAugment(aug.hflip, aug.rotation, aug.color_jitter).to(runtime.device)
+    preprocess = train_augment(cfg, prep or preprocessing(cfg), len(splits.classes), info).to(runtime.device)
     train_loader = rank_train_loader(loaders["train"], int(tr.seed), info)
     steps_per_epoch = len(train_loader)
     if tr.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, int(tr.max_steps_per_epoch))
     heads = model_heads(model_spec(cfg.model.name, cfg.model.source), bool(cfg.model.aux_heads))
-    groups = head_param_groups(model, heads, op.lr, op.head_lr_scale)
-    optimizer = build_optimizer(groups, op.name, op.lr, op.weight_decay, tuple(op.betas), op.momentum,
-                                op.nesterov, runtime.device)
-    total_steps = steps_per_epoch * int(tr.epochs)
+    lr, epochs = learning_rate(cfg), training_epochs(cfg, steps_per_epoch)
+    groups = param_groups(model, heads, lr, op.head_lr_scale, op.lora_b_lr_ratio)
+    optimizer = build_optimizer(groups, op.name, lr, op.weight_decay, tuple(op.betas), op.momentum, op.nesterov,
+                                runtime.device)
+    total_steps = steps_per_epoch * epochs
+    if tr.epochs == "auto":
+        log.info("trainer.epochs=auto: %d epochs of %d steps (%d steps; trainer.min_steps=%d)", epochs,
+                 steps_per_epoch, total_steps, tr.min_steps)
     schedule = decay_schedule(cfg)
     if (unreached := schedule.unreached(total_steps)) is not None:
         log.warning(unreached)
     settings = TrainerSettings(
-        runtime=runtime, epochs=int(tr.epochs), steps_per_epoch=steps_per_epoch,
+        runtime=runtime, epochs=epochs, steps_per_epoch=steps_per_epoch,
         lr_factor=warmup_cosine(total_steps, op.warmup_fraction, op.min_lr_ratio), schedule=schedule,
         classes=tuple(splits.classes), positive_class=splits.positive_class, eval_batch_size=eval_batch_size(cfg),
         bn=cfg.lora.bn, monitor=tr.early_stopping.monitor, patience=int(tr.early_stopping.patience),
         label_smoothing=float(tr.label_smoothing), class_weight=class_weights(cfg, splits), ema=float(tr.ema))
     return Trainer(run_model, optimizer, preprocess, settings, train_loader, loaders["val"].dataset, timing)
+
+
+def train_augment(cfg: DictConfig, prep: Preprocessing, num_classes: int,
+                  info: distributed.DistInfo = distributed.DistInfo()) -> TrainAugment:
+    """The run's augmentation (dataset.augment) for `prep`, its random stream seeded by trainer.seed and the
+    process rank (DDP ranks augment independently)."""
+    a = cfg.dataset.augment
+    return TrainAugment(prep, a.preset, hflip=bool(a.hflip), rotation=float(a.rotation),
+                        color_jitter=float(a.color_jitter), scale=float(a.scale), erasing=float(a.erasing),
+                        mixup=float(a.mixup), cutmix=float(a.cutmix), num_classes=num_classes,
+                        seed=int(cfg.trainer.seed) * 1009 + info.rank)
 
 
 def class_weights(cfg: DictConfig, splits: DatasetSplits) -> tuple[float, ...] | None:

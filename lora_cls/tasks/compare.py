@@ -18,7 +18,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lora_cls.conf.schema import flatten, is_neutral, schema_defaults
+from lora_cls.conf.schema import flatten, is_neutral, stored_defaults
 from lora_cls.errors import UserError
 from lora_cls.runs.folder import METRICS, RunDir
 from lora_cls.runs.summary import _find_job_dirs, summary_table, write_summary_files
@@ -63,7 +63,7 @@ def run_config(folder: Path) -> dict[str, Any]:
         tree = OmegaConf.to_container(OmegaConf.create(tree), resolve=True)
     except OmegaConfBaseException:
         pass
-    return {**schema_defaults(), **flatten(tree)}
+    return {**stored_defaults(), **flatten(tree)}
 
 
 def differing_keys(configs: list[dict[str, Any]]) -> list[str]:

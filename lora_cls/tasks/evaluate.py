@@ -67,11 +67,11 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     run = RunDir(run_dir)
     validate_eval(cfg)
     check_fresh_run_dir(run.path)
-    clf = from_checkpoint(cfg.ckpt, cfg.device, cfg.precision)  # precision null: the run's own
+    clf = from_checkpoint(cfg.ckpt, cfg.device, cfg.precision, tta=cfg.tta)  # precision null: the run's own
     path, train_cfg, meta = clf.checkpoint, clf.config, clf.meta
     splits = eval_splits(cfg, path, train_cfg, meta)
     dataset = ImageDataset.from_config(splits.root, splits.split(cfg.split), train_cfg.dataset,
-                                       skip_bad=cfg.dataset.skip_bad)
+                                       skip_bad=cfg.dataset.skip_bad, geometry=clf.preprocessing.geometry)
     if dataset.skipped:
         log.warning("skipped %d undecodable image(s) (dataset.skip_bad=true): %s", len(dataset.skipped),
                     ", ".join(dataset.skipped[:5]) + (" ..." if len(dataset.skipped) > 5 else ""))
@@ -83,7 +83,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
                           lambda i: dataset[i][0].permute(1, 2, 0).numpy(), out.y_true, out.probs, splits.classes)
     metrics = {**run_metrics(train_cfg), "checkpoint": str(path), "split": cfg.split,
                "data_root": str(splits.root), cfg.split: split_result, "device": str(clf.device),
-               "precision": clf.precision.name, "best_epoch": meta.get("best_epoch"), "images": len(dataset),
+               "precision": clf.precision.name, "tta": clf.tta, "best_epoch": meta.get("best_epoch"), "images": len(dataset),
                "skipped_images": dataset.skipped, "misclassified": errors}
     write_json(run.metrics, metrics)
     if cfg.progress:

@@ -29,8 +29,9 @@ from lora_cls.adapters.inject import (
 )
 from lora_cls.adapters.layer import LoRALayer
 from lora_cls.conf.schema import EXPORT_FORMATS, to_container
-from lora_cls.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+from lora_cls.data.decode import Geometry
 from lora_cls.data.loaders import ImageDataset
+from lora_cls.data.preprocess import EvalTransform, Preprocessing
 from lora_cls.data.splits import read_splits_json
 from lora_cls.engine.loss import plain_logits
 from lora_cls.errors import UserError
@@ -98,8 +99,9 @@ def added_biases(model: nn.Module, plain: nn.Module) -> list[str]:
 
 
 def model_description(train_cfg: Any, meta: dict, fmt: str, low_rank: list[str], biased: list[str]) -> dict[str, Any]:
-    """model.json: everything besides the weights that running the model needs (format and file, classes, input,
-    constructor); `lora_cls.load` and `inference.read_export` read it."""
+    """model.json: everything besides the weights that running the model needs (format and file, classes, the
+    preprocessing, constructor); `lora_cls.load` and `inference.read_export` read it."""
+    prep = Preprocessing.from_json(meta.get("preprocessing"), int(train_cfg.dataset.image_size))
     spec = model_spec(train_cfg.model.name, train_cfg.model.source)
     return {"format": fmt, "file": MODEL_FILES[fmt], "model": train_cfg.model.name, "source": train_cfg.model.source,
             "head": spec.head,
@@ -107,8 +109,9 @@ def model_description(train_cfg: Any, meta: dict, fmt: str, low_rank: list[str],
             "image_size": int(train_cfg.dataset.image_size), "aux_heads": bool(train_cfg.model.aux_heads),
             "transform_input": train_cfg.model.weights == "imagenet" and train_cfg.model.name in
             ("googlenet", "inception_v3"),
-            "input": "float32 (N, 3, S, S): RGB resized to S x S (bilinear, antialiased), x/255 - mean, / std",
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "low_rank_layers": low_rank,
+            "input": f"float32 (N, 3, S, S): RGB, {prep.describe()}: (x/255 - mean) / std per channel",
+            "preprocessing": prep.to_json(), "mean": list(prep.mean), "std": list(prep.std),
+            "low_rank_layers": low_rank,
             "added_biases": biased}
 
 
@@ -151,7 +154,7 @@ def _onnx_bytes(plain: nn.Module, example: torch.Tensor, opset: int) -> bytes:
 
 # -- verification ----------------------------------------------------------------------------------------------
 
-def verification_images(adapter: Path, image_size: int, count: int) -> tuple[torch.Tensor, str]:
+def verification_images(adapter: Path, geometry: Geometry, count: int) -> tuple[torch.Tensor, str]:
     """uint8 (N, 3, S, S): the first `count` test images of the run's splits.json, or, when that split cannot be
     read, seeded random images (the returned description says which, and why)."""
     splits_path = RunDir.of_checkpoint(adapter).splits
@@ -159,7 +162,7 @@ def verification_images(adapter: Path, image_size: int, count: int) -> tuple[tor
         splits = read_splits_json(splits_path)
         name = "test" if splits.test else "val"
         # A handful of images: decoded directly, not written to the decoded-image cache as an entry of their own.
-        data = ImageDataset(splits.root, splits.split(name)[:count], image_size, cache=False, skip_bad=True)
+        data = ImageDataset(splits.root, splits.split(name)[:count], geometry, cache=False, skip_bad=True)
         if len(data):
             return torch.stack([data[i][0] for i in range(len(data))]), f"{len(data)} {name} images of {splits_path}"
         reason = f"no readable {name} image in {splits_path}"
@@ -167,7 +170,7 @@ def verification_images(adapter: Path, image_size: int, count: int) -> tuple[tor
         reason = str(exc)
     log.warning("verifying on %d random images instead of the run's test images: %s", count, reason)
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (count, 3, image_size, image_size), dtype=torch.uint8, generator=generator)
+    images = torch.randint(0, 256, (count, 3, geometry.size, geometry.size), dtype=torch.uint8, generator=generator)
     return images, f"{count} random images (the run's test split is unavailable: {reason})"
 
 
@@ -206,9 +209,9 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, *, low_rank: 
     model.float().eval()
     low_rank = low_rank or fmt == "lowrank"
     plain = _plain_model(model, low_rank, path)
-    size = int(train_cfg.dataset.image_size)
-    batch, source = verification_images(path, size, images)
-    x = normalize(batch)
+    prep = Preprocessing.from_json(meta.get("preprocessing"), int(train_cfg.dataset.image_size))
+    batch, source = verification_images(path, prep.geometry, images)
+    x = EvalTransform(prep)(batch)
     names = [n for n, _ in adapted_units(model) if isinstance(plain.get_submodule(n), nn.Sequential)]
     desc = model_description(train_cfg, meta, fmt, names if low_rank else [],
                              [] if low_rank else added_biases(model, plain))

@@ -16,16 +16,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import Dataset
 
 from lora_cls.adapters.inject import merge_lora
-from lora_cls.data.augment import BatchAugment
 from lora_cls.data.loaders import eval_loader
+from lora_cls.data.preprocess import EvalTransform, Preprocessing
 from lora_cls.engine.device import Precision, autocast, prepare_batch, resolve_device, resolve_precision
-from lora_cls.engine.evaluation import EvalOutput, evaluate
+from lora_cls.engine.evaluation import TTA_MODES, EvalOutput, evaluate, merge_views, tta_views
 from lora_cls.engine.loss import plain_logits
 from lora_cls.errors import UserError
 from lora_cls.models.build import build_model
@@ -40,49 +39,63 @@ FLOAT32 = Precision("32", None, False, "float32")
 class Classifier:
     """A trained classifier in eval mode on `device`, adapters merged into plain layers.
 
-    `classes` are the class names in logit order, `image_size` the side images are resized to; `model` is the
-    plain torch module (float32 input (N, 3, S, S), normalised as in training); `precision` is what its forward
-    runs under (float32 unless asked otherwise); `checkpoint` is the adapter file it came from (None for a
+    `classes` are the class names in logit order; `preprocessing` how an image becomes the model's input (the
+    run's own: data.preprocess.Preprocessing; an int S means lora-cls's behaviour before it, squashed to S × S with
+    ImageNet statistics); `model` is the plain torch module (float32 input (N, 3, S, S), normalised as in
+    training); `precision` is what its forward runs under (float32 unless asked otherwise); `tta` test-time
+    augmentation (none, or flip: the mean of the image's and its mirror's probabilities); `checkpoint` is the adapter file it came from (None for a
     `lora-export` folder), `config` and `meta` that file's training config and metadata (None for an export),
     `batch_size` the training run's evaluation batch.
     """
 
-    def __init__(self, model: nn.Module, classes: Sequence[str], image_size: int, checkpoint: Path | None = None,
-                 device: str | torch.device = "cpu", precision: Precision = FLOAT32, channels_last: bool = False,
-                 positive_class: str | None = None, config: Any = None, meta: dict | None = None,
-                 batch_size: int = 64) -> None:
+    def __init__(self, model: nn.Module, classes: Sequence[str], preprocessing: Preprocessing | int,
+                 checkpoint: Path | None = None, device: str | torch.device = "cpu", precision: Precision = FLOAT32,
+                 channels_last: bool = False, positive_class: str | None = None, config: Any = None,
+                 meta: dict | None = None, batch_size: int = 64, tta: str = "none") -> None:
         self.device = torch.device(device)
         self.precision, self.channels_last = precision, bool(channels_last)
         memory = torch.channels_last if channels_last else torch.preserve_format
         self.model = model.eval().to(self.device, memory_format=memory)
         self.classes = [str(c) for c in classes]
-        self.image_size = int(image_size)
+        self.preprocessing = (preprocessing if isinstance(preprocessing, Preprocessing)
+                              else Preprocessing.legacy(int(preprocessing)))
+        self.image_size = self.preprocessing.image_size
+        if tta not in TTA_MODES:
+            raise UserError(f"tta: must be {' or '.join(TTA_MODES)}, got {tta!r}")
+        self.tta = tta
         self.checkpoint, self.positive_class, self.config, self.meta = checkpoint, positive_class, config, meta
         self.batch_size = int(batch_size)  # the training run's evaluation batch: what evaluate/predict use by default
-        self._normalize = BatchAugment(False, 0.0, 0.0).eval().to(self.device)  # eval mode: normalisation only
+        self._normalize = EvalTransform(self.preprocessing).to(self.device)
 
     def __repr__(self) -> str:
         return (f"Classifier({type(self.model).__name__}, classes={self.classes}, image_size={self.image_size}, "
                 f"device={self.device})")
 
     def preprocess(self, images: ImageInput) -> torch.Tensor:
-        """Images → the model's input: float32 (N, 3, S, S) on the device, resized and normalised as in training.
+        """Images → the model's input: float32 (N, 3, S, S) on the device, fitted and normalised as in training.
 
-        PIL images and paths are decoded as training does (EXIF orientation, RGB, antialiased bilinear resize);
-        uint8 tensors are taken as 0–255 and float tensors as 0–1, (3, H, W) or (N, 3, H, W), RGB.
+        PIL images and paths are decoded as training does (EXIF orientation, RGB, the run's resize and crop); uint8
+        tensors are taken as 0–255 and float tensors as 0–1, (3, H, W) or (N, 3, H, W), RGB, at any size (a batch
+        of the run's stored squares, (N, 3, R, R) uint8, as it is).
         """
         return self._normalize(self._batch(images))
 
     @torch.inference_mode()
     def logits(self, images: ImageInput) -> torch.Tensor:
-        """float32 logits (N, K) on the device, under the classifier's precision."""
+        """float32 logits (N, K) on the device, under the classifier's precision (without test-time augmentation)."""
         x = self.preprocess(images)
         with autocast(self.device, self.precision):
             return plain_logits(self.model(x)).float()
 
+    @torch.inference_mode()
     def probabilities(self, images: ImageInput) -> torch.Tensor:
-        """Class probabilities, float32 (N, K) on the CPU, columns in the order of `classes`."""
-        return self.logits(images).softmax(dim=1).cpu()
+        """Class probabilities, float32 (N, K) on the CPU, columns in the order of `classes` (with tta=flip the
+        mean over the image and its mirror)."""
+        x = self.preprocess(images)
+        views = tta_views(x, self.tta)
+        with autocast(self.device, self.precision):
+            probs = plain_logits(self.model(views)).float().softmax(dim=1)
+        return merge_views(probs, self.tta).cpu()
 
     def predict(self, images: ImageInput) -> list[str]:
         """The predicted class name of each image."""
@@ -93,7 +106,7 @@ class Classifier:
         """Loss and class probabilities over a dataset of (uint8 image, label), as training's final evaluation."""
         loader = eval_loader(dataset, int(batch_size or self.batch_size))
         return evaluate(self.model, loader, self._normalize, self.device, self.precision, self.channels_last,
-                        desc=desc, progress=progress)
+                        desc=desc, progress=progress, tta=self.tta)
 
     def export(self, format: str, folder: str | Path, **options: Any) -> dict[str, Any]:
         """`lora-export` from Python: write `format` (torchvision, lowrank, onnx, torchscript) into `folder`,
@@ -106,30 +119,31 @@ class Classifier:
         return export_checkpoint(self.checkpoint, format, folder, **options)
 
     def _batch(self, images: ImageInput) -> torch.Tensor:
-        """uint8 (N, 3, S, S) on the device: a ready batch as it is, anything else through `_uint8` per image."""
+        """uint8 (N, 3, R, R) on the device (the run's stored squares): such a batch as it is, anything else
+        through `_uint8` per image."""
+        side = self.preprocessing.geometry.size
         if isinstance(images, torch.Tensor) and images.dim() == 4 and images.dtype == torch.uint8 and \
-                tuple(images.shape[1:]) == (3, self.image_size, self.image_size):
+                tuple(images.shape[1:]) == (3, side, side):
             return prepare_batch(images, self.device, self.channels_last)
         batch = torch.stack([self._uint8(image) for image in _as_list(images)])
         return prepare_batch(batch, self.device, self.channels_last)
 
     def _uint8(self, image: Any) -> torch.Tensor:
-        size = self.image_size
+        """One image as the run's stored square (3, R, R), fitted exactly as training's decoder fits a file."""
+        geometry = self.preprocessing.geometry
         if isinstance(image, (str, Path)):
             from lora_cls.data.decode import decode_image
 
-            return decode_image(image, size, None)
+            return decode_image(image, geometry, None)
+        if isinstance(image, torch.Tensor) and image.dim() == 3 and image.shape[0] == 3:
+            x = image.detach().cpu()
+            x = x if x.dtype == torch.uint8 else (x.float() * 255).round().clamp(0, 255).to(torch.uint8)
+            image = Image.fromarray(x.permute(1, 2, 0).numpy(), mode="RGB")
         if isinstance(image, Image.Image):
             from lora_cls.data.decode import _to_rgb
 
-            rgb = _to_rgb(ImageOps.exif_transpose(image))
-            return torch.from_numpy(np.array(rgb.resize((size, size), Image.BILINEAR), dtype=np.uint8)).permute(2, 0, 1)
-        if isinstance(image, torch.Tensor) and image.dim() == 3 and image.shape[0] == 3:
-            x = image.detach().cpu()
-            x = x.float() if x.dtype == torch.uint8 else (x.float() * 255).clamp(0, 255)
-            if x.shape[1:] != (size, size):
-                x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-            return x.round().to(torch.uint8)
+            rgb = geometry.apply(_to_rgb(ImageOps.exif_transpose(image)))
+            return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
         raise UserError(f"cannot classify a {type(image).__name__}"
                         + (f" of shape {tuple(image.shape)}" if isinstance(image, torch.Tensor) else "")
                         + "; give PIL images, image paths, or RGB tensors (3, H, W) / (N, 3, H, W)")
@@ -146,7 +160,7 @@ def _as_list(images: ImageInput) -> list[Any]:
 
 
 def from_checkpoint(path: str | Path, device: str | torch.device = "cpu", precision: str | None = "32",
-                    device_key: str = "device") -> Classifier:
+                    device_key: str = "device", tta: str = "none") -> Classifier:
     """A run folder or adapter file as a Classifier: the model rebuilt from the file alone, adapters merged.
 
     `precision`: "32", "bf16", "16", "auto", or None for the training run's own (what lora-eval uses to reproduce
@@ -159,20 +173,23 @@ def from_checkpoint(path: str | Path, device: str | torch.device = "cpu", precis
     how = resolve_precision(precision or meta.get("precision", "auto"), where)
     merged = merge_lora(model)
     del model
-    return Classifier(merged, meta["classes"], int(train_cfg.dataset.image_size), adapter, where, how,
-                      bool(train_cfg.trainer.channels_last), meta.get("positive_class"), train_cfg, meta,
-                      int(meta.get("eval_batch_size") or eval_batch_size(train_cfg)))
+    prep = Preprocessing.from_json(meta.get("preprocessing"), int(train_cfg.dataset.image_size))
+    return Classifier(merged, meta["classes"], prep, adapter, where, how, bool(train_cfg.trainer.channels_last),
+                      meta.get("positive_class"), train_cfg, meta,
+                      int(meta.get("eval_batch_size") or eval_batch_size(train_cfg)), tta)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", precision: str | None = "32") -> Classifier:
+def load(path: str | Path, device: str | torch.device = "cpu", precision: str | None = "32",
+         tta: str = "none") -> Classifier:
     """A lora-train run folder, its adapter file, or a lora-export folder (any format) as a ready Classifier in
     eval mode; float32 unless `precision` says otherwise (None: the training run's precision)."""
     path = Path(path).expanduser()
     if (path / MODEL_JSON).is_file():
         model, desc = read_export(path)
-        return Classifier(model, desc["classes"], desc["image_size"], None, device,
-                          positive_class=desc.get("positive_class"))
-    return from_checkpoint(path, device, precision)
+        prep = Preprocessing.from_json(desc.get("preprocessing"), int(desc["image_size"]))
+        return Classifier(model, desc["classes"], prep, None, device, positive_class=desc.get("positive_class"),
+                          tta=tta)
+    return from_checkpoint(path, device, precision, tta=tta)
 
 
 # -- exports, read back -----------------------------------------------------------------------------------------

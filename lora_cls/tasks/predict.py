@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from lora_cls.conf.checks import validate_predict
 from lora_cls.data.decode import (
     IMAGE_EXTENSIONS,
+    Geometry,
     UnreadableImage,
     decode_image,
     io_threads,
@@ -83,19 +84,20 @@ def _batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
         yield items[start:start + size]
 
 
-def _split_lookup(train_cfg: Any, adapter: Path, split: str) -> dict[Path, torch.Tensor | str] | None:
+def _split_lookup(clf: Classifier, split: str) -> dict[Path, torch.Tensor | str] | None:
     """split=: the split's images from the decoded-image cache, as training and lora-eval read them, by path (an
     undecodable file's value is the reason); None when the run did not use the cache."""
-    if not train_cfg.dataset.cache.enabled:
+    if not clf.config.dataset.cache.enabled:
         return None
-    splits = read_splits_json(RunDir.of_checkpoint(adapter).splits)
-    data = ImageDataset.from_config(splits.root, splits.split(split), train_cfg.dataset, skip_bad=True)
+    splits = read_splits_json(RunDir.of_checkpoint(clf.checkpoint).splits)
+    data = ImageDataset.from_config(splits.root, splits.split(split), clf.config.dataset, skip_bad=True,
+                                    geometry=clf.preprocessing.geometry)
     lookup: dict[Path, torch.Tensor | str] = {splits.root / p: data.images[i] for i, (p, _) in enumerate(data.samples)}
     lookup.update({splits.root / p: reason for p, reason in data.bad})
     return lookup
 
 
-def _decode(path: Path, size: int, max_pixels: int | None) -> torch.Tensor | str:
+def _decode(path: Path, size: Geometry, max_pixels: int | None) -> torch.Tensor | str:
     try:
         return decode_image(path, size, max_pixels)
     except UnreadableImage as exc:
@@ -122,9 +124,9 @@ def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, A
     check_fresh_run_dir(run_dir)
     path = resolve_checkpoint(cfg.ckpt)
     files = collect_inputs(str(cfg.input)) if cfg.input is not None else split_inputs(path, cfg.split)
-    clf = from_checkpoint(path, cfg.device, cfg.precision)  # precision null: the run's own
+    clf = from_checkpoint(path, cfg.device, cfg.precision, tta=cfg.tta)  # precision null: the run's own
     progress = None if cfg.progress else True  # tqdm's disable: None = only on a terminal
-    lookup = _split_lookup(clf.config, path, cfg.split) if cfg.input is None else None
+    lookup = _split_lookup(clf, cfg.split) if cfg.input is None else None
     max_pixels = clf.config.dataset.max_image_pixels
     if lookup is not None:
         reasons = [found if isinstance(found, str) else None for found in map(lookup.__getitem__, files)]
@@ -147,7 +149,8 @@ def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, A
     summary = {"status": "ok", "checkpoint": str(path), "input": cfg.input and str(cfg.input), "split": cfg.split,
                "classes": clf.classes, "images": len(rows), "class_counts": class_counts(rows, clf.classes),
                "skipped": [{"path": p, "reason": r} for p, r in bad], "image_size": clf.image_size,
-               "device": str(clf.device), "precision": clf.precision.name}
+               "device": str(clf.device), "precision": clf.precision.name, "tta": clf.tta,
+               "preprocessing": clf.preprocessing.to_json()}
     write_json(run_dir / PREDICT_SUMMARY, summary)
     return rows, summary
 
@@ -163,7 +166,7 @@ def _classify(clf: Classifier, files: list[Path], lookup: dict | None, batch_siz
                                                          leave=False, disable=progress) as bar:
         for chunk in _batches(files, batch_size):
             decoded = ([lookup[f] for f in chunk] if lookup is not None
-                       else list(pool.map(lambda f: _decode(f, clf.image_size, max_pixels), chunk)))
+                       else list(pool.map(lambda f: _decode(f, clf.preprocessing.geometry, max_pixels), chunk)))
             good = [(f, t) for f, t in zip(chunk, decoded) if isinstance(t, torch.Tensor)]
             bad += [(str(f), t) for f, t in zip(chunk, decoded) if isinstance(t, str)]
             if good:

@@ -166,11 +166,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     info = distributed.init_distributed()
     runtime = build.train_runtime(cfg, info)
     watch.device = runtime.device
+    prep = build.preprocessing(cfg)
     with watch.phase("data_load"):
-        splits, loaders = build.load_data(cfg, runtime)
+        splits, loaders = build.load_data(cfg, runtime, prep)
     if info.is_main:
         write_splits_json(splits, run.splits)
     _log_data(cfg, splits, loaders, runtime)
+    log.info("preprocessing: %s", prep.describe())
 
     with watch.phase("model_build"):
         model, adapted, identity = build.build_classifier(cfg, len(splits.classes))
@@ -180,9 +182,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     log.info("params: total %d, trainable %d (%.4f%%), %d adapted layers", params["total"], params["trainable"],
              params["trainable_pct"], len(adapted))
     with watch.phase("model_build"):
-        trainer = build.build_trainer(cfg, model, runtime, loaders, splits, timing=watch)
+        trainer = build.build_trainer(cfg, model, runtime, loaders, splits, timing=watch, prep=prep)
     metadata = {"config": to_container(cfg), "classes": splits.classes, "positive_class": splits.positive_class,
                 "base_weights": identity, "eval_batch_size": build.eval_batch_size(cfg),
+                "preprocessing": prep.to_json(),
                 "precision": runtime.precision.name}
     recorder = RunRecorder(cfg, run, model, metadata, writes=info.is_main)
     _start_or_resume(cfg, resume, trainer, recorder)
