@@ -77,24 +77,26 @@ def _canvas(rng: np.random.Generator) -> np.ndarray:
     return np.clip(base + grad + noise, 0, 255)
 
 
-def digit_images(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 40, 40, 3) uint8 and labels 0-9: each sklearn digit at a random size and place on a noisy canvas."""
+def digit_images(seed: int = 0, copies: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(N·copies, 40, 40, 3) uint8 and labels 0-9: each sklearn digit drawn `copies` times, at a random size and
+    place and in a random colour, on a noisy canvas."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     rng = np.random.default_rng(seed)
-    out = np.empty((len(digits.images), CANVAS, CANVAS, 3), np.uint8)
-    for i, img in enumerate(digits.images):
-        side = int(rng.integers(20, 34))
+    images = np.repeat(digits.images, copies, axis=0)
+    out = np.empty((len(images), CANVAS, CANVAS, 3), np.uint8)
+    for i, img in enumerate(images):
+        side = int(rng.integers(26, 38))
         glyph = np.asarray(Image.fromarray((img / 16 * 255).astype(np.uint8)).resize((side, side), Image.BILINEAR),
                            np.float32) / 255
         canvas = _canvas(rng)
-        colour = rng.uniform(0, 255, 3)
+        colour = 255 - canvas.mean((0, 1)) + rng.uniform(-40, 40, 3)  # set off from the background
         y, x = (int(v) for v in rng.integers(0, CANVAS - side + 1, 2))
         region = canvas[y:y + side, x:x + side]
         canvas[y:y + side, x:x + side] = region * (1 - glyph[..., None]) + colour * glyph[..., None]
         out[i] = canvas.astype(np.uint8)
-    return out, digits.target
+    return out, np.repeat(digits.target, copies)
 
 
 def _polygon(kind: str, r: float) -> list[tuple[float, float]]:
@@ -155,7 +157,8 @@ def write_split(root: Path, split: str, cls: str, images: list[np.ndarray]) -> N
         Image.fromarray(image).save(folder / f"{i:04d}.png")
 
 
-def build_task(task: str, folder: Path, shapes_per_class: int = SHAPES_PER_CLASS) -> tuple[Path, Path]:
+def build_task(task: str, folder: Path, shapes_per_class: int = SHAPES_PER_CLASS, train: int = TRAIN_PER_CLASS,
+               val: int = VAL_PER_CLASS, source_per_class: int = 600) -> tuple[Path, Path]:
     """The task's source set (train/val split by the layout's fractions) and few-shot target set
     (train/val/test); generated once into `folder` (a marker file says it is complete)."""
     source, target = folder / "source", folder / "target"
@@ -165,11 +168,12 @@ def build_task(task: str, folder: Path, shapes_per_class: int = SHAPES_PER_CLASS
     shutil.rmtree(folder, ignore_errors=True)
     rng = np.random.default_rng(0)
     if task == "digits":
-        images, labels = digit_images(0)
+        images, labels = digit_images(0, copies=4)  # the source task: every digit 0-4 drawn four times
         source_classes = {str(d): [images[i] for i in np.flatnonzero(labels == d)] for d in range(5)}
+        images, labels = digit_images(1)  # the target task: each digit 5-9 once
         target_classes = {str(d): [images[i] for i in np.flatnonzero(labels == d)] for d in range(5, 10)}
     else:
-        source_classes = {k: [shape_image(k, rng) for _ in range(shapes_per_class)] for k in SOURCE_SHAPES}
+        source_classes = {k: [shape_image(k, rng) for _ in range(source_per_class)] for k in SOURCE_SHAPES}
         target_classes = {k: [shape_image(k, rng) for _ in range(shapes_per_class)] for k in TARGET_SHAPES}
     for cls, images in source_classes.items():
         cut = round(0.85 * len(images))
@@ -179,9 +183,9 @@ def build_task(task: str, folder: Path, shapes_per_class: int = SHAPES_PER_CLASS
     for cls, images in target_classes.items():
         order = rng.permutation(len(images))
         chosen = [images[i] for i in order]
-        write_split(target, "train", cls, chosen[:TRAIN_PER_CLASS])
-        write_split(target, "val", cls, chosen[TRAIN_PER_CLASS:TRAIN_PER_CLASS + VAL_PER_CLASS])
-        write_split(target, "test", cls, chosen[TRAIN_PER_CLASS + VAL_PER_CLASS:])
+        write_split(target, "train", cls, chosen[:train])
+        write_split(target, "val", cls, chosen[train:train + val])
+        write_split(target, "test", cls, chosen[train + val:])
     marker.write_text(json.dumps({"task": task}))
     return source, target
 
@@ -206,9 +210,10 @@ def pretrain(task: str, source: Path, folder: Path, quick: bool) -> Path:
 
     run = folder / "pretrain"
     shutil.rmtree(run, ignore_errors=True)
-    epochs = ["trainer.epochs=2", "trainer.max_steps_per_epoch=2"] if quick else ["trainer.epochs=40"]
+    epochs = ["trainer.epochs=2", "trainer.max_steps_per_epoch=2"] if quick else ["trainer.epochs=30"]
     cfg = compose("train", [*common(source, 0, False), "finetune=full", "model.weights=null", "optimizer.lr=2e-3",
-                            "trainer.batch_size=64", "dataset.augment.preset=natural", *epochs])
+                            "trainer.batch_size=64", "dataset.augment.preset=light", "trainer.early_stopping.patience=100",
+                            *epochs])
     start = time.perf_counter()
     metrics = train(cfg, run)
     model, _, _ = load_model_from_checkpoint(run / "checkpoints" / "adapter.safetensors")
@@ -268,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     results = args.out / "results.csv"
     for task in args.tasks:
         folder = args.data / (f"{task}-quick" if args.quick else task)
-        source, target = build_task(task, folder, 30 if args.quick else SHAPES_PER_CLASS)
+        source, target = (build_task(task, folder, 30, 10, 5, 30) if args.quick else build_task(task, folder))
         backbone = pretrain(task, source, folder, args.quick)
         for seed in args.seeds:
             for variant in args.variants:

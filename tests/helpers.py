@@ -9,7 +9,7 @@ from PIL import Image
 from lora_cls.conf.schema import compose
 
 # A deterministic tiny run; with NOISY (weight noise on two layers only) every RNG stream is exercised without
-# the CPU cost of drawing 19.8M Gaussians per step for the whole preset (see README, "Noise cost on CPU").
+# the CPU cost of drawing 19.8M Gaussians per step for the whole preset (docs/training.md, "Noise cost on CPU").
 DETERMINISTIC_TINY = ["experiment=demo", "dataset.image_size=32", "dataset.synthetic.num_per_class=40",
                       "trainer.epochs=3", "trainer.batch_size=16", "trainer.progress=false",
                       "trainer.deterministic=true"]

@@ -127,3 +127,95 @@ def test_cuda_batch_matches_cpu_with_a_cpu_generator():
     cuda = augment(x.cuda(), generator=torch.Generator().manual_seed(4))
     assert cuda.device.type == "cuda" and cuda.dtype == torch.float32
     assert torch.allclose(cuda.cpu(), cpu, atol=1e-3)
+
+
+# -- the presets (TrainAugment) -----------------------------------------------------------------------------
+
+def _prep(size: int = 24):
+    from lora_cls.data.preprocess import Preprocessing
+
+    return Preprocessing.of(size)  # stored squares of floor(24 / 0.875) = 27
+
+
+def _batch(n: int = 6, side: int = 27) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("preset", ["natural", "microscopy"])
+def test_each_image_of_a_batch_gets_its_own_random_parameters(preset):
+    from lora_cls.data.augment import TrainAugment
+
+    same = _batch(1).repeat(8, 1, 1, 1)
+    out = TrainAugment(_prep(), preset, seed=0).train()(same)
+    assert out.shape == (8, 3, 24, 24) and out.dtype == torch.float32
+    differs = (out[1:] - out[:1]).abs().flatten(1).amax(1) > 1e-3
+    assert differs.sum() >= 6  # (two draws can coincide: a flip and no crop change, say)
+
+
+@pytest.mark.parametrize("preset", ["light", "natural", "microscopy"])
+def test_the_same_seed_gives_the_same_batch_and_leaves_the_global_random_state_alone(preset):
+    from lora_cls.data.augment import TrainAugment
+
+    x = _batch()
+    before = torch.get_rng_state()
+    a = TrainAugment(_prep(), preset, seed=5).train()(x)
+    assert torch.equal(torch.get_rng_state(), before)  # its own stream: dropout, noise and shuffles are unaffected
+    assert torch.equal(TrainAugment(_prep(), preset, seed=5).train()(x), a)
+    assert not torch.equal(TrainAugment(_prep(), preset, seed=6).train()(x), a)  # another rank, another stream
+
+
+def test_the_saved_random_state_continues_the_same_stream():
+    from lora_cls.data.augment import TrainAugment
+
+    aug = TrainAugment(_prep(), "natural", seed=1).train()
+    x = _batch()
+    aug(x)
+    state = aug.rng_state()
+    second = aug(x)
+    resumed = TrainAugment(_prep(), "natural", seed=99).train()
+    resumed.set_rng_state(state)
+    assert torch.equal(resumed(x), second)
+
+
+def test_light_is_the_flip_rotation_jitter_of_before_on_the_centre_crop_and_eval_is_the_centre_crop():
+    from lora_cls.data.augment import TrainAugment
+    from lora_cls.data.preprocess import EvalTransform, centre_crop
+
+    x = _batch()
+    aug = TrainAugment(_prep(), "light", hflip=True, rotation=15, color_jitter=0.3, seed=4).train()
+    old = BatchAugment(True, 15, 0.3, generator=torch.Generator().manual_seed(4)).train()
+    assert torch.equal(aug(x), old(centre_crop(x, 24)))
+    assert torch.equal(aug.eval()(x), EvalTransform(_prep())(x))
+    assert torch.equal(TrainAugment(_prep(), "none").train()(x), EvalTransform(_prep())(x))
+
+
+def test_mixup_targets_are_a_convex_pair_of_labels_and_the_loss_is_the_mixed_loss():
+    import torch.nn.functional as F
+
+    from lora_cls.data.augment import TrainAugment
+
+    aug = TrainAugment(_prep(), "none", mixup=1.0, num_classes=4, seed=2).train()
+    x = torch.randn(6, 3, 24, 24)
+    y = torch.tensor([0, 1, 2, 3, 0, 2])
+    mixed, target = aug.mix(x, y)
+    onehot, partner = F.one_hot(y, 4).float(), F.one_hot(y.roll(1), 4).float()
+    lam = float(target[0, y[0]] - partner[0, y[0]]) if y[0] != y.roll(1)[0] else None
+    lam = float(target[1, 1]) if lam is None else lam
+    assert 0.0 <= lam <= 1.0
+    torch.testing.assert_close(target, lam * onehot + (1 - lam) * partner)
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x.roll(1, 0))
+    logits = torch.randn(6, 4)
+    by_hand = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y.roll(1))
+    torch.testing.assert_close(F.cross_entropy(logits, target), by_hand)
+    assert aug.eval().mix(x, y)[1] is y  # evaluation never mixes
+
+
+def test_cutmix_pastes_a_box_and_weighs_the_labels_by_its_area():
+    from lora_cls.data.augment import TrainAugment
+
+    aug = TrainAugment(_prep(), "none", cutmix=1.0, num_classes=3, seed=7).train()
+    x = torch.zeros(4, 3, 24, 24)
+    x[1:] = 1.0  # image 0 all zeros, the others all ones: the pasted box is visible in image 1 (partner 0)
+    mixed, target = aug.mix(x, torch.tensor([0, 1, 2, 1]))
+    pasted = float((mixed[1, 0] == 0).float().mean())  # the share of image 1 that now shows image 0
+    torch.testing.assert_close(target[1], torch.tensor([pasted, 1 - pasted, 0.0]))

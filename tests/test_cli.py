@@ -244,7 +244,7 @@ def test_train_refuses_a_folder_holding_a_finished_run(tiny_run, compose_cfg, ti
 def test_demo_experiment_learns(compose_cfg, path_override, tmp_path):
     # Its own data folder: the demo's 300 images per class would regenerate the session's tiny set.
     cfg = compose_cfg("experiment=demo", path_override("dataset.root", tmp_path / "data"), "trainer.progress=false")
-    assert (cfg.trainer.epochs, cfg.dataset.synthetic.num_per_class) == (6, 300)  # the README's demo, unshrunk
+    assert (cfg.trainer.epochs, cfg.dataset.synthetic.num_per_class) == (6, 300)  # the documented demo, unshrunk
     metrics = train(cfg, tmp_path / "run")
     assert metrics["epochs_run"] == 6
     assert metrics["val"]["accuracy"] >= 0.9

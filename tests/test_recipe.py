@@ -150,3 +150,19 @@ def test_a_run_with_every_recipe_option_states_them_and_resumes_exactly(tmp_path
     killed_in_second_epoch(monkeypatch, lambda: train(compose_config("train", recipe), tmp_path / "killed"))
     resumed = train(compose_config("train", recipe), tmp_path / "killed")
     assert without_timing(resumed) == without_timing(full)
+
+
+def test_lora_plus_gives_every_b_its_own_learning_rate_as_peft_does():
+    from lora_cls.adapters.inject import inject_lora
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))  # "2" is the head
+    inject_lora(model, ["0"], rank=2)
+    model.requires_grad_(False)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("2.") or "lora_" in name)
+    groups = param_groups(model, ["2"], lr=0.01, head_lr_scale=1.0, lora_b_lr_ratio=16.0)
+    opt = build_optimizer(groups, "adamw", 0.01, 0.0)
+    named = {id(p): n for n, p in model.named_parameters()}
+    got = {named[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert got == pytest.approx({"0.lora_A": 0.01, "0.lora_B": 0.16, "2.weight": 0.01, "2.bias": 0.01})

@@ -198,7 +198,7 @@ def test_a_sweep_killed_at_random_moments_ends_as_an_uninterrupted_sweep(tmp_pat
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     sweep = tmp_path / "sweep"
-    command = [script, *args, f"hydra.sweep.dir={sweep}"]  # README "Sweeps": the same command resumes a sweep
+    command = [script, *args, f"hydra.sweep.dir={sweep}"]  # docs/training.md "Sweeps": the same command resumes a sweep
     # Each atomic write's rename waits 30 ms (sitecustomize in the killed processes only), so that a kill can
     # land while a file is being written: without it the window is too short to hit from outside.
     hook = tmp_path / "hook"

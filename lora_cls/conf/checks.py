@@ -78,7 +78,9 @@ def validate(cfg: DictConfig | Any) -> None:
     check_value(tr.num_workers >= 0, "trainer.num_workers", f"must be >= 0, got {tr.num_workers}")
     check_value(tr.early_stopping.monitor in MONITORS, "trainer.early_stopping.monitor",
            f"must be one of {', '.join(MONITORS)}, got {tr.early_stopping.monitor!r}")
-    check_value(tr.early_stopping.patience >= 1, "trainer.early_stopping.patience", "must be >= 1")
+    patience = tr.early_stopping.patience
+    check_value(patience == "auto" or (isinstance(patience, int) and not isinstance(patience, bool) and patience >= 1),
+                "trainer.early_stopping.patience", f"must be a positive integer or auto, got {patience!r}")
     check_value(tr.max_steps_per_epoch is None or tr.max_steps_per_epoch >= 1, "trainer.max_steps_per_epoch", "must be >= 1")
     check_device(tr.device, "trainer.device")
     _check_recipe(tr, op)
@@ -131,6 +133,13 @@ def training_epochs(cfg: DictConfig | Any, steps_per_epoch: int) -> int:
     if tr.epochs != "auto":
         return int(tr.epochs)
     return max(AUTO_MIN_EPOCHS, math.ceil(int(tr.min_steps) / max(1, steps_per_epoch)))
+
+
+def stopping_patience(cfg: DictConfig | Any, epochs: int) -> int:
+    """trainer.early_stopping.patience, or for `auto` max(5, ceil(epochs / 4)): with epochs=auto a small dataset's
+    epochs are a few steps each, and five of them would stop a run before it has learned."""
+    patience = cfg.trainer.early_stopping.patience
+    return int(patience) if patience != "auto" else max(5, math.ceil(epochs / 4))
 
 
 AUTO_MIN_EPOCHS = 10

@@ -182,7 +182,8 @@ class OptimizerConfig:
 @dataclass
 class EarlyStoppingConfig:
     monitor: str = setting("val_accuracy", "val_accuracy | val_balanced_accuracy | val_macro_f1 | val_loss")
-    patience: int = setting(5, "epochs without improvement before stopping (never before a decay reaches d_min)")
+    patience: Any = setting("auto", "epochs without improvement before stopping, or auto: max(5, a quarter of the "
+                                    "run's epochs); never before a decay reaches d_min")
 
 
 @dataclass

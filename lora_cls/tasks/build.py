@@ -17,7 +17,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-from lora_cls.conf.checks import decay_schedule, learning_rate, lora_options, training_epochs
+from lora_cls.conf.checks import (
+    decay_schedule,
+    learning_rate,
+    lora_options,
+    stopping_patience,
+    training_epochs,
+)
 from lora_cls.conf.schema import stored_train_config
 from lora_cls.data.augment import TrainAugment
 from lora_cls.data.layouts import prepare_splits
@@ -162,7 +168,7 @@ def build_trainer(cfg: DictConfig, model: nn.Module, runtime: Runtime, loaders: 
         runtime=runtime, epochs=epochs, steps_per_epoch=steps_per_epoch,
         lr_factor=warmup_cosine(total_steps, op.warmup_fraction, op.min_lr_ratio), schedule=schedule,
         classes=tuple(splits.classes), positive_class=splits.positive_class, eval_batch_size=eval_batch_size(cfg),
-        bn=cfg.lora.bn, monitor=tr.early_stopping.monitor, patience=int(tr.early_stopping.patience),
+        bn=cfg.lora.bn, monitor=tr.early_stopping.monitor, patience=stopping_patience(cfg, epochs),
         label_smoothing=float(tr.label_smoothing), class_weight=class_weights(cfg, splits), ema=float(tr.ema))
     return Trainer(run_model, optimizer, preprocess, settings, train_loader, loaders["val"].dataset, timing)
 
