@@ -238,7 +238,7 @@ def e2e_config(args: argparse.Namespace) -> tuple[DictConfig, list[str], Path]:
     and the data folder."""
     from hydra import compose, initialize_config_module
 
-    from lora_cls.conf.schema import register_configs
+    from lora_cls.conf.load import register_configs
 
     root = Path(args.e2e_root or Path(tempfile.gettempdir()) / "lora-cls-bench" / "synthetic")
     overrides = ["experiment=demo", f"model={args.model}", f"dataset.root={root}",

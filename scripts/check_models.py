@@ -42,7 +42,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from lora_cls.conf.schema import register_configs
+    from lora_cls.conf.load import register_configs
 
     register_configs()
     with initialize_config_module(config_module="lora_cls.conf", version_base="1.3"):

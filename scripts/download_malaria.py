@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> None:
         extract_zip(archive, dest, progress=progress)
         if args.archive is None and not args.keep_archive:
             archive.unlink()
-    from lora_cls.conf.schema import dataset_config
+    from lora_cls.conf.load import dataset_config
 
     report_layout("malaria", dest, dataset_config("malaria", dest))
 

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> None:
         archive = kaggle_download(args.slug, download_dir)
         unpack(archive, dest, progress)
         shutil.rmtree(download_dir, ignore_errors=True)
-    from lora_cls.conf.schema import dataset_config
+    from lora_cls.conf.load import dataset_config
 
     report_layout("smoking", dest, dataset_config("smoking", dest))
 

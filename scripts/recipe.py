@@ -199,7 +199,7 @@ def common(root: Path, seed: int, quick: bool) -> list[str]:
 def pretrain(task: str, source: Path, folder: Path, quick: bool) -> Path:
     """The task's backbone: ResNet34 trained from random weights on the source task (finetune=full), as a
     torchvision-format state dict, cached in `folder`."""
-    from lora_cls.conf.schema import compose
+    from lora_cls.conf.load import compose
     from lora_cls.tasks.build import load_model_from_checkpoint
     from lora_cls.tasks.train import train
 
@@ -224,7 +224,7 @@ def pretrain(task: str, source: Path, folder: Path, quick: bool) -> Path:
 
 
 def run_variant(task: str, variant: str, seed: int, target: Path, backbone: Path, out: Path, quick: bool) -> dict:
-    from lora_cls.conf.schema import compose
+    from lora_cls.conf.load import compose
     from lora_cls.tasks.train import train
 
     overrides, _ = VARIANTS[variant]

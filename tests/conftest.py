@@ -17,7 +17,7 @@ import pytest
 from omegaconf import DictConfig
 from PIL import Image
 
-from lora_cls.conf.schema import compose
+from lora_cls.conf.load import compose
 
 # ResNet34 (random init) + LoRA r8 preset on 80 synthetic 32 px images, one epoch: a few seconds on a CPU.
 TINY = [

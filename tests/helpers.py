@@ -6,7 +6,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from PIL import Image
 
-from lora_cls.conf.schema import compose
+from lora_cls.conf.load import compose
 
 # A deterministic tiny run; with NOISY (weight noise on two layers only) every RNG stream is exercised without
 # the CPU cost of drawing 19.8M Gaussians per step for the whole preset (docs/training.md, "Noise cost on CPU").

@@ -9,8 +9,8 @@ from lora_cls.cli.common import main_with_errors
 from lora_cls.cli.interrupt import caused_by_interrupt, interrupted
 from lora_cls.cli.precheck import check_sweep_dir, precheck
 from lora_cls.conf.checks import validate, validate_eval
+from lora_cls.conf.load import register_configs
 from lora_cls.conf.overrides import override_value, override_variants
-from lora_cls.conf.schema import register_configs
 from lora_cls.errors import UserError
 
 # -- the CLI's precheck --------------------------------------------------------------------------------------

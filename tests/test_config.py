@@ -14,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import lora_cls.conf
 from lora_cls.conf.checks import validate, validate_eval
-from lora_cls.conf.schema import flatten, schema_defaults, stored_train_config
+from lora_cls.conf.load import flatten, schema_defaults, stored_train_config
 from lora_cls.errors import UserError
 
 RESNET34_PRESET = ["layer3.*.conv1", "layer3.*.conv2", "layer4.*.conv1", "layer4.*.conv2"]
@@ -53,7 +53,7 @@ GROUP_CASES = [
                           "optimizer.nesterov": True}),
     ("trainer", "default", {"trainer.epochs": "auto", "trainer.batch_size": 32, "trainer.eval_batch_size": None,
                             "trainer.precision": "auto", "trainer.device": "auto", "trainer.seed": 0,
-                            "trainer.early_stopping.monitor": "val_accuracy", "trainer.early_stopping.patience": 5,
+                            "trainer.early_stopping.monitor": "val_accuracy", "trainer.early_stopping.patience": "auto",
                             "trainer.resume": "auto"}),
     ("experiment", "demo", {"dataset.name": "synthetic", "dataset.image_size": 32, "model.name": "resnet34",
                             "model.weights": None, "trainer.epochs": 6, "trainer.batch_size": 32,

@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from PIL import Image
 
-from lora_cls.conf.schema import register_configs
+from lora_cls.conf.load import register_configs
 from lora_cls.errors import UserError
 from lora_cls.tasks.evaluate import evaluate_checkpoint
 

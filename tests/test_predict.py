@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lora_cls.conf.schema import register_configs
+from lora_cls.conf.load import register_configs
 from lora_cls.data.loaders import ImageDataset
 from lora_cls.data.splits import read_splits_json
 from lora_cls.errors import UserError

@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_module
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
-from lora_cls.conf.schema import register_configs
+from lora_cls.conf.load import register_configs
 from lora_cls.engine.distributed import DistInfo, RankSliceBatchSampler, shard
 
 BIN = Path(sys.executable).parent

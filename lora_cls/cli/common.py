@@ -31,8 +31,8 @@ from lora_cls.cli.interrupt import (
     terminate,
 )
 from lora_cls.cli.precheck import precheck
+from lora_cls.conf.load import register_configs
 from lora_cls.conf.overrides import override_value
-from lora_cls.conf.schema import register_configs
 from lora_cls.errors import UserError
 from lora_cls.files import write_json
 from lora_cls.runs import folder as runfolder

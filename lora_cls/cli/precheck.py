@@ -12,8 +12,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from lora_cls.conf.load import CONFIG_MODULE, register_configs
 from lora_cls.conf.overrides import override_value, override_variants
-from lora_cls.conf.schema import CONFIG_MODULE, register_configs
 from lora_cls.errors import UserError
 from lora_cls.runs import folder as runfolder
 from lora_cls.runs.folder import check_writable

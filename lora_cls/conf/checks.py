@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lora_cls.adapters.schedule import DecaySchedule
+from lora_cls.conf.load import unknown_keys
 from lora_cls.conf.schema import (
     CLASS_WEIGHTS,
     COMPILE_MODES,
@@ -17,7 +18,6 @@ from lora_cls.conf.schema import (
     MONITORS,
     OPTIMIZERS,
     PRECISIONS,
-    unknown_keys,
 )
 from lora_cls.data.layouts import DATASET_NAMES
 from lora_cls.errors import UserError

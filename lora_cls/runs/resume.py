@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import nn
 
-from lora_cls.conf.schema import flatten, is_neutral, stored_defaults, to_container
+from lora_cls.conf.load import flatten, is_neutral, stored_defaults, to_container
 from lora_cls.engine.trainer import Trainer
 from lora_cls.errors import UserError
 from lora_cls.models.finetune import trainable_state

@@ -24,7 +24,7 @@ from lora_cls.conf.checks import (
     stopping_patience,
     training_epochs,
 )
-from lora_cls.conf.schema import stored_train_config
+from lora_cls.conf.load import stored_train_config
 from lora_cls.data.augment import TrainAugment
 from lora_cls.data.layouts import prepare_splits
 from lora_cls.data.loaders import build_loaders

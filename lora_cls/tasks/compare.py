@@ -18,7 +18,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lora_cls.conf.schema import flatten, is_neutral, stored_defaults
+from lora_cls.conf.load import flatten, is_neutral, stored_defaults
 from lora_cls.errors import UserError
 from lora_cls.runs.folder import METRICS, RunDir
 from lora_cls.runs.summary import _find_job_dirs, summary_table, write_summary_files

@@ -28,7 +28,8 @@ from lora_cls.adapters.inject import (
     set_merge_on_eval,
 )
 from lora_cls.adapters.layer import LoRALayer
-from lora_cls.conf.schema import EXPORT_FORMATS, to_container
+from lora_cls.conf.load import to_container
+from lora_cls.conf.schema import EXPORT_FORMATS
 from lora_cls.data.decode import Geometry
 from lora_cls.data.loaders import ImageDataset
 from lora_cls.data.preprocess import EvalTransform, Preprocessing

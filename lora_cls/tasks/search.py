@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from lora_cls.conf.schema import flatten
+from lora_cls.conf.load import flatten
 from lora_cls.errors import UserError
 from lora_cls.files import atomic_open, write_text
 from lora_cls.runs.folder import RunDir, read_metrics

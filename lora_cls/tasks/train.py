@@ -15,7 +15,7 @@ from rich.console import Console
 from torch import nn
 
 from lora_cls.conf.checks import validate
-from lora_cls.conf.schema import to_container
+from lora_cls.conf.load import to_container
 from lora_cls.data.splits import DatasetSplits, write_splits_json
 from lora_cls.engine import distributed
 from lora_cls.engine.evaluation import evaluate_split
