@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from lora_cls.conf.checks import learning_rate, stopping_patience, training_epochs
+from lora_cls.conf.checks import learning_rate, stopping_patience, training_length
 from lora_cls.data.decode import Geometry, decode_image
 from lora_cls.data.preprocess import EvalTransform, Preprocessing, centre_crop
 from lora_cls.tasks.build import preprocessing
@@ -113,13 +113,31 @@ def test_a_timm_model_with_its_own_statistics_is_never_fed_imagenet_normalised_i
             Image.open(path).convert("RGB")))))[None]), ours, atol=1e-3)
 
 
-def test_epochs_auto_gives_small_sets_enough_steps_and_large_ones_ten_epochs(compose_cfg):
+def test_epochs_auto_gives_small_sets_enough_steps_and_large_ones_ten_plain_epochs(compose_cfg):
     cfg = compose_cfg()  # trainer.epochs=auto, trainer.min_steps=500
-    assert [training_epochs(cfg, steps) for steps in (1, 3, 7, 50, 51, 1000)] == [500, 167, 72, 10, 10, 10]
-    assert training_epochs(compose_cfg("trainer.epochs=3"), 7) == 3
-    assert training_epochs(compose_cfg("trainer.min_steps=100"), 7) == 15
-    assert [stopping_patience(cfg, epochs) for epochs in (10, 21, 72, 167)] == [5, 6, 18, 42]
-    assert stopping_patience(compose_cfg("trainer.early_stopping.patience=3"), 167) == 3
+    # (batches in one pass over the training set) -> (epochs, steps per epoch)
+    got = {n: training_length(cfg, n) for n in (1, 7, 49, 50, 51, 1000)}
+    assert got == {1: (10, 50), 7: (10, 50), 49: (10, 50), 50: (10, 50), 51: (10, 51), 1000: (10, 1000)}
+    assert training_length(compose_cfg("trainer.epochs=3"), 7) == (3, 7)  # set epochs: plain passes
+    assert training_length(compose_cfg("trainer.min_steps=1001"), 7) == (10, 101)
+    assert training_length(compose_cfg("trainer.max_steps_per_epoch=20"), 7) == (10, 20)
+    assert [stopping_patience(cfg, epochs) for epochs in (10, 21, 72)] == [5, 6, 18]
+    assert stopping_patience(compose_cfg("trainer.early_stopping.patience=3"), 72) == 3
+
+
+@pytest.mark.slow  # a short training run
+def test_an_auto_epoch_goes_through_a_small_training_set_again(tiny_overrides, tmp_path):
+    from conftest import compose_config
+
+    from lora_cls.tasks.train import train
+
+    # 40 images per class: 56 training images, batch 16 → 3 steps a pass (the last partial batch dropped);
+    # min_steps 100 → 10 epochs of 10 steps: each epoch takes the loader 4 times (3 + 3 + 3 + 1)
+    cfg = compose_config("train", [*[o for o in tiny_overrides if not o.startswith("trainer.epochs")],
+                                   "trainer.epochs=auto", "trainer.min_steps=100", "lora.bn=frozen"])
+    metrics = train(cfg, tmp_path / "run")
+    history = [int(r["step"]) for r in __import__("csv").DictReader(open(tmp_path / "run" / "history.csv"))]
+    assert metrics["epochs_run"] == len(history) and history[:3] == [10, 20, 30]
 
 
 def test_each_finetune_mode_has_its_own_learning_rate_unless_optimizer_lr_is_set(compose_cfg):

@@ -126,13 +126,19 @@ def learning_rate(cfg: DictConfig | Any) -> float:
     return float(op.lr if op.lr is not None else op[f"lr_{cfg.finetune}"])
 
 
-def training_epochs(cfg: DictConfig | Any, steps_per_epoch: int) -> int:
-    """trainer.epochs, or for `auto` max(10, ceil(trainer.min_steps / steps_per_epoch)): a small dataset gets
-    enough optimizer steps, a large one the 10 epochs lora-cls always trained (docs/training.md)."""
+def training_length(cfg: DictConfig | Any, loader_steps: int) -> tuple[int, int]:
+    """(epochs, optimizer steps per epoch) of a run whose training loader has `loader_steps` batches.
+
+    trainer.epochs as set, each epoch one pass; or `auto`: 10 epochs of at least ceil(trainer.min_steps / 10) steps
+    each, a small training set being gone through again (reshuffled) within an epoch, so it gets min_steps steps
+    and 10 validations, and a large one the 10 plain epochs lora-cls always trained (docs/training.md).
+    trainer.max_steps_per_epoch caps the steps either way."""
     tr = cfg.trainer
-    if tr.epochs != "auto":
-        return int(tr.epochs)
-    return max(AUTO_MIN_EPOCHS, math.ceil(int(tr.min_steps) / max(1, steps_per_epoch)))
+    epochs = AUTO_EPOCHS if tr.epochs == "auto" else int(tr.epochs)
+    steps = loader_steps if tr.epochs != "auto" else max(loader_steps, math.ceil(int(tr.min_steps) / AUTO_EPOCHS))
+    if tr.max_steps_per_epoch:
+        steps = min(steps, int(tr.max_steps_per_epoch))
+    return epochs, steps
 
 
 def stopping_patience(cfg: DictConfig | Any, epochs: int) -> int:
@@ -142,7 +148,7 @@ def stopping_patience(cfg: DictConfig | Any, epochs: int) -> int:
     return int(patience) if patience != "auto" else max(5, math.ceil(epochs / 4))
 
 
-AUTO_MIN_EPOCHS = 10
+AUTO_EPOCHS = 10
 PREPROCESS = ("auto", "own", "imagenet")
 
 

@@ -166,8 +166,8 @@ class EarlyStoppingConfig:
 class TrainerConfig:
     """How training runs: length, batch, device and precision, seeds, resume, and the recipe options."""
 
-    epochs: Any = setting("auto", "training epochs, or auto: max(10, enough epochs for min_steps optimizer steps); "
-                                  "early stopping may end sooner")
+    epochs: Any = setting("auto", "training epochs, or auto: 10 epochs of at least min_steps / 10 steps (a small "
+                                  "set is gone through again within an epoch); early stopping may end sooner")
     min_steps: int = setting(500, "epochs=auto: the fewest optimizer steps a run gets")
     batch_size: int = setting(32, "training batch (the global batch under torchrun)")
     eval_batch_size: int | None = setting(None, "evaluation batch; null: 2 × batch_size")

@@ -228,12 +228,14 @@ class Trainer:
                         d=f"{self.d:.3f}", run_left=self._run_eta(elapsed, steps))
 
     def _batches(self) -> Iterator:
-        """The train loader's batches; on CUDA, from a loader in this process (the decoded-image cache), gathered
-        and pinned one step ahead in a thread (data/prefetch.py) so the copies overlap the GPU's work."""
+        """The epoch's batches: the train loader's, passes after passes (each reshuffled) until steps_per_epoch
+        (trainer.epochs=auto on a small set); on CUDA, from a loader in this process (the decoded-image cache),
+        gathered and pinned one step ahead in a thread (data/prefetch.py) so the copies overlap the GPU's work."""
         loader = self.train_loader
+        batches = _passes(loader, self.settings.steps_per_epoch)
         if self.settings.runtime.device.type == "cuda" and getattr(loader, "num_workers", 1) == 0:
-            return prefetched(loader)
-        return iter(loader)
+            return prefetched(batches)
+        return batches
 
     def _first_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """This process's first step, timed to its end: it pays torch.compile's compilation and cuDNN's
@@ -314,6 +316,20 @@ class Trainer:
             log.info("%s has not improved for %d epochs, but d (%.3g) has not reached d_min=%g yet: training goes "
                      "on until it does", s.monitor, state.epochs_without_improvement, self.d, s.schedule.d_min)
         return False
+
+
+def _passes(loader: Iterable, steps: int) -> Iterator:
+    """Up to `steps` batches of `loader`, starting it again (a new shuffle) each time it ends."""
+    taken = 0
+    while taken < steps:
+        before = taken
+        for batch in loader:
+            yield batch
+            taken += 1
+            if taken >= steps:
+                return
+        if taken == before:  # an empty loader
+            return
 
 
 class NonFiniteLoss(UserError):

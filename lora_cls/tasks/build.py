@@ -22,7 +22,7 @@ from lora_cls.conf.checks import (
     learning_rate,
     lora_options,
     stopping_patience,
-    training_epochs,
+    training_length,
 )
 from lora_cls.conf.load import stored_train_config
 from lora_cls.data.augment import TrainAugment
@@ -149,18 +149,16 @@ def build_trainer(cfg: DictConfig, model: nn.Module, runtime: Runtime, loaders: 
         run_model = DistributedDataParallel(run_model, device_ids=[device.index] if device.type == "cuda" else None)
     preprocess = train_augment(cfg, prep or preprocessing(cfg), len(splits.classes), info).to(runtime.device)
     train_loader = rank_train_loader(loaders["train"], int(tr.seed), info)
-    steps_per_epoch = len(train_loader)
-    if tr.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, int(tr.max_steps_per_epoch))
+    epochs, steps_per_epoch = training_length(cfg, len(train_loader))
     heads = model_heads(model_spec(cfg.model.name, cfg.model.source), bool(cfg.model.aux_heads))
-    lr, epochs = learning_rate(cfg), training_epochs(cfg, steps_per_epoch)
+    lr = learning_rate(cfg)
     groups = param_groups(model, heads, lr, op.head_lr_scale, op.lora_b_lr_ratio)
     optimizer = build_optimizer(groups, op.name, lr, op.weight_decay, tuple(op.betas), op.momentum, op.nesterov,
                                 runtime.device)
     total_steps = steps_per_epoch * epochs
     if tr.epochs == "auto":
-        log.info("trainer.epochs=auto: %d epochs of %d steps (%d steps; trainer.min_steps=%d)", epochs,
-                 steps_per_epoch, total_steps, tr.min_steps)
+        log.info("trainer.epochs=auto: %d epochs of %d steps (%d steps; trainer.min_steps=%d, %d batches per pass "
+                 "over the training set)", epochs, steps_per_epoch, total_steps, tr.min_steps, len(train_loader))
     schedule = decay_schedule(cfg)
     if (unreached := schedule.unreached(total_steps)) is not None:
         log.warning(unreached)
