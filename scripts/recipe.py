@@ -210,7 +210,7 @@ def pretrain(task: str, source: Path, folder: Path, quick: bool) -> Path:
 
     run = folder / "pretrain"
     shutil.rmtree(run, ignore_errors=True)
-    epochs = ["trainer.epochs=2", "trainer.max_steps_per_epoch=2"] if quick else ["trainer.epochs=30"]
+    epochs = ["trainer.epochs=2", "trainer.max_steps_per_epoch=2"] if quick else ["trainer.epochs=15"]
     cfg = compose("train", [*common(source, 0, False), "finetune=full", "model.weights=null", "optimizer.lr=2e-3",
                             "trainer.batch_size=64", "dataset.augment.preset=light", "trainer.early_stopping.patience=100",
                             *epochs])

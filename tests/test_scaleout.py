@@ -22,7 +22,7 @@ BIN = Path(sys.executable).parent
 # gradient as one, and the runs differ only by floating-point summation order.
 EQUIVALENT = ["experiment=demo", "dataset.image_size=32", "dataset.synthetic.num_per_class=40", "trainer.epochs=2",
               "trainer.batch_size=16", "trainer.progress=false", "trainer.precision=32", "lora.bn=frozen",
-              "dataset.augment.hflip=false", "dataset.augment.rotation=0", "dataset.augment.color_jitter=0"]
+              "dataset.augment.preset=none"]
 
 
 def _run(cmd: list[str], cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:

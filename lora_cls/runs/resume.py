@@ -73,15 +73,18 @@ def resume_source(resume: str, run_dir: Path) -> Path | None:
     return path
 
 
-def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict] | None:
+def prepare_run_dir(cfg: DictConfig, run_dir: Path, clean: bool = True) -> tuple[Path, dict] | None:
     """A training run's folder is new, or holds an unfinished run to resume: then (its last.pt, the loaded state).
 
     lora-train calls this before Hydra writes .hydra/ into the folder, so a refused resume changes nothing.
+    `clean`: remove the files a killed run left half-written (only the process that writes the folder may: another
+    one would remove the temp file of a write in progress).
     """
     resume_from = resume_source(str(cfg.trainer.resume), Path(run_dir))
     if resume_from is None:
         check_fresh_run_dir(run_dir)
-        _remove_half_written(run_dir)
+        if clean:
+            _remove_half_written(run_dir)
         return None
     state = ckpt.load_last(resume_from)
     if not isinstance(state, dict) or state.get("format") != ckpt.FORMAT or not isinstance(state.get("config"), dict):
@@ -97,7 +100,8 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> tuple[Path, dict] | None:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
         raise UserError(f"cannot resume: the config differs from the interrupted run's ({detail}); resume with the "
                         "same overrides")
-    _remove_half_written(run_dir)
+    if clean:
+        _remove_half_written(run_dir)
     return resume_from, state
 
 

@@ -146,6 +146,20 @@ def _start_or_resume(cfg: DictConfig, resume: tuple | None, trainer: Trainer, re
         recorder.save_adapter(trainer)
 
 
+def _prepare_run_dir(cfg: DictConfig, run: RunDir, info: distributed.DistInfo) -> tuple | None:
+    """The main process checks the run folder and clears what a killed run left half-written; under torchrun the
+    others then read the same resume state, all before the main process writes anything there (a process that
+    cleared the folder later would delete the temp file of a write in progress)."""
+    if not info.enabled:
+        return prepare_run_dir(cfg, run.path)
+    resume = prepare_run_dir(cfg, run.path) if info.is_main else None
+    distributed.barrier(info)
+    if not info.is_main:
+        resume = prepare_run_dir(cfg, run.path, clean=False)
+    distributed.barrier(info)
+    return resume
+
+
 def run_timing(watch: Stopwatch, trainer: Trainer, trained_before: float) -> dict:
     """metrics.json `timing`: the wall-time breakdown of this process's part of the run, and `data_seconds`
     (from the start of the run to its first training step: reading and decoding the data, building the model)."""
@@ -162,8 +176,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     watch.add("startup", startup_seconds())
     run = RunDir(run_dir)
     validate(cfg)
-    resume = prepare_run_dir(cfg, run.path)
     info = distributed.init_distributed()
+    resume = _prepare_run_dir(cfg, run, info)
     runtime = build.train_runtime(cfg, info)
     watch.device = runtime.device
     prep = build.preprocessing(cfg)
