@@ -2,7 +2,11 @@
 
     python scripts/recipe.py                          # both tasks, every variant, seeds 0 1 2 (make recipe)
     python scripts/recipe.py --variants lora full --seeds 0
+    python scripts/recipe.py --jobs 2 --threads 1     # two runs at once, one thread each
     python scripts/recipe.py --quick                  # a toy run of the whole pipeline (tests)
+
+Results go to --out (results.csv, results.md); a second call with the same --out runs only what results.csv does not
+hold yet, so an interrupted benchmark continues.
 
 Each task is built from data that ships with an installed package or is generated, so it runs offline:
 
@@ -158,9 +162,10 @@ def write_split(root: Path, split: str, cls: str, images: list[np.ndarray]) -> N
 
 
 def build_task(task: str, folder: Path, shapes_per_class: int = SHAPES_PER_CLASS, train: int = TRAIN_PER_CLASS,
-               val: int = VAL_PER_CLASS, source_per_class: int = 600) -> tuple[Path, Path]:
+               val: int = VAL_PER_CLASS, source_per_class: int = 600, cap: int | None = None) -> tuple[Path, Path]:
     """The task's source set (train/val split by the layout's fractions) and few-shot target set
-    (train/val/test); generated once into `folder` (a marker file says it is complete)."""
+    (train/val/test); generated once into `folder` (a marker file says it is complete). `cap`: at most this many
+    digits per class (the quick toy run)."""
     source, target = folder / "source", folder / "target"
     marker = folder / "complete.json"
     if marker.is_file():
@@ -172,6 +177,9 @@ def build_task(task: str, folder: Path, shapes_per_class: int = SHAPES_PER_CLASS
         source_classes = {str(d): [images[i] for i in np.flatnonzero(labels == d)] for d in range(5)}
         images, labels = digit_images(1)  # the target task: each digit 5-9 once
         target_classes = {str(d): [images[i] for i in np.flatnonzero(labels == d)] for d in range(5, 10)}
+        if cap is not None:
+            source_classes = {k: v[:cap] for k, v in source_classes.items()}
+            target_classes = {k: v[:cap] for k, v in target_classes.items()}
     else:
         source_classes = {k: [shape_image(k, rng) for _ in range(source_per_class)] for k in SOURCE_SHAPES}
         target_classes = {k: [shape_image(k, rng) for _ in range(shapes_per_class)] for k in TARGET_SHAPES}
@@ -209,7 +217,9 @@ def pretrain(task: str, source: Path, folder: Path, quick: bool) -> Path:
     import torch
 
     run = folder / "pretrain"
-    shutil.rmtree(run, ignore_errors=True)
+    if (run / "metrics.json").is_file():  # a finished run whose state dict was not written: train again
+        shutil.rmtree(run)
+    # otherwise an interrupted pretraining resumes from its last.pt (trainer.resume=auto)
     epochs = ["trainer.epochs=2", "trainer.max_steps_per_epoch=2"] if quick else ["trainer.epochs=15"]
     cfg = compose("train", [*common(source, 0, False), "finetune=full", "model.weights=null", "optimizer.lr=2e-3",
                             "trainer.batch_size=64", "dataset.augment.preset=light", "trainer.early_stopping.patience=100",
@@ -256,6 +266,37 @@ def table(rows: list[dict], tasks: list[str], variants: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _read_results(path: Path) -> list[dict]:
+    """Rows of an earlier (perhaps interrupted) call: those runs are not repeated."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["seed"] = int(row["seed"])
+        for key in ("test_accuracy", "val_accuracy", "wall_seconds", "train_seconds"):
+            row[key] = float(row[key])
+    return rows
+
+
+def _write_results(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def _start_worker(threads: int) -> None:
+    import logging
+
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=["digits", "shapes"], choices=["digits", "shapes"])
@@ -263,28 +304,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--data", type=Path, default=ROOT / "data" / "recipe", help="task data and backbones (cached)")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "recipe", help="run folders and results")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default: the cores divided among the jobs)")
+    p.add_argument("--fresh", action="store_true", help="run again what results.csv in --out already holds")
     p.add_argument("--quick", action="store_true", help="a toy run of the pipeline: small sets, a few steps")
     args = p.parse_args(argv)
     import logging
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
 
     logging.basicConfig(level=logging.WARNING)
-    rows: list[dict] = []
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.csv"
-    for task in args.tasks:
-        folder = args.data / (f"{task}-quick" if args.quick else task)
-        source, target = (build_task(task, folder, 30, 10, 5, 30) if args.quick else build_task(task, folder))
-        backbone = pretrain(task, source, folder, args.quick)
-        for seed in args.seeds:
-            for variant in args.variants:
-                row = run_variant(task, variant, seed, target, backbone, args.out, args.quick)
-                rows.append(row)
-                print(f"{task:7s} {variant:16s} seed {seed}: test {row['test_accuracy']:.3f}  val "
-                      f"{row['val_accuracy']:.3f}  {row['epochs_run']} epochs  {row['wall_seconds']:.0f} s", flush=True)
-                with open(results, "w", newline="") as f:
-                    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                    writer.writeheader()
-                    writer.writerows(rows)
+    rows = [] if args.fresh else _read_results(results)
+    done = {(r["task"], r["variant"], r["seed"]) for r in rows}
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_start_worker,
+                             initargs=(threads,)) as pool:
+        pending = []
+        for task in args.tasks:
+            folder = args.data / (f"{task}-quick" if args.quick else task)
+            source, target = (build_task(task, folder, 30, 10, 5, 30, cap=30) if args.quick else build_task(task, folder))
+            backbone = pretrain(task, source, folder, args.quick)
+            pending += [pool.submit(run_variant, task, variant, seed, target, backbone, args.out, args.quick)
+                        for seed in args.seeds for variant in args.variants if (task, variant, seed) not in done]
+        for future in as_completed(pending):
+            row = future.result()
+            rows.append(row)
+            print(f"{row['task']:7s} {row['variant']:16s} seed {row['seed']}: test {row['test_accuracy']:.3f}  val "
+                  f"{row['val_accuracy']:.3f}  {row['epochs_run']} epochs  {row['wall_seconds']:.0f} s", flush=True)
+            _write_results(results, rows)
     text = table(rows, args.tasks, args.variants)
     (args.out / "results.md").write_text(text + "\n")
     print(text)
