@@ -234,20 +234,30 @@ def pretrain(task: str, source: Path, folder: Path, quick: bool) -> Path:
 
 
 def run_variant(task: str, variant: str, seed: int, target: Path, backbone: Path, out: Path, quick: bool) -> dict:
+    """One fine-tuning run. A run folder that holds a finished run is read back, an interrupted one resumes from its
+    last.pt (trainer.resume=auto; its wall time then counts this process's part only: `resumed` says so)."""
     from lora_cls.conf.load import compose
+    from lora_cls.runs.folder import RunDir, read_metrics
     from lora_cls.tasks.train import train
 
     overrides, _ = VARIANTS[variant]
     run = out / task / variant / f"seed{seed}"
-    shutil.rmtree(run, ignore_errors=True)
     cfg = compose("train", [*common(target, seed, quick), f"model.weights={backbone}", *overrides])
     start = time.perf_counter()
-    metrics = train(cfg, run)
-    wall = time.perf_counter() - start
+    metrics = read_metrics(RunDir(run).metrics)
+    resumed = RunDir(run).last.is_file()
+    if metrics is None or metrics.get("status") != "ok":
+        if not resumed:
+            shutil.rmtree(run, ignore_errors=True)
+        metrics = train(cfg, run)
+        wall = time.perf_counter() - start
+    else:
+        wall = metrics["timing"]["wall_seconds"]
     return {"task": task, "variant": variant, "seed": seed, "test_accuracy": metrics["test"]["accuracy"],
             "val_accuracy": metrics["val"]["accuracy"], "epochs_run": metrics["epochs_run"],
             "best_epoch": metrics["best_epoch"], "wall_seconds": round(wall, 2),
-            "train_seconds": metrics["timing"]["train_seconds"], "trainable": metrics["params"]["trainable"]}
+            "train_seconds": metrics["timing"]["train_seconds"], "trainable": metrics["params"]["trainable"],
+            "resumed": resumed}
 
 
 def table(rows: list[dict], tasks: list[str], variants: list[str]) -> str:
@@ -266,6 +276,10 @@ def table(rows: list[dict], tasks: list[str], variants: list[str]) -> str:
     return "\n".join(lines)
 
 
+FIELDS = ["task", "variant", "seed", "test_accuracy", "val_accuracy", "epochs_run", "best_epoch", "wall_seconds",
+          "train_seconds", "trainable", "resumed"]
+
+
 def _read_results(path: Path) -> list[dict]:
     """Rows of an earlier (perhaps interrupted) call: those runs are not repeated."""
     if not path.is_file():
@@ -282,10 +296,22 @@ def _read_results(path: Path) -> list[dict]:
 def _write_results(path: Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=FIELDS, restval="")
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(path)
+
+
+def _record(path: Path, row: dict) -> None:
+    """Add `row` to results.csv (replacing an earlier row of the same run); calls for other tasks may write the same
+    file at the same time, so each write reads it afresh under a lock."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        key = (row["task"], row["variant"], row["seed"])
+        rows = [r for r in _read_results(path) if (r["task"], r["variant"], r["seed"]) != key]
+        _write_results(path, [*rows, row])
 
 
 def _start_worker(threads: int) -> None:
@@ -312,15 +338,25 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import logging
     import os
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.csv"
-    rows = [] if args.fresh else _read_results(results)
-    done = {(r["task"], r["variant"], r["seed"]) for r in rows}
+    if args.fresh:
+        results.unlink(missing_ok=True)
+    done = {(r["task"], r["variant"], r["seed"]) for r in _read_results(results)}
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+
+    def finished(future) -> None:  # in the pool's thread, as each run ends (the pretraining may still go on)
+        if future.exception() is not None:
+            return
+        row = future.result()
+        _record(results, row)
+        print(f"{row['task']:7s} {row['variant']:16s} seed {row['seed']}: test {row['test_accuracy']:.3f}  val "
+              f"{row['val_accuracy']:.3f}  {row['epochs_run']} epochs  {row['wall_seconds']:.0f} s", flush=True)
+
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_start_worker,
                              initargs=(threads,)) as pool:
         pending = []
@@ -328,14 +364,15 @@ def main(argv: list[str] | None = None) -> int:
             folder = args.data / (f"{task}-quick" if args.quick else task)
             source, target = (build_task(task, folder, 30, 10, 5, 30, cap=30) if args.quick else build_task(task, folder))
             backbone = pretrain(task, source, folder, args.quick)
-            pending += [pool.submit(run_variant, task, variant, seed, target, backbone, args.out, args.quick)
-                        for seed in args.seeds for variant in args.variants if (task, variant, seed) not in done]
-        for future in as_completed(pending):
-            row = future.result()
-            rows.append(row)
-            print(f"{row['task']:7s} {row['variant']:16s} seed {row['seed']}: test {row['test_accuracy']:.3f}  val "
-                  f"{row['val_accuracy']:.3f}  {row['epochs_run']} epochs  {row['wall_seconds']:.0f} s", flush=True)
-            _write_results(results, rows)
+            for seed in args.seeds:
+                for variant in args.variants:
+                    if (task, variant, seed) not in done:
+                        pending.append(pool.submit(run_variant, task, variant, seed, target, backbone, args.out,
+                                                   args.quick))
+                        pending[-1].add_done_callback(finished)
+        for future in pending:
+            future.result()  # a failed run stops the benchmark with its error
+    rows = [r for r in _read_results(results) if r["task"] in args.tasks and r["variant"] in args.variants]
     text = table(rows, args.tasks, args.variants)
     (args.out / "results.md").write_text(text + "\n")
     print(text)
