@@ -256,6 +256,12 @@ class EvalConfig:
     batch_size: int | None = setting(None, "null: the training run's eval batch size")
     tta: str = setting("none", "test-time augmentation: none | flip (the mean of the image's and its mirror's "
                                "probabilities)")
+    calibrate: bool = setting(False, "probabilities at the run's fitted temperature, softmax(logits / T) (accuracy "
+                                     "unchanged); false: the model's own, as training reported them")
+    explain: bool | None = setting(None, "errors.png shows a Grad-CAM overlay on each mistake; null: when the "
+                                         "grad-cam package is installed")
+    explain_layer: str | None = setting(None, "the layer Grad-CAM looks at; null: the model family's last "
+                                              "convolutional stage (docs/evaluation.md)")
     progress: bool = setting(True, "progress bars and console tables")
 
 
@@ -273,6 +279,12 @@ class PredictConfig:
     skip_bad: bool = setting(False, "skip undecodable inputs (listed in predict.json) instead of stopping")
     tta: str = setting("none", "test-time augmentation: none | flip (the mean of the image's and its mirror's "
                                "probabilities)")
+    calibrate: bool = setting(False, "probabilities at the run's fitted temperature, softmax(logits / T) (the "
+                                     "predicted class is the same)")
+    explain: bool = setting(False, "also write a Grad-CAM heatmap PNG per image into explain/ (pip install "
+                                   "'lora-cls[explain]')")
+    explain_layer: str | None = setting(None, "the layer Grad-CAM looks at; null: the model family's last "
+                                              "convolutional stage (docs/evaluation.md)")
     show: int = setting(20, "rows of the console table; predictions.csv has them all")
     progress: bool = setting(True, "progress bars")
 

@@ -67,7 +67,8 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     run = RunDir(run_dir)
     validate_eval(cfg)
     check_fresh_run_dir(run.path)
-    clf = from_checkpoint(cfg.ckpt, cfg.device, cfg.precision, tta=cfg.tta)  # precision null: the run's own
+    clf = from_checkpoint(cfg.ckpt, cfg.device, cfg.precision, tta=cfg.tta,  # precision null: the run's own
+                          calibrate=bool(cfg.calibrate))
     path, train_cfg, meta = clf.checkpoint, clf.config, clf.meta
     splits = eval_splits(cfg, path, train_cfg, meta)
     dataset = ImageDataset.from_config(splits.root, splits.split(cfg.split), train_cfg.dataset,
@@ -78,12 +79,14 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     out = clf.evaluate(dataset, cfg.batch_size, desc=cfg.split, progress=bool(cfg.progress))
     title = f"{train_cfg.model.name} {train_cfg.finetune} (eval)"
     split_result = reports.split_results(out, splits.classes, splits.positive_class, run.reports(cfg.split),
-                                         f"{title} — {cfg.split}")
+                                         f"{title} — {cfg.split}", clf.temperature,
+                                         [p for p, _ in dataset.samples])
     errors = write_errors(run.reports(cfg.split), [str(splits.root / p) for p, _ in dataset.samples],
                           lambda i: dataset[i][0].permute(1, 2, 0).numpy(), out.y_true, out.probs, splits.classes)
     metrics = {**run_metrics(train_cfg), "checkpoint": str(path), "split": cfg.split,
                "data_root": str(splits.root), cfg.split: split_result, "device": str(clf.device),
-               "precision": clf.precision.name, "tta": clf.tta, "best_epoch": meta.get("best_epoch"), "images": len(dataset),
+               "precision": clf.precision.name, "tta": clf.tta, "calibrated": clf.calibrate,
+               "temperature": clf.temperature, "best_epoch": meta.get("best_epoch"), "images": len(dataset),
                "skipped_images": dataset.skipped, "misclassified": errors}
     write_json(run.metrics, metrics)
     if cfg.progress:

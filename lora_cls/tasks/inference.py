@@ -45,13 +45,16 @@ class Classifier:
     training); `precision` is what its forward runs under (float32 unless asked otherwise); `tta` test-time
     augmentation (none, or flip: the mean of the image's and its mirror's probabilities); `checkpoint` is the adapter file it came from (None for a
     `lora-export` folder), `config` and `meta` that file's training config and metadata (None for an export),
-    `batch_size` the training run's evaluation batch.
+    `batch_size` the training run's evaluation batch. `temperature` is the run's fitted temperature T (None for
+    runs from before it was fitted); with `calibrate` every probability is softmax(logits / T) (the predicted
+    class is the same).
     """
 
     def __init__(self, model: nn.Module, classes: Sequence[str], preprocessing: Preprocessing | int,
                  checkpoint: Path | None = None, device: str | torch.device = "cpu", precision: Precision = FLOAT32,
                  channels_last: bool = False, positive_class: str | None = None, config: Any = None,
-                 meta: dict | None = None, batch_size: int = 64, tta: str = "none") -> None:
+                 meta: dict | None = None, batch_size: int = 64, tta: str = "none",
+                 temperature: float | None = None, calibrate: bool = False) -> None:
         self.device = torch.device(device)
         self.precision, self.channels_last = precision, bool(channels_last)
         memory = torch.channels_last if channels_last else torch.preserve_format
@@ -65,6 +68,12 @@ class Classifier:
         self.tta = tta
         self.checkpoint, self.positive_class, self.config, self.meta = checkpoint, positive_class, config, meta
         self.batch_size = int(batch_size)  # the training run's evaluation batch: what evaluate/predict use by default
+        self.temperature = None if temperature is None else float(temperature)
+        if calibrate and self.temperature is None:
+            raise UserError(f"calibrate=true needs the temperature fitted at the end of training, and "
+                            f"{checkpoint or 'this export'} has none (trained before lora-cls fitted one); train "
+                            "the run again, or use calibrate=false")
+        self.calibrate = bool(calibrate)
         self._normalize = EvalTransform(self.preprocessing).to(self.device)
 
     def __repr__(self) -> str:
@@ -87,14 +96,19 @@ class Classifier:
         with autocast(self.device, self.precision):
             return plain_logits(self.model(x)).float()
 
+    @property
+    def scale(self) -> float:
+        """What the logits are divided by before the softmax: T with calibrate, else 1."""
+        return self.temperature if self.calibrate else 1.0
+
     @torch.inference_mode()
     def probabilities(self, images: ImageInput) -> torch.Tensor:
         """Class probabilities, float32 (N, K) on the CPU, columns in the order of `classes` (with tta=flip the
-        mean over the image and its mirror)."""
+        mean over the image and its mirror; with calibrate, of the logits divided by the temperature)."""
         x = self.preprocess(images)
         views = tta_views(x, self.tta)
         with autocast(self.device, self.precision):
-            probs = plain_logits(self.model(views)).float().softmax(dim=1)
+            probs = (plain_logits(self.model(views)).float() / self.scale).softmax(dim=1)
         return merge_views(probs, self.tta).cpu()
 
     def predict(self, images: ImageInput) -> list[str]:
@@ -106,7 +120,7 @@ class Classifier:
         """Loss and class probabilities over a dataset of (uint8 image, label), as training's final evaluation."""
         loader = eval_loader(dataset, int(batch_size or self.batch_size))
         return evaluate(self.model, loader, self._normalize, self.device, self.precision, self.channels_last,
-                        desc=desc, progress=progress, tta=self.tta)
+                        desc=desc, progress=progress, tta=self.tta, temperature=self.scale)
 
     def export(self, format: str, folder: str | Path, **options: Any) -> dict[str, Any]:
         """`lora-export` from Python: write `format` (torchvision, lowrank, onnx, torchscript) into `folder`,
@@ -160,11 +174,12 @@ def _as_list(images: ImageInput) -> list[Any]:
 
 
 def from_checkpoint(path: str | Path, device: str | torch.device = "cpu", precision: str | None = "32",
-                    device_key: str = "device", tta: str = "none") -> Classifier:
+                    device_key: str = "device", tta: str = "none", calibrate: bool = False) -> Classifier:
     """A run folder or adapter file as a Classifier: the model rebuilt from the file alone, adapters merged.
 
     `precision`: "32", "bf16", "16", "auto", or None for the training run's own (what lora-eval uses to reproduce
-    the run's metrics exactly); `device`: "cpu", "cuda", "cuda:N" or "auto"."""
+    the run's metrics exactly); `device`: "cpu", "cuda", "cuda:N" or "auto"; `calibrate`: probabilities at the
+    run's fitted temperature."""
     from lora_cls.tasks.build import eval_batch_size, load_model_from_checkpoint
 
     adapter = resolve_checkpoint(path)
@@ -176,20 +191,22 @@ def from_checkpoint(path: str | Path, device: str | torch.device = "cpu", precis
     prep = Preprocessing.from_json(meta.get("preprocessing"), int(train_cfg.dataset.image_size))
     return Classifier(merged, meta["classes"], prep, adapter, where, how, bool(train_cfg.trainer.channels_last),
                       meta.get("positive_class"), train_cfg, meta,
-                      int(meta.get("eval_batch_size") or eval_batch_size(train_cfg)), tta)
+                      int(meta.get("eval_batch_size") or eval_batch_size(train_cfg)), tta, meta.get("temperature"),
+                      calibrate)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", precision: str | None = "32",
-         tta: str = "none") -> Classifier:
+         tta: str = "none", calibrate: bool = False) -> Classifier:
     """A lora-train run folder, its adapter file, or a lora-export folder (any format) as a ready Classifier in
-    eval mode; float32 unless `precision` says otherwise (None: the training run's precision)."""
+    eval mode; float32 unless `precision` says otherwise (None: the training run's precision); with `calibrate`,
+    probabilities at the run's fitted temperature (model.json's `temperature` for an export)."""
     path = Path(path).expanduser()
     if (path / MODEL_JSON).is_file():
         model, desc = read_export(path)
         prep = Preprocessing.from_json(desc.get("preprocessing"), int(desc["image_size"]))
         return Classifier(model, desc["classes"], prep, None, device, positive_class=desc.get("positive_class"),
-                          tta=tta)
-    return from_checkpoint(path, device, precision, tta=tta)
+                          tta=tta, temperature=desc.get("temperature"), calibrate=calibrate)
+    return from_checkpoint(path, device, precision, tta=tta, calibrate=calibrate)
 
 
 # -- exports, read back -----------------------------------------------------------------------------------------

@@ -124,7 +124,8 @@ def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, A
     check_fresh_run_dir(run_dir)
     path = resolve_checkpoint(cfg.ckpt)
     files = collect_inputs(str(cfg.input)) if cfg.input is not None else split_inputs(path, cfg.split)
-    clf = from_checkpoint(path, cfg.device, cfg.precision, tta=cfg.tta)  # precision null: the run's own
+    clf = from_checkpoint(path, cfg.device, cfg.precision, tta=cfg.tta,  # precision null: the run's own
+                          calibrate=bool(cfg.calibrate))
     progress = None if cfg.progress else True  # tqdm's disable: None = only on a terminal
     lookup = _split_lookup(clf, cfg.split) if cfg.input is None else None
     max_pixels = clf.config.dataset.max_image_pixels
@@ -150,6 +151,7 @@ def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, A
                "classes": clf.classes, "images": len(rows), "class_counts": class_counts(rows, clf.classes),
                "skipped": [{"path": p, "reason": r} for p, r in bad], "image_size": clf.image_size,
                "device": str(clf.device), "precision": clf.precision.name, "tta": clf.tta,
+               "calibrated": clf.calibrate, "temperature": clf.temperature,
                "preprocessing": clf.preprocessing.to_json()}
     write_json(run_dir / PREDICT_SUMMARY, summary)
     return rows, summary

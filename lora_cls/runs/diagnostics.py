@@ -1,0 +1,110 @@
+"""The figures beside a split's confusion matrix that say how far its numbers can be trusted: ROC and
+precision-recall curves (sklearn's roc_curve and precision_recall_curve: a binary task's positive class, one
+curve per class one-vs-rest otherwise) and the reliability diagram (the calibration bins of metrics.json, before
+and after temperature scaling). Drawn on matplotlib Figure objects, as runs/plots.py draws."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
+
+from lora_cls.runs.plots import save_figure, shorten
+
+_MAX_CURVES = 10  # one-vs-rest curves drawn for a many-class task: the classes with the most images
+
+
+def _one_vs_rest(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str],
+                 positive: int | None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, is that class (N,), its probability (N,)) per curve; classes absent from y_true have none."""
+    if len(classes) == 2 and positive is not None:
+        chosen = [positive]
+    else:
+        counts = np.bincount(y_true, minlength=len(classes))
+        chosen = [k for k in np.argsort(-counts, kind="stable")[:_MAX_CURVES] if counts[k]]
+    return [(str(classes[k]), y_true == k, probs[:, k]) for k in chosen
+            if (y_true == k).any() and not (y_true == k).all()]
+
+
+def plot_roc_pr(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], positive: int | None,
+                roc_path: str | os.PathLike, pr_path: str | os.PathLike, title: str) -> None:
+    """roc_curve.png and pr_curve.png of one split (AUC and average precision in the legends)."""
+    y_true = np.asarray(y_true).astype(np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    curves = _one_vs_rest(y_true, probs, classes, positive) if np.isfinite(probs).all() else []
+    kind = "positive class" if len(classes) == 2 and positive is not None else "one-vs-rest"
+    for path, name in ((roc_path, "ROC"), (pr_path, "precision-recall")):
+        fig = Figure(figsize=(5.6, 5.2), layout="constrained")
+        ax = fig.add_subplot()
+        for label, is_class, score in curves:
+            if name == "ROC":
+                fpr, tpr, _ = roc_curve(is_class, score)
+                ax.plot(fpr, tpr, label=f"{shorten(label, 20)} (AUC {auc(fpr, tpr):.3f})")
+            else:
+                precision, recall, _ = precision_recall_curve(is_class, score)
+                ax.step(recall, precision, where="post",
+                        label=f"{shorten(label, 20)} (AP {average_precision_score(is_class, score):.3f}, "
+                              f"base {is_class.mean():.2f})")
+        if name == "ROC":
+            ax.plot([0, 1], [0, 1], ":", color="gray", linewidth=1)
+            ax.set_xlabel("false positive rate (1 - specificity)")
+            ax.set_ylabel("true positive rate (sensitivity)")
+        else:
+            ax.set_xlabel("recall (sensitivity)")
+            ax.set_ylabel("precision")
+        if curves:
+            ax.legend(fontsize=8, loc="lower right" if name == "ROC" else "lower left")
+        else:
+            ax.text(0.5, 0.5, "needs both classes and finite probabilities", ha="center", va="center",
+                    color="gray", transform=ax.transAxes)
+        ax.set_xlim(-0.01, 1.01)
+        ax.set_ylim(-0.01, 1.01)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{title}: {name} ({kind}, n={len(y_true)})", fontsize=10)
+        save_figure(fig, path)
+
+
+def _draw_bins(ax, bins: list[dict], label: str, style: str, color: str) -> None:
+    filled = [b for b in bins if b["count"]]
+    ax.plot([b["confidence"] for b in filled], [b["accuracy"] for b in filled], style, color=color, label=label,
+            markersize=5)
+
+
+def plot_reliability(calibration: dict, path: str | os.PathLike, title: str,
+                     positive_name: str | None = None) -> None:
+    """reliability.png: accuracy against confidence per bin (top label), before and, with a temperature, after
+    scaling, the diagonal being perfect calibration; a binary task adds the positive class's panel (how often
+    an image is positive against P(positive)); image counts per bin below."""
+    panels = [("bins", "predicted class: confidence", "accuracy", "ece")]
+    if "positive_bins" in calibration:
+        panels.append(("positive_bins", f"P({positive_name or 'positive'})",
+                       f"share that is {positive_name or 'positive'}", "positive_ece"))
+    fig = Figure(figsize=(5.2 * len(panels), 6.2), layout="constrained")
+    grid = fig.add_gridspec(2, len(panels), height_ratios=[3, 1])
+    scaled = "temperature" in calibration
+    for column, (key, xlabel, ylabel, ece_key) in enumerate(panels):
+        ax = fig.add_subplot(grid[0, column])
+        counts_ax = fig.add_subplot(grid[1, column], sharex=ax)
+        ax.plot([0, 1], [0, 1], ":", color="gray", linewidth=1, label="perfectly calibrated")
+        _draw_bins(ax, calibration[key], f"model (ECE {calibration[ece_key]:.3f})", "o-", "tab:blue")
+        if scaled:
+            _draw_bins(ax, calibration[f"{key}_scaled"], f"T = {calibration['temperature']:.2f} "
+                                                         f"(ECE {calibration[f'{ece_key}_scaled']:.3f})",
+                       "s--", "tab:orange")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+        bins = calibration[key]
+        centres = [(b["lo"] + b["hi"]) / 2 for b in bins]
+        widths = [b["hi"] - b["lo"] for b in bins]
+        counts_ax.bar(centres, [b["count"] for b in bins], width=widths, color="tab:blue", alpha=0.5,
+                      edgecolor="white")
+        counts_ax.set_ylabel("images")
+        counts_ax.set_xlabel(xlabel)
+        counts_ax.set_xlim(0, 1)
+    fig.suptitle(f"{title}: reliability ({calibration['n_bins']} bins)", fontsize=10)
+    save_figure(fig, path)
