@@ -221,6 +221,17 @@ class LoggerConfig:
 
 
 @dataclass
+class CVConfig:
+    """k-fold cross-validation (lora_cls/tasks/crossval.py): one run per fold on the train+val pool."""
+
+    folds: int = setting(0, "k >= 2: train one model per fold of the train+val pool (stratified; patient-grouped "
+                            "for malaria), each evaluated on its held-out fold and the fixed test split, into "
+                            "fold_<k>/ run folders and a mean ± std summary; 0: one run, no cross-validation")
+    fold: int | None = setting(None, "the fold a fold's own run holds out (set by the cross-validation; leave "
+                                     "null)")
+
+
+@dataclass
 class TrainConfig:
     """The training config (lora-train). The YAML group options hold only what differs from these defaults; a key
     added later must default to the behaviour from before it existed: older checkpoints are read with it."""
@@ -234,6 +245,7 @@ class TrainConfig:
     trainer: TrainerConfig = setting(help="how training runs", factory=TrainerConfig)
     finetune: str = setting("lora", "lora | full (every parameter) | linear (the head only)")
     logger: LoggerConfig = setting(help="experiment loggers", factory=LoggerConfig)
+    cv: CVConfig = setting(help="k-fold cross-validation", factory=CVConfig)
 
 
 @dataclass

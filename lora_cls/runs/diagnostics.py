@@ -1,6 +1,6 @@
 """The figures beside a split's confusion matrix that say how far its numbers can be trusted: ROC and
-precision-recall curves (sklearn's roc_curve and precision_recall_curve: a binary task's positive class, one
-curve per class one-vs-rest otherwise) and the reliability diagram (the calibration bins of metrics.json, before
+precision-recall curves in one PNG (sklearn's roc_curve and precision_recall_curve: a binary task's positive
+class, one curve per class one-vs-rest otherwise) and the reliability diagram (the calibration bins of metrics.json, before
 and after temperature scaling). Drawn on matplotlib Figure objects, as runs/plots.py draws."""
 
 from __future__ import annotations
@@ -30,41 +30,38 @@ def _one_vs_rest(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str],
 
 
 def plot_roc_pr(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], positive: int | None,
-                roc_path: str | os.PathLike, pr_path: str | os.PathLike, title: str) -> None:
-    """roc_curve.png and pr_curve.png of one split (AUC and average precision in the legends)."""
+                path: str | os.PathLike, title: str) -> None:
+    """roc_pr.png of one split: the ROC curve (AUC in the legend) and the precision-recall curve (average
+    precision, and the share of the class: a classifier that guesses gets that precision) side by side."""
     y_true = np.asarray(y_true).astype(np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     curves = _one_vs_rest(y_true, probs, classes, positive) if np.isfinite(probs).all() else []
     kind = "positive class" if len(classes) == 2 and positive is not None else "one-vs-rest"
-    for path, name in ((roc_path, "ROC"), (pr_path, "precision-recall")):
-        fig = Figure(figsize=(5.6, 5.2), layout="constrained")
-        ax = fig.add_subplot()
-        for label, is_class, score in curves:
-            if name == "ROC":
-                fpr, tpr, _ = roc_curve(is_class, score)
-                ax.plot(fpr, tpr, label=f"{shorten(label, 20)} (AUC {auc(fpr, tpr):.3f})")
-            else:
-                precision, recall, _ = precision_recall_curve(is_class, score)
-                ax.step(recall, precision, where="post",
-                        label=f"{shorten(label, 20)} (AP {average_precision_score(is_class, score):.3f}, "
-                              f"base {is_class.mean():.2f})")
-        if name == "ROC":
-            ax.plot([0, 1], [0, 1], ":", color="gray", linewidth=1)
-            ax.set_xlabel("false positive rate (1 - specificity)")
-            ax.set_ylabel("true positive rate (sensitivity)")
-        else:
-            ax.set_xlabel("recall (sensitivity)")
-            ax.set_ylabel("precision")
+    fig = Figure(figsize=(10.4, 5.0), layout="constrained")
+    roc_ax, pr_ax = fig.subplots(1, 2)
+    for label, is_class, score in curves:
+        fpr, tpr, _ = roc_curve(is_class, score)
+        roc_ax.plot(fpr, tpr, label=f"{shorten(label, 20)} (AUC {auc(fpr, tpr):.3f})")
+        precision, recall, _ = precision_recall_curve(is_class, score)
+        pr_ax.step(recall, precision, where="post", label=f"{shorten(label, 20)} (AP "
+                   f"{average_precision_score(is_class, score):.3f}, share {is_class.mean():.2f})")
+    roc_ax.plot([0, 1], [0, 1], ":", color="gray", linewidth=1)
+    roc_ax.set_xlabel("false positive rate (1 - specificity)")
+    roc_ax.set_ylabel("true positive rate (sensitivity)")
+    pr_ax.set_xlabel("recall (sensitivity)")
+    pr_ax.set_ylabel("precision")
+    for ax, name, corner in ((roc_ax, "ROC", "lower right"), (pr_ax, "precision-recall", "lower left")):
         if curves:
-            ax.legend(fontsize=8, loc="lower right" if name == "ROC" else "lower left")
+            ax.legend(fontsize=8, loc=corner)
         else:
             ax.text(0.5, 0.5, "needs both classes and finite probabilities", ha="center", va="center",
                     color="gray", transform=ax.transAxes)
         ax.set_xlim(-0.01, 1.01)
         ax.set_ylim(-0.01, 1.01)
         ax.grid(alpha=0.3)
-        ax.set_title(f"{title}: {name} ({kind}, n={len(y_true)})", fontsize=10)
-        save_figure(fig, path)
+        ax.set_title(name, fontsize=10)
+    fig.suptitle(f"{title} ({kind}, n={len(y_true)})", fontsize=10)
+    save_figure(fig, path)
 
 
 def _draw_bins(ax, bins: list[dict], label: str, style: str, color: str) -> None:

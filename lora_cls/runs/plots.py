@@ -290,3 +290,26 @@ def plot_errors(path: str | os.PathLike, wrong: Sequence[int], image: Callable[[
         ax.set_axis_off()
     fig.suptitle(f"most confident mistakes ({len(shown)} of {len(wrong)})", fontsize=10)
     save_figure(fig, path)
+
+
+def plot_cv_folds(cv: dict, path: str | os.PathLike, title: str) -> None:
+    """cv_folds.png: held-out and test accuracy of each fold as bars, their means as lines (± std shaded)."""
+    folds = cv["per_fold"]
+    x = np.arange(len(folds))
+    fig = Figure(figsize=(max(6.0, 1.1 * len(folds) + 3), 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    for offset, part, colour, label in ((-0.2, "heldout", "tab:blue", "held-out fold"),
+                                        (0.2, "test", "tab:orange", "test split")):
+        values = [f[part].get("accuracy", math.nan) for f in folds]
+        ax.bar(x + offset, values, width=0.4, color=colour, alpha=0.8, label=label)
+        mean, std = cv["mean"][part]["accuracy"], cv["std"][part]["accuracy"]
+        ax.axhline(mean, color=colour, linestyle="--", linewidth=1.2, label=f"{label} mean {mean:.3f} ± {std:.3f}")
+        ax.axhspan(mean - std, mean + std, color=colour, alpha=0.12)
+    low = min(min(f[p].get("accuracy", 1.0) for f in folds) for p in ("heldout", "test"))
+    ax.set_ylim(max(0.0, low - 0.1), 1.01)
+    ax.set_xticks(x, [f"fold {f['fold']}" for f in folds])
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"{title}: {cv['folds']}-fold cross-validation", fontsize=10)
+    save_figure(fig, path)

@@ -72,11 +72,11 @@ def write_split_diagnostics(out_dir: str | os.PathLike, y_true: np.ndarray, prob
                             classes: Sequence[str], positive: int | None, calibration: dict | None,
                             paths: Sequence[str] | None, title: str) -> None:
     """predictions.csv (one row per image: path, true, predicted, prob_<class>; what lora-compare pairs runs on),
-    roc_curve.png, pr_curve.png and reliability.png in `out_dir`."""
+    roc_pr.png and reliability.png in `out_dir`."""
     out_dir = Path(out_dir)
     if paths is not None:
         write_split_predictions(out_dir / PREDICTIONS, paths, y_true, probs, classes)
-    plot_roc_pr(y_true, probs, classes, positive, out_dir / "roc_curve.png", out_dir / "pr_curve.png", title)
+    plot_roc_pr(y_true, probs, classes, positive, out_dir / "roc_pr.png", title)
     if calibration is not None:
         plot_reliability(calibration, out_dir / "reliability.png", title,
                          None if positive is None else str(classes[positive]))

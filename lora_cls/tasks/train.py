@@ -178,8 +178,9 @@ def run_timing(watch: Stopwatch, trainer: Trainer, trained_before: float) -> dic
     return timing
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Train per `cfg`, write the run folder, and return metrics.json's content."""
+def train(cfg: DictConfig, run_dir: str | Path, splits: DatasetSplits | None = None) -> dict:
+    """Train per `cfg` (on `splits` when given: a cross-validation fold), write the run folder, and return
+    metrics.json's content."""
     watch = Stopwatch()
     watch.add("startup", startup_seconds())
     run = RunDir(run_dir)
@@ -190,7 +191,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     watch.device = runtime.device
     prep = build.preprocessing(cfg)
     with watch.phase("data_load"):
-        splits, loaders = build.load_data(cfg, runtime, prep)
+        splits, loaders = build.load_data(cfg, runtime, prep, splits)
     if info.is_main:
         write_splits_json(splits, run.splits)
     _log_data(cfg, splits, loaders, runtime)
