@@ -17,8 +17,8 @@ from lora_cls.data.layouts import malaria_patient
 from lora_cls.data.splits import kfold_assignment, read_splits_json
 from lora_cls.errors import UserError
 
-# Two folds of a 12-per-class synthetic set (20 pool images), one step per epoch, deterministic.
-CV_TINY = ["experiment=demo", "dataset.image_size=32", "dataset.synthetic.num_per_class=12", "trainer.epochs=2",
+# Two folds of a 12-per-class synthetic set (20 pool images), ResNet18, one step per epoch, deterministic.
+CV_TINY = ["experiment=demo", "model.name=resnet18", "dataset.image_size=32", "dataset.synthetic.num_per_class=12", "trainer.epochs=2",
            "trainer.batch_size=16", "trainer.max_steps_per_epoch=1", "trainer.progress=false",
            "trainer.precision=32", "trainer.deterministic=true", "cv.folds=2"]
 
@@ -110,11 +110,15 @@ def test_a_cross_validation_killed_mid_fold_resumes_to_the_same_summary(cv_run, 
 
     cfg, reference, expected = cv_run
     no_figures(monkeypatch)
+    # Fold 0 had ended before the kill: the reference's own (deterministic: the same as a new one), saving a run.
+    (tmp_path / "cv").mkdir()
+    shutil.copy(reference / "cv.json", tmp_path / "cv" / "cv.json")
+    shutil.copytree(reference / "fold_0", tmp_path / "cv" / "fold_0")
     original, epochs = engine.Trainer.train_epoch, []
 
-    def killed_in_fold_1(self):  # fold 0: epochs 1-2, fold 1: epoch 1 done (its last.pt), then the kill
+    def killed_in_fold_1(self):  # fold 1: epoch 1 done (its last.pt written), then the kill in epoch 2
         epochs.append(self.state.epoch)
-        if len(epochs) == 4:
+        if len(epochs) == 2:
             raise KeyboardInterrupt
         return original(self)
 

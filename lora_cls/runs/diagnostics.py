@@ -105,3 +105,26 @@ def plot_reliability(calibration: dict, path: str | os.PathLike, title: str,
         counts_ax.set_xlim(0, 1)
     fig.suptitle(f"{title}: reliability ({calibration['n_bins']} bins)", fontsize=10)
     save_figure(fig, path)
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
+    """A Grad-CAM heatmap (H, W) in [0, 1] laid over an image (H, W, 3) uint8 in the jet colours, as the grad-cam
+    package draws it (show_cam_on_image); uint8 (H, W, 3)."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    return show_cam_on_image(np.asarray(image, np.float32) / 255.0, np.asarray(heatmap, np.float32), use_rgb=True,
+                             image_weight=0.55)
+
+
+def save_explanation(path: str | os.PathLike, image: np.ndarray, heatmap: np.ndarray, min_side: int = 224) -> None:
+    """One image's Grad-CAM PNG: the model's input and the overlay side by side, enlarged to `min_side` pixels
+    (a 32 px input would be a speck)."""
+    from PIL import Image
+
+    from lora_cls.files import atomic_open
+
+    pair = np.concatenate([np.asarray(image, np.uint8), overlay(image, heatmap)], axis=1)
+    scale = max(1, -(-min_side // pair.shape[0]))
+    picture = Image.fromarray(pair).resize((pair.shape[1] * scale, pair.shape[0] * scale), Image.NEAREST)
+    with atomic_open(path, "wb") as f:
+        picture.save(f, format="PNG")

@@ -272,8 +272,10 @@ def _plot_sweep_bars(ax: Any, rows: list[dict], override_keys: list[str]) -> Non
 
 
 def plot_errors(path: str | os.PathLike, wrong: Sequence[int], image: Callable[[int], np.ndarray],
-                y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], limit: int = 16) -> None:
-    """errors.png: a grid of the `limit` most confident mistakes; `image(i)` gives image i as uint8 (H, W, 3)."""
+                y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], limit: int = 16,
+                overlays: dict[int, np.ndarray] | None = None) -> None:
+    """errors.png: a grid of the `limit` most confident mistakes; `image(i)` gives image i as uint8 (H, W, 3), and
+    `overlays[i]`, when given, its Grad-CAM overlay (shown instead, the predicted class's heatmap)."""
     shown = list(wrong[:limit])
     cols = min(4, max(1, len(shown)))
     rows = max(1, -(-len(shown) // cols))
@@ -283,12 +285,13 @@ def plot_errors(path: str | os.PathLike, wrong: Sequence[int], image: Callable[[
         fig.axes[0].set_axis_off()
     for k, i in enumerate(shown):
         ax = fig.add_subplot(rows, cols, k + 1)
-        ax.imshow(image(i), interpolation="nearest")
+        ax.imshow(overlays[i] if overlays and i in overlays else image(i), interpolation="nearest")
         predicted = int(probs[i].argmax())
         ax.set_title(f"true {shorten(classes[int(y_true[i])], 16)}\npredicted {shorten(classes[predicted], 16)} "
                      f"({probs[i, predicted]:.2f})", fontsize=8, color="tab:red")
         ax.set_axis_off()
-    fig.suptitle(f"most confident mistakes ({len(shown)} of {len(wrong)})", fontsize=10)
+    what = ", Grad-CAM of the predicted class" if overlays else ""
+    fig.suptitle(f"most confident mistakes ({len(shown)} of {len(wrong)}{what})", fontsize=10)
     save_figure(fig, path)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,10 @@ from torch.utils.data import Dataset
 
 from lora_cls.adapters.inject import merge_lora
 from lora_cls.data.loaders import eval_loader
-from lora_cls.data.preprocess import EvalTransform, Preprocessing
+from lora_cls.data.preprocess import EvalTransform, Preprocessing, centre_crop
 from lora_cls.engine.device import Precision, autocast, prepare_batch, resolve_device, resolve_precision
 from lora_cls.engine.evaluation import TTA_MODES, EvalOutput, evaluate, merge_views, tta_views
+from lora_cls.engine.explain import grad_cam, target_layer
 from lora_cls.engine.loss import plain_logits
 from lora_cls.errors import UserError
 from lora_cls.models.build import build_model
@@ -34,6 +36,19 @@ ImageInput = Any  # a PIL image, a path, a (3, H, W) / (N, 3, H, W) tensor, or a
 MODEL_FILES = {"torchvision": "model.pth", "lowrank": "model.pth", "onnx": "model.onnx", "torchscript": "model.pt"}
 MODEL_JSON = "model.json"  # beside every export: what running it needs (classes, input, constructor, format)
 FLOAT32 = Precision("32", None, False, "float32")
+
+
+@dataclass
+class Explanation:
+    """Grad-CAM of a batch (`Classifier.explain`): `heatmaps` (N, S, S) float32 in [0, 1] over `images`, the model's
+    input crops as uint8 (N, S, S, 3); `probs` (N, K) as `probabilities` gives them (without tta); `classes` the
+    class index each heatmap is for; `layer` the module it was taken at."""
+
+    heatmaps: np.ndarray
+    images: np.ndarray
+    probs: np.ndarray
+    classes: list[int]
+    layer: str
 
 
 class Classifier:
@@ -54,7 +69,7 @@ class Classifier:
                  checkpoint: Path | None = None, device: str | torch.device = "cpu", precision: Precision = FLOAT32,
                  channels_last: bool = False, positive_class: str | None = None, config: Any = None,
                  meta: dict | None = None, batch_size: int = 64, tta: str = "none",
-                 temperature: float | None = None, calibrate: bool = False) -> None:
+                 temperature: float | None = None, calibrate: bool = False, head: str | None = None) -> None:
         self.device = torch.device(device)
         self.precision, self.channels_last = precision, bool(channels_last)
         memory = torch.channels_last if channels_last else torch.preserve_format
@@ -74,6 +89,7 @@ class Classifier:
                             f"{checkpoint or 'this export'} has none (trained before lora-cls fitted one); train "
                             "the run again, or use calibrate=false")
         self.calibrate = bool(calibrate)
+        self.head = head  # the classifier head's module name (never a Grad-CAM target)
         self._normalize = EvalTransform(self.preprocessing).to(self.device)
 
     def __repr__(self) -> str:
@@ -121,6 +137,24 @@ class Classifier:
         loader = eval_loader(dataset, int(batch_size or self.batch_size))
         return evaluate(self.model, loader, self._normalize, self.device, self.precision, self.channels_last,
                         desc=desc, progress=progress, tta=self.tta, temperature=self.scale)
+
+    def explain(self, images: ImageInput, classes: Sequence[int] | None = None,
+                layer: str | None = None) -> Explanation:
+        """Grad-CAM heatmaps of `images` for `classes` (default: each image's predicted class), at `layer` (a module
+        name; default: the model family's, engine/explain.py). Needs the grad-cam package and a model with its
+        layers: a run, its adapter file, or a torchvision/lowrank export (ONNX and TorchScript have no hooks)."""
+        if isinstance(self.model, (OnnxModule, torch.jit.ScriptModule)):
+            raise UserError("explain: Grad-CAM needs the model's own layers, which an ONNX or TorchScript export does "
+                            "not expose; use the run folder, its adapter file, or a torchvision/lowrank export")
+        batch = self._batch(images)
+        x = self._normalize(batch)
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            probs = (plain_logits(self.model(x)).float() / self.scale).softmax(dim=1).cpu()
+        targets = probs.argmax(dim=1).tolist() if classes is None else [int(c) for c in classes]
+        name, module, reshape = target_layer(self.model, self.image_size, layer, self.head)
+        heatmaps = grad_cam(self.model, x, targets, module, reshape)
+        crops = centre_crop(batch, self.image_size).permute(0, 2, 3, 1).cpu().numpy()
+        return Explanation(heatmaps, crops, probs.numpy(), targets, name)
 
     def export(self, format: str, folder: str | Path, **options: Any) -> dict[str, Any]:
         """`lora-export` from Python: write `format` (torchvision, lowrank, onnx, torchscript) into `folder`,
@@ -180,6 +214,7 @@ def from_checkpoint(path: str | Path, device: str | torch.device = "cpu", precis
     `precision`: "32", "bf16", "16", "auto", or None for the training run's own (what lora-eval uses to reproduce
     the run's metrics exactly); `device`: "cpu", "cuda", "cuda:N" or "auto"; `calibrate`: probabilities at the
     run's fitted temperature."""
+    from lora_cls.models.registry import model_spec
     from lora_cls.tasks.build import eval_batch_size, load_model_from_checkpoint
 
     adapter = resolve_checkpoint(path)
@@ -192,7 +227,7 @@ def from_checkpoint(path: str | Path, device: str | torch.device = "cpu", precis
     return Classifier(merged, meta["classes"], prep, adapter, where, how, bool(train_cfg.trainer.channels_last),
                       meta.get("positive_class"), train_cfg, meta,
                       int(meta.get("eval_batch_size") or eval_batch_size(train_cfg)), tta, meta.get("temperature"),
-                      calibrate)
+                      calibrate, model_spec(train_cfg.model.name, train_cfg.model.source).head)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", precision: str | None = "32",
@@ -205,7 +240,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", precision: str | 
         model, desc = read_export(path)
         prep = Preprocessing.from_json(desc.get("preprocessing"), int(desc["image_size"]))
         return Classifier(model, desc["classes"], prep, None, device, positive_class=desc.get("positive_class"),
-                          tta=tta, temperature=desc.get("temperature"), calibrate=calibrate)
+                          tta=tta, temperature=desc.get("temperature"), calibrate=calibrate, head=desc.get("head"))
     return from_checkpoint(path, device, precision, tta=tta, calibrate=calibrate)
 
 
