@@ -8,7 +8,7 @@ image is positive (`positive_ece`): what a threshold on prob_<positive class> re
 those of sklearn.calibration.calibration_curve (the tests check them against it), which returns no counts.
 
 T is found by scipy.optimize.minimize_scalar over log T (bounded to [0.05, 20]), on the NLL computed with
-scipy.special.log_softmax; T > 0 divides every logit alike, so the predicted class (and accuracy) never changes,
+scipy.special.log_softmax (a split without a single mistake has no minimum: T stays 1); T > 0 divides every logit alike, so the predicted class (and accuracy) never changes,
 nor a binary task's ROC AUC.
 """
 
@@ -61,7 +61,10 @@ def negative_log_likelihood(logits: np.ndarray, y_true: np.ndarray, temperature:
 
 def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     """The T > 0 minimising the NLL of softmax(logits / T) on (logits (N, K), y_true (N,)): over-confident models
-    get T > 1, under-confident ones T < 1."""
+    get T > 1, under-confident ones T < 1. Without a single mistake the NLL falls all the way to T → 0 (every
+    probability to 0 or 1): there is nothing to fit, and T = 1 is returned."""
+    if (np.asarray(logits).argmax(1) == np.asarray(y_true)).all():
+        return 1.0
     result = minimize_scalar(lambda log_t: negative_log_likelihood(logits, y_true, math.exp(log_t)),
                              bounds=_LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-6})
     return float(math.exp(result.x))
