@@ -117,7 +117,7 @@ def test_runs_on_the_same_test_images_get_a_paired_test(tmp_path):
     assert float(table["r4"]["mcnemar_p"]) == pytest.approx(0.109375)
     md = (tmp_path / "out" / "comparison.md").read_text()
     assert "## Paired tests on the test split (100 images)" in md
-    assert "McNemar p = 0.109 (2 images only this run gets right, 8 only the reference)" in md
+    assert "McNemar p = 0.109 (images only this run gets right: 2, only the reference: 8)" in md
     assert "`old`: not tested, no reports/test/predictions.csv" in md
 
 

@@ -12,7 +12,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from lora_cls.runs.summary import SUMMARY_FIELDS, _format_summary_value, overlap_notes, with_interval
+from lora_cls.runs.summary import (
+    PAIRED_COLUMNS,
+    SUMMARY_FIELDS,
+    _format_summary_value,
+    overlap_notes,
+    with_interval,
+)
 
 
 def print_parameter_report(report: dict, title: str = "Parameters", console=None) -> None:
@@ -105,7 +111,7 @@ def print_sweep_summary(rows: Sequence[dict], console: Console | None = None, ti
     # (summary.csv and summary.md keep every column).
     headline = ("job", "status", "trainable", "val_accuracy", "test_accuracy", "train_seconds", "error")
     # `finetune` is both a summary field and an override (finetune=lora,full,linear): shown when it varies.
-    varying = [c for c in columns if (c not in SUMMARY_FIELDS or c == "finetune") and c != "job"
+    varying = [c for c in columns if (c not in SUMMARY_FIELDS or c == "finetune") and c not in ("job", *PAIRED_COLUMNS)
                and len({repr(r.get(c)) for r in rows}) > 1]
     shown = ["job", *varying, *[c for c in headline[1:] if c in columns]]
     if not any(r.get("error") for r in rows):

@@ -42,6 +42,8 @@ SUMMARY_FIELDS = [
 ]
 # The 95% interval of a metric is in <metric>_lo and <metric>_hi (metrics.json `ci`; empty for older runs).
 INTERVAL_SUFFIXES = ("_lo", "_hi")
+# lora-compare's paired test of each run against the best on validation (tasks/compare.py)
+PAIRED_COLUMNS = ("paired_vs", "test_accuracy_diff", "test_accuracy_diff_lo", "test_accuracy_diff_hi", "mcnemar_p")
 
 
 def write_sweep_summary(sweep_dir: str | os.PathLike, title: str | None = None) -> list[dict]:

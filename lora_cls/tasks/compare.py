@@ -30,7 +30,13 @@ from lora_cls.errors import UserError
 from lora_cls.metrics.intervals import mcnemar_exact, paired_difference
 from lora_cls.runs.folder import METRICS, RunDir
 from lora_cls.runs.reports import PREDICTIONS, read_split_predictions
-from lora_cls.runs.summary import _best_rows, _find_job_dirs, summary_table, write_summary_files
+from lora_cls.runs.summary import (
+    PAIRED_COLUMNS,
+    _best_rows,
+    _find_job_dirs,
+    summary_table,
+    write_summary_files,
+)
 
 STEM = "comparison"
 
@@ -113,9 +119,6 @@ def compare_runs(specs: list[str], out: str | Path, title: str = "Run comparison
     return rows
 
 
-PAIRED_COLUMNS = ("paired_vs", "test_accuracy_diff", "test_accuracy_diff_lo", "test_accuracy_diff_hi", "mcnemar_p")
-
-
 def _correct_by_image(folder: Path) -> dict[str, tuple[str, bool]] | None:
     rows = read_split_predictions(RunDir(folder).reports("test") / PREDICTIONS)
     if not rows:
@@ -161,8 +164,8 @@ def paired_tests(rows: list[dict], folders: list[Path]) -> str:
                     "mcnemar_p": round(test["p_value"], 6)})
         verdict = "a difference at the 5% level" if test["p_value"] < 0.05 else "no evidence of a difference at 5%"
         lines.append(f"- `{row['job']}`: {diff['difference']:+.4f} ({diff['lo']:+.4f} to {diff['hi']:+.4f}); "
-                     f"McNemar p = {test['p_value']:.3g} ({test['only_a']} images only this run gets right, "
-                     f"{test['only_b']} only the reference): {verdict}")
+                     f"McNemar p = {test['p_value']:.3g} (images only this run gets right: {test['only_a']}, "
+                     f"only the reference: {test['only_b']}): {verdict}")
     return "\n".join(lines) if len(lines) > header else ""
 
 

@@ -238,5 +238,7 @@ def run_predict(cfg: Any, run_dir: str | Path, console: Console | None = None) -
     if skipped:
         console.print(f"[yellow]skipped {len(skipped)} undecodable file(s)[/yellow] (skip_bad=true): "
                       + ", ".join(s["path"] for s in skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    if summary.get("explain_layer"):
+        console.print(f"Grad-CAM heatmaps (at {summary['explain_layer']}): {Path(run_dir) / EXPLAIN_DIR}/")
     console.print(f"predictions: {Path(run_dir) / PREDICTIONS}")
     return summary
