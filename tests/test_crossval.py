@@ -54,6 +54,12 @@ def test_malaria_folds_never_split_a_patient_and_leave_the_test_patients_out(tmp
         assert split.test == [tuple(t) for t in plan["test"]]
 
 
+def train_cfg_eval(ckpt):
+    from conftest import compose_config
+
+    return compose_config("eval", [f"ckpt={path_value(ckpt)}", "split=val", "progress=false", "explain=false"])
+
+
 def no_figures(mp: pytest.MonkeyPatch) -> None:
     """PNGs are not drawn (1 s each on a loaded 2-core machine; test_reports and test_diagnostics check them)."""
     for module in ("lora_cls.runs.plots", "lora_cls.runs.diagnostics"):
@@ -74,7 +80,10 @@ def cv_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_every_fold_is_a_run_folder_and_the_summary_holds_mean_and_std(cv_run):
+def test_every_fold_is_a_run_folder_and_the_summary_holds_mean_and_std(cv_run, tmp_path, monkeypatch):
+    from lora_cls.tasks.evaluate import evaluate_checkpoint
+
+    no_figures(monkeypatch)
     cfg, run_dir, metrics = cv_run
     plan = json.loads((run_dir / "cv.json").read_text())
     held_out = []
@@ -90,6 +99,9 @@ def test_every_fold_is_a_run_folder_and_the_summary_holds_mean_and_std(cv_run):
         assert row["heldout"]["accuracy"] == fold_metrics["val"]["accuracy"]
         assert row["test"]["accuracy"] == fold_metrics["test"]["accuracy"]
     assert sorted(held_out) == sorted((p, label) for p, label, _ in plan["pool"])  # the folds cover the pool
+    # lora-eval reads a fold as any run: split=val is its held-out fold, reproduced exactly
+    evaluated = evaluate_checkpoint(train_cfg_eval(run_dir / "fold_1"), tmp_path / "eval")
+    assert evaluated["val"]["accuracy"] == metrics["cv"]["per_fold"][1]["heldout"]["accuracy"]
     accuracies = [r["test"]["accuracy"] for r in metrics["cv"]["per_fold"]]
     assert metrics["cv"]["mean"]["test"]["accuracy"] == pytest.approx(np.mean(accuracies), abs=1e-6)
     assert metrics["cv"]["std"]["test"]["accuracy"] == pytest.approx(np.std(accuracies, ddof=1), abs=1e-6)
