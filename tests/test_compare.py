@@ -78,3 +78,58 @@ def test_a_sweep_root_stands_for_its_jobs_and_interpolations_are_resolved(tmp_pa
     assert "trainer.progress" not in rows[0]
     with pytest.raises(UserError, match="already holds a comparison"):
         compare_runs([str(tmp_path / "sweep")], tmp_path / "out")
+
+
+def _predictions(folder, correct, extra=()):
+    """reports/test/predictions.csv of a run: 100 images, alternately true class a and b, right where `correct`."""
+    report = folder / "reports" / "test"
+    report.mkdir(parents=True)
+    lines = ["path,true,predicted,prob_a,prob_b"]
+    for i, right in enumerate(correct):
+        true = "ab"[i % 2]
+        predicted = true if right else "ab"[1 - i % 2]
+        lines.append(f"test/{i:03d}.png,{true},{predicted},0.5,0.5")
+    (report / "predictions.csv").write_text("\n".join([*lines, *extra]) + "\n", encoding="utf-8")
+
+
+def test_runs_on_the_same_test_images_get_a_paired_test(tmp_path):
+    from lora_cls.tasks.compare import compare_runs
+
+    # 100 images: both right on 80, only the rank-8 run on 8, only the rank-4 run on 2, both wrong on 10.
+    best = [True] * 80 + [True] * 8 + [False] * 2 + [False] * 10
+    other = [True] * 80 + [False] * 8 + [True] * 2 + [False] * 10
+    for name, rank, correct in (("r8", 8, best), ("r4", 4, other)):
+        run = _fake_run(tmp_path / name, rank, sum(correct) / 100)
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["val"] = {"accuracy": 0.9 if rank == 8 else 0.85}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        _predictions(run, correct)
+    _fake_run(tmp_path / "old", 2, 0.5)  # no predictions.csv: a run from before they were written
+    rows = compare_runs([str(tmp_path / n) for n in ("r8", "r4", "old")], tmp_path / "out")
+    by_job = {r["job"]: r for r in rows}
+    assert by_job["r4"]["paired_vs"] == "r8"
+    assert by_job["r4"]["test_accuracy_diff"] == pytest.approx(-0.06)
+    assert by_job["r4"]["mcnemar_p"] == pytest.approx(112 / 1024, abs=1e-6)  # 2·P(X <= 2 | 10, 1/2)
+    assert by_job["r4"]["test_accuracy_diff_lo"] < -0.06 < by_job["r4"]["test_accuracy_diff_hi"] <= 0
+    assert by_job["r8"]["paired_vs"] is None and by_job["old"]["mcnemar_p"] is None
+    with open(tmp_path / "out" / "comparison.csv", newline="") as f:
+        table = {r["job"]: r for r in csv.DictReader(f)}
+    assert float(table["r4"]["mcnemar_p"]) == pytest.approx(0.109375)
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert "## Paired tests on the test split (100 images)" in md
+    assert "McNemar p = 0.109 (images only this run gets right: 2, only the reference: 8)" in md
+    assert "`old`: not tested, no reports/test/predictions.csv" in md
+
+
+def test_runs_on_other_test_images_are_not_paired(tmp_path):
+    from lora_cls.tasks.compare import compare_runs
+
+    for name, val, extra in (("a", 0.9, ()), ("b", 0.8, ("test/extra.png,a,a,0.5,0.5",))):
+        run = _fake_run(tmp_path / name, 8 if name == "a" else 4, 0.9)
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["val"] = {"accuracy": val}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        _predictions(run, [True] * 100, extra)
+    rows = compare_runs([str(tmp_path / "a"), str(tmp_path / "b")], tmp_path / "out")
+    assert all(r["mcnemar_p"] is None for r in rows)
+    assert "`b`: not tested, evaluated on other test images" in (tmp_path / "out" / "comparison.md").read_text()

@@ -187,3 +187,27 @@ def test_lora_train_search_runs_continues_and_picks_on_validation(run_cli, tiny_
     assert "optuna: best trial" in second.stderr + second.stdout
     rows = write_sweep_summary(sweep_dir)
     assert [r["job"] for r in rows] == ["0", "1", "2"] and all(r["status"] == "ok" for r in rows)
+
+
+def test_the_report_gives_each_trial_its_intervals_and_says_whether_the_top_two_overlap(tmp_path):
+    class WithIntervals(FakeLaunch):
+        def __call__(self, overrides, first_job):
+            results = super().__call__(overrides, first_job)
+            for val, folder in results:
+                metrics = json.loads((tmp_path / folder / "metrics.json").read_text())
+                metrics["val"]["ci"] = {"accuracy": [val - 0.05, val + 0.05]}
+                metrics["test"]["ci"] = {"accuracy": [0.7, 0.9]}
+                (tmp_path / folder / "metrics.json").write_text(json.dumps(metrics))
+            return results
+
+    values = iter([0.9, 0.5, 0.88])  # trials 0 and 2 are the top two, 0.02 apart: their intervals overlap
+    launch = WithIntervals(tmp_path, lambda job: (next(values), 0.8))
+    settings = SearchSettings(n_trials=3, sampler="random", params={"lora.dropout": "interval(0.0, 0.3)"})
+    results = run_search(settings, [], tmp_path, launch)
+    top = results["top_two"]
+    assert (top["trials"], top["val_accuracy"], top["intervals_overlap"]) == ([0, 2], [0.9, 0.88], True)
+    assert top["val_accuracy_ci"] == [pytest.approx([0.85, 0.95]), pytest.approx([0.83, 0.93])]
+    with open(tmp_path / TRIALS, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["val_accuracy_lo"]) for r in rows] == pytest.approx([0.85, 0.45, 0.83])
+    assert [float(r["test_accuracy_hi"]) for r in rows] == [0.9, 0.9, 0.9]

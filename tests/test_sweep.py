@@ -220,3 +220,33 @@ def test_a_single_rank_sweep_draws_test_val_and_parameters_in_three_colours(tmp_
     colours = {line.get_label(): to_hex(line.get_color()) for line in lines}
     assert set(colours) == {"test accuracy", "val accuracy", "trainable params"}
     assert len(set(colours.values())) == 3
+
+
+def test_sweep_summary_shows_intervals_and_says_when_the_top_two_overlap(tmp_path):
+    def metrics(val: float, test: float, val_ci, test_ci) -> dict:
+        m = job_metrics(2, test)
+        m["val"]["accuracy"], m["val"]["ci"] = val, {"accuracy": val_ci}
+        m["test"]["ci"] = {"accuracy": test_ci}
+        m["test"]["calibration"] = {"ece": 0.0512}
+        return m
+
+    make_job(tmp_path, "0", ["lora.rank=4"], metrics(0.95, 0.90, [0.90, 0.98], [0.85, 0.94]))
+    make_job(tmp_path, "1", ["lora.rank=8"], metrics(0.92, 0.80, [0.86, 0.96], [0.74, 0.84]))
+    make_job(tmp_path, "2", ["lora.rank=16"], job_metrics(16, 0.5))  # an older run: no intervals
+    rows = write_sweep_summary(tmp_path)
+    assert (rows[0]["val_accuracy_lo"], rows[0]["val_accuracy_hi"], rows[0]["test_ece"]) == (0.90, 0.98, 0.0512)
+    assert rows[2]["val_accuracy_lo"] is None and rows[2]["test_accuracy_hi"] is None
+    table = read_csv(tmp_path / "summary.csv")
+    assert "test_accuracy_lo" in table[0] and table[3][table[0].index("test_accuracy_lo")] == ""
+    md = (tmp_path / "summary.md").read_text()
+    assert ("Top two on validation accuracy: `0` 0.9500 [0.9000, 0.9800] and `1` 0.9200 [0.8600, 0.9600]; their "
+            "95% intervals overlap: the difference is within what this split can tell.") in md
+    assert ("Top two on test accuracy: `0` 0.9000 [0.8500, 0.9400] and `1` 0.8000 [0.7400, 0.8400]; their 95% "
+            "intervals do not overlap.") in md
+    assert "| 0.9000 [0.8500, 0.9400] |" in md and "test_accuracy_lo" not in md  # folded into the cell
+    lines = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    assert "| 0.5000 |" in lines["2"]
+    console = Console(record=True, width=200)
+    print_sweep_summary(rows, console)
+    text = console.export_text()
+    assert "0.9500 [0.9000, 0.9800]" in text and "intervals overlap" in text

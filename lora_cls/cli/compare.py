@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> None:
 
     # A pipe or a log file gets the whole table rather than headers wrapped at 80 columns.
     print_sweep_summary(rows, Console(width=None if sys.stdout.isatty() else 200), title=args.title)
+    for row in rows:
+        if row.get("mcnemar_p") is not None:
+            print(f"paired test, {row['job']} against {row['paired_vs']} (test split): accuracy difference "
+                  f"{row['test_accuracy_diff']:+.4f} [{row['test_accuracy_diff_lo']:+.4f}, "
+                  f"{row['test_accuracy_diff_hi']:+.4f}], McNemar p = {row['mcnemar_p']:.3g}")
     print(f"comparison: {out}/{STEM}.csv, {STEM}.md, {STEM}.png")
 
 

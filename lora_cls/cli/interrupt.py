@@ -34,6 +34,12 @@ def interrupted(run_dir: Path, overrides: list[str], training: bool = True, swee
     go on. Other commands, and a training run stopped before its first checkpoint, have nothing to resume.
     In a sweep the way on is the same sweep command into the same folder (`check_sweep_dir`)."""
     last = RunDir(run_dir).last
+    if training and sweep_dir is None and (Path(run_dir) / "cv.json").is_file():  # a cross-validation
+        done = sorted(p.parent.name for p in Path(run_dir).glob("fold_*/metrics.json"))
+        print(f"\ninterrupted: the cross-validation's finished folds ({', '.join(done) or 'none yet'}) are kept, "
+              f"and the fold in progress goes on from its last completed epoch.\n"
+              f"resume with:\n  {run_resume_command(overrides, run_dir)}", file=sys.stderr)
+        sys.exit(130)
     if training and sweep_dir is not None:
         command = sweep_resume_command(sys.argv[1:] if argv is None else argv, sweep_dir)
         print(f"\ninterrupted: the sweep stopped in job {run_dir.name}; finished jobs are kept in {sweep_dir}.\n"

@@ -90,7 +90,8 @@ def check_sweep_dir(sweep_dir: Path, job_overrides: list[str]) -> None:
     if (sweep_dir / "summary.csv").exists() and not (sweep_dir / "optuna.db").exists():  # a study may go on
         raise UserError(f"sweep folder {sweep_dir} already holds a finished sweep (summary.csv); "
                         "choose another hydra.sweep.dir")
-    found = sorted(sweep_dir.glob("*/metrics.json")) + sorted(sweep_dir.glob("*/checkpoints/last.pt"))
+    found = sorted(sweep_dir.glob("*/metrics.json")) + sorted(sweep_dir.glob("*/checkpoints/last.pt")) + \
+        sorted(sweep_dir.glob("*/cv.json"))  # a cross-validation job writes its plan before any fold
     if not found:
         return
     previous = sweep_overrides(sweep_dir)

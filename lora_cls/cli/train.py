@@ -11,14 +11,21 @@ from lora_cls.conf.checks import validate
 
 
 def _train(cfg: DictConfig, run_dir: Path) -> dict:
-    from lora_cls.tasks.train import (
-        train,  # imported when a job runs, so --help and config errors answer fast
-    )
+    # imported when a job runs, so --help and config errors answer fast
+    if cfg.cv.folds:
+        from lora_cls.tasks.crossval import cross_validate
+
+        return cross_validate(cfg, run_dir)
+    from lora_cls.tasks.train import train
 
     return train(cfg, run_dir)
 
 
 def _check_run_dir(cfg: DictConfig, run_dir: Path):
+    if cfg.cv.folds:
+        from lora_cls.tasks.crossval import check_cv_dir
+
+        return check_cv_dir(cfg, run_dir)
     from lora_cls.runs.resume import prepare_run_dir
 
     return prepare_run_dir(cfg, run_dir)

@@ -84,6 +84,7 @@ def validate(cfg: DictConfig | Any) -> None:
     check_value(tr.max_steps_per_epoch is None or tr.max_steps_per_epoch >= 1, "trainer.max_steps_per_epoch", "must be >= 1")
     check_device(tr.device, "trainer.device")
     _check_recipe(tr, op)
+    _check_cv(cfg)
     check_loggers(cfg.get("logger"))
 
 
@@ -160,6 +161,18 @@ def _check_recipe(tr: Any, op: Any) -> None:
            f"must be null or balanced, got {tr.class_weights!r}")
     check_value(0.0 <= tr.ema < 1.0, "trainer.ema", f"must be in [0, 1) (0: off; e.g. 0.999), got {tr.ema}")
     check_value(op.head_lr_scale > 0, "optimizer.head_lr_scale", f"must be > 0, got {op.head_lr_scale}")
+
+
+def _check_cv(cfg: Any) -> None:
+    cv = cfg.get("cv")
+    if cv is None:
+        return
+    check_value(cv.folds == 0 or cv.folds >= 2, "cv.folds", f"must be 0 (off) or at least 2, got {cv.folds}")
+    check_value(cv.fold is None or 0 <= cv.fold < max(cv.folds, 1), "cv.fold",
+                f"is set by the cross-validation for its fold runs; leave it null (got {cv.fold})")
+    check_value(not cv.folds or str(cfg.trainer.resume) in ("auto", "never"), "trainer.resume",
+                "a cross-validation resumes its folds in its own folder: use auto (or never) with cv.folds, and "
+                "the same hydra.run.dir")
 
 
 def _check_rank_is_low(cfg: DictConfig | Any) -> None:

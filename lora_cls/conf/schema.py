@@ -221,6 +221,17 @@ class LoggerConfig:
 
 
 @dataclass
+class CVConfig:
+    """k-fold cross-validation (lora_cls/tasks/crossval.py): one run per fold on the train+val pool."""
+
+    folds: int = setting(0, "k >= 2: train one model per fold of the train+val pool (stratified; patient-grouped "
+                            "for malaria), each evaluated on its held-out fold and the fixed test split, into "
+                            "fold_<k>/ run folders and a mean ± std summary; 0: one run, no cross-validation")
+    fold: int | None = setting(None, "the fold a fold's own run holds out (set by the cross-validation; leave "
+                                     "null)")
+
+
+@dataclass
 class TrainConfig:
     """The training config (lora-train). The YAML group options hold only what differs from these defaults; a key
     added later must default to the behaviour from before it existed: older checkpoints are read with it."""
@@ -234,6 +245,7 @@ class TrainConfig:
     trainer: TrainerConfig = setting(help="how training runs", factory=TrainerConfig)
     finetune: str = setting("lora", "lora | full (every parameter) | linear (the head only)")
     logger: LoggerConfig = setting(help="experiment loggers", factory=LoggerConfig)
+    cv: CVConfig = setting(help="k-fold cross-validation", factory=CVConfig)
 
 
 @dataclass
@@ -256,6 +268,12 @@ class EvalConfig:
     batch_size: int | None = setting(None, "null: the training run's eval batch size")
     tta: str = setting("none", "test-time augmentation: none | flip (the mean of the image's and its mirror's "
                                "probabilities)")
+    calibrate: bool = setting(False, "probabilities at the run's fitted temperature, softmax(logits / T) (accuracy "
+                                     "unchanged); false: the model's own, as training reported them")
+    explain: bool | None = setting(None, "errors.png shows a Grad-CAM overlay on each mistake; null: when the "
+                                         "grad-cam package is installed")
+    explain_layer: str | None = setting(None, "the layer Grad-CAM looks at; null: the model family's last "
+                                              "convolutional stage (docs/evaluation.md)")
     progress: bool = setting(True, "progress bars and console tables")
 
 
@@ -273,6 +291,12 @@ class PredictConfig:
     skip_bad: bool = setting(False, "skip undecodable inputs (listed in predict.json) instead of stopping")
     tta: str = setting("none", "test-time augmentation: none | flip (the mean of the image's and its mirror's "
                                "probabilities)")
+    calibrate: bool = setting(False, "probabilities at the run's fitted temperature, softmax(logits / T) (the "
+                                     "predicted class is the same)")
+    explain: bool = setting(False, "also write a Grad-CAM heatmap PNG per image into explain/ (pip install "
+                                   "'lora-cls[explain]')")
+    explain_layer: str | None = setting(None, "the layer Grad-CAM looks at; null: the model family's last "
+                                              "convolutional stage (docs/evaluation.md)")
     show: int = setting(20, "rows of the console table; predictions.csv has them all")
     progress: bool = setting(True, "progress bars")
 

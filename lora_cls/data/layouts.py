@@ -233,6 +233,7 @@ class Layout:
 
     read: Callable[[Any, Path], LayoutContents]
     how_to_get: str | None = None
+    group: Callable[[str], str] | None = None  # the group of an image (its patient): splits never divide one
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -243,9 +244,15 @@ LAYOUTS: dict[str, Layout] = {
                                      "scripts/download_smoking.py (see data/README.md), or set dataset.root"),
     "malaria": Layout(_read_malaria, "download https://data.lhncbc.nlm.nih.gov/public/Malaria/cell_images.zip "
                                      "and unzip it there with python scripts/download_malaria.py (see "
-                                     "data/README.md), or set dataset.root"),
+                                     "data/README.md), or set dataset.root", group=malaria_patient),
 }
 DATASET_NAMES = tuple(LAYOUTS)  # the dataset names, in the order the config help lists them
+
+
+def sample_groups(name: str, paths: Sequence[str]) -> list[str] | None:
+    """The group of each image for a layout that splits by group (malaria: the patient), else None."""
+    group = LAYOUTS[name].group
+    return None if group is None else [group(path) for path in paths]
 
 
 def prepare_splits(cfg: Any, need: Sequence[str] = SPLIT_NAMES) -> DatasetSplits:

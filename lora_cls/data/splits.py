@@ -208,3 +208,29 @@ def grouped_split(samples: Sequence[Sample], groups: Sequence[str], num_classes:
         out[assignment[g]].extend(by_group[name])
     return sorted(out[0]), sorted(out[1]), sorted(out[2])
 
+
+
+def kfold_assignment(labels: Sequence[int], folds: int, seed: int, groups: Sequence[str] | None = None) -> list[int]:
+    """The fold (0..folds-1) of each sample of a pool for k-fold cross-validation: stratified by label
+    (sklearn's StratifiedKFold, shuffled with `seed`), and with `groups` (a malaria patient per image) grouped
+    too, so no group is in two folds (StratifiedGroupKFold). UserError when a class or the groups are too few."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(labels)
+    if counts[counts > 0].min() < folds:
+        raise UserError(f"cv.folds={folds} needs at least {folds} images of each class in the train+val pool; the "
+                        f"smallest class has {int(counts[counts > 0].min())}: use fewer folds or more data")
+    rows = np.zeros((len(labels), 1))
+    if groups is None:
+        splitter = StratifiedKFold(folds, shuffle=True, random_state=int(seed) & 0xFFFFFFFF).split(rows, labels)
+    else:
+        if len(set(groups)) < folds:
+            raise UserError(f"cv.folds={folds}: the pool holds {len(set(groups))} patients, fewer than the folds; "
+                            "use fewer folds")
+        splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=int(seed) & 0xFFFFFFFF).split(
+            rows, labels, list(groups))
+    assignment = np.full(len(labels), -1)
+    for fold, (_, held_out) in enumerate(splitter):
+        assignment[held_out] = fold
+    return [int(f) for f in assignment]

@@ -43,8 +43,10 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BICUBIC))
 
 
-def render_cell(rng: np.random.Generator, size: int, parasitized: bool) -> np.ndarray:
-    """One synthetic blood-cell picture, (size, size, 3) uint8 RGB.
+def render_cell(rng: np.random.Generator, size: int, parasitized: bool,
+                inclusions: list[tuple[float, float, float]] | None = None) -> np.ndarray:
+    """One synthetic blood-cell picture, (size, size, 3) uint8 RGB; a parasitized cell's dark inclusions are
+    appended to `inclusions` as (x, y, radius) in pixels when a list is given (the picture is the same).
 
     Light background; a pink/purple textured, irregular ellipse with a slightly darker rim; parasitized
     cells carry one or two dark purple inclusions (a ring or a blob, radius ≈ 6–10 % of the image so they
@@ -78,12 +80,14 @@ def render_cell(rng: np.random.Generator, size: int, parasitized: bool) -> np.nd
     cell -= 22.0 * rim[..., None]
     image = image * (1 - inside[..., None]) + cell * inside[..., None]
 
-    def spot(colour: Sequence[float], alpha: float, spot_radius: float, ring: bool) -> None:
+    def spot(colour: Sequence[float], alpha: float, spot_radius: float, ring: bool, record: bool = False) -> None:
         nonlocal image
         rho = np.sqrt(rng.uniform(0, 0.55 ** 2))  # uniform over the inner disc of the cell
         phi = rng.uniform(0, 2 * np.pi)
         sx = cx + rho * radius * np.cos(phi)
         sy = cy + rho * radius * ellipticity * np.sin(phi)
+        if record and inclusions is not None:
+            inclusions.append((float(sx), float(sy), float(spot_radius)))
         d = np.sqrt((xx - sx) ** 2 + (yy - sy) ** 2) / spot_radius
         if ring:
             weight = np.exp(-(((d - 0.75) / 0.32) ** 2))
@@ -95,7 +99,8 @@ def render_cell(rng: np.random.Generator, size: int, parasitized: bool) -> np.nd
     if parasitized:
         for _ in range(rng.integers(1, 3)):
             colour = np.array([78, 28, 104]) + rng.uniform(-15, 15, 3)
-            spot(colour, rng.uniform(0.85, 1.0), rng.uniform(0.06, 0.10) * s, ring=bool(rng.random() < 0.5))
+            spot(colour, rng.uniform(0.85, 1.0), rng.uniform(0.06, 0.10) * s, ring=bool(rng.random() < 0.5),
+                 record=True)
     else:
         for _ in range(rng.integers(0, 4)):
             spot([250, 225, 240], rng.uniform(0.25, 0.5), rng.uniform(0.05, 0.10) * s, ring=False)
@@ -131,6 +136,15 @@ def generate_synthetic(root: str | Path, num_per_class: int, source_size: int, s
     marker = {"generator": "lora_cls.data.render_cell", "version": SYNTHETIC_VERSION,
               "num_per_class": num_per_class, "source_size": source_size, "seed": seed}
     (root / SYNTHETIC_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+
+
+def synthetic_inclusions(index: int, label: int, source_size: int, seed: int) -> list[tuple[float, float, float]]:
+    """Where image `index` of class `label` of a generated set has its dark inclusions: (x, y, radius) in the
+    pixels of its file (empty for an uninfected cell), drawn again from the image's own seed."""
+    found: list[tuple[float, float, float]] = []
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, label, index])
+    render_cell(rng, source_size, SYNTHETIC_CLASSES[label] == "parasitized", found)
+    return found
 
 
 def _synthetic_marker(root: Path) -> dict[str, Any] | None:

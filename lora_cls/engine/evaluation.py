@@ -27,8 +27,9 @@ from lora_cls.errors import UserError
 class EvalOutput:
     loss: float
     y_true: np.ndarray  # (N,) int
-    probs: np.ndarray  # (N, K) float32
+    probs: np.ndarray  # (N, K) float32 (divided by `temperature` before the softmax when one is given)
     seconds: float
+    logits: np.ndarray | None = None  # (N, K) float32, the model's own (tta: log of the views' mean probability)
 
     @property
     def y_pred(self) -> np.ndarray:
@@ -50,15 +51,16 @@ def merge_views(probs: torch.Tensor, tta: str) -> torch.Tensor:
 
 def evaluate(model: nn.Module, loader: Iterable, preprocess: nn.Module, device: torch.device,
              precision: Precision, channels_last: bool = True, desc: str = "eval",
-             progress: bool = True, tta: str = "none") -> EvalOutput:
+             progress: bool = True, tta: str = "none", temperature: float = 1.0) -> EvalOutput:
     """Loss and class probabilities over a loader, on `merged_view(model)`: the adapters merged into plain layers.
     With `tta` (flip) the probabilities are the mean over the image and its mirror, and the loss is the negative
-    log of that mean's probability of the true class."""
+    log of that mean's probability of the true class. A `temperature` T divides the logits before the softmax
+    (probabilities and loss; the prediction is the same); `logits` are kept unscaled."""
     model = merged_view(model)
     was_training = model.training
     model.eval()
     preprocess.eval()
-    losses, labels, probs = [], [], []
+    losses, labels, probs, raw = [], [], [], []
     start = time.perf_counter()
     with torch.inference_mode():
         for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
@@ -68,11 +70,13 @@ def evaluate(model: nn.Module, loader: Iterable, preprocess: nn.Module, device: 
                 logits = plain_logits(model(tta_views(x, tta)))
             logits = logits.float()
             if tta == "none":
-                losses.append(F.cross_entropy(logits, y, reduction="sum"))
-                p = logits.softmax(dim=1)
+                losses.append(F.cross_entropy(logits / temperature, y, reduction="sum"))
+                p = (logits / temperature).softmax(dim=1)
+                raw.append(logits)
             else:
-                p = merge_views(logits.softmax(dim=1), tta)
+                p = merge_views((logits / temperature).softmax(dim=1), tta)
                 losses.append(F.nll_loss(p.clamp_min(1e-12).log(), y, reduction="sum"))
+                raw.append(merge_views(logits.softmax(dim=1), tta).clamp_min(1e-30).log())
             labels.append(y)
             probs.append(p)
     model.train(was_training)
@@ -84,7 +88,7 @@ def evaluate(model: nn.Module, loader: Iterable, preprocess: nn.Module, device: 
         raise UserError(f"evaluation on the {desc} split gave a non-finite loss (NaN/inf): the model's weights "
                         "hold non-finite values (a damaged checkpoint or a diverged run)")
     return EvalOutput(loss=loss, y_true=y_true, probs=torch.cat(probs).cpu().numpy(),
-                      seconds=time.perf_counter() - start)
+                      seconds=time.perf_counter() - start, logits=torch.cat(raw).cpu().numpy())
 
 
 def evaluate_split(model: nn.Module, dataset: Dataset, preprocess: nn.Module, runtime: Runtime, batch_size: int,
@@ -100,10 +104,12 @@ def evaluate_split(model: nn.Module, dataset: Dataset, preprocess: nn.Module, ru
         out = evaluate(model, eval_loader(Subset(dataset, indices), batch_size), *args, desc=desc,
                        progress=runtime.progress)
     else:
-        out = EvalOutput(0.0, np.zeros(0, dtype=np.int64), np.zeros((0, num_classes), np.float32), 0.0)
+        empty = np.zeros((0, num_classes), np.float32)
+        out = EvalOutput(0.0, np.zeros(0, dtype=np.int64), empty, 0.0, empty)
     loss_sum = np.array([out.loss * len(out.y_true)])
-    y_true, probs, losses = distributed.gather_arrays([out.y_true, out.probs, loss_sum], info)
-    return EvalOutput(loss=float(losses.sum() / len(y_true)), y_true=y_true, probs=probs, seconds=out.seconds)
+    y_true, probs, logits, losses = distributed.gather_arrays([out.y_true, out.probs, out.logits, loss_sum], info)
+    return EvalOutput(loss=float(losses.sum() / len(y_true)), y_true=y_true, probs=probs, seconds=out.seconds,
+                      logits=logits)
 
 
 def recalibrate_batchnorm(model: nn.Module, loader: Iterable, preprocess: nn.Module, device: torch.device,

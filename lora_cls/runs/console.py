@@ -12,7 +12,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from lora_cls.runs.summary import SUMMARY_FIELDS, _format_summary_value
+from lora_cls.runs.summary import (
+    PAIRED_COLUMNS,
+    SUMMARY_FIELDS,
+    _format_summary_value,
+    overlap_notes,
+    with_interval,
+)
 
 
 def print_parameter_report(report: dict, title: str = "Parameters", console=None) -> None:
@@ -47,22 +53,35 @@ def print_metrics(metrics: dict, title: str, console: Console | None = None) -> 
     summary = Table(title=title, show_header=True, header_style="bold")
     summary.add_column("metric")
     summary.add_column("value", justify="right")
+    ci = metrics.get("ci") or {}
+    if ci:
+        summary.add_column("95% interval", justify="right")
     rows = [
-        ("accuracy", metrics.get("accuracy")),
-        ("balanced accuracy", metrics.get("balanced_accuracy")),
-        ("macro F1", metrics.get("macro_f1")),
+        ("accuracy", "accuracy"),
+        ("balanced accuracy", "balanced_accuracy"),
+        ("macro F1", "macro_f1"),
     ]
     if "roc_auc" in metrics:
-        rows.append(("ROC AUC", metrics.get("roc_auc")))
+        rows.append(("ROC AUC", "roc_auc"))
     if "sensitivity" in metrics:
         positive = metrics.get("positive_class", "positive class")
-        rows.append((f"sensitivity ({positive})", metrics.get("sensitivity")))
-        rows.append(("specificity", metrics.get("specificity")))
-    rows.append(("loss", metrics.get("loss")))
+        rows.append((f"sensitivity ({positive})", "sensitivity"))
+        rows.append(("specificity", "specificity"))
+    rows.append(("loss", "loss"))
+    calibration = metrics.get("calibration") or {}
+    if "ece" in calibration:
+        rows.append(("ECE (calibration)", calibration["ece"]))
+        if "ece_scaled" in calibration:
+            rows.append((f"ECE at T = {calibration['temperature']:.3g}", calibration["ece_scaled"]))
     if "n" in metrics:
-        rows.append(("n", metrics.get("n")))
-    for name, value in rows:
-        summary.add_row(name, _fmt(value))
+        rows.append(("n", "n"))
+    for name, key in rows:
+        value = metrics.get(key) if isinstance(key, str) else key
+        cells = [name, _fmt(value)]
+        if ci:
+            interval = ci.get(key) if isinstance(key, str) else None
+            cells.append(f"{interval[0]:.4f}–{interval[1]:.4f}" if interval else "")
+        summary.add_row(*cells)
     console.print(summary)
 
     per_class = metrics.get("per_class") or {}
@@ -92,7 +111,7 @@ def print_sweep_summary(rows: Sequence[dict], console: Console | None = None, ti
     # (summary.csv and summary.md keep every column).
     headline = ("job", "status", "trainable", "val_accuracy", "test_accuracy", "train_seconds", "error")
     # `finetune` is both a summary field and an override (finetune=lora,full,linear): shown when it varies.
-    varying = [c for c in columns if (c not in SUMMARY_FIELDS or c == "finetune") and c != "job"
+    varying = [c for c in columns if (c not in SUMMARY_FIELDS or c == "finetune") and c not in ("job", *PAIRED_COLUMNS)
                and len({repr(r.get(c)) for r in rows}) > 1]
     shown = ["job", *varying, *[c for c in headline[1:] if c in columns]]
     if not any(r.get("error") for r in rows):
@@ -107,11 +126,14 @@ def print_sweep_summary(rows: Sequence[dict], console: Console | None = None, ti
         )
     styles = {"ok": "green", "failed": "red", "missing": "yellow"}
     for row in rows:
-        cells = [_format_summary_value(c, row.get(c)) for c in columns]
+        cells = [with_interval(row, c) if c in ("val_accuracy", "test_accuracy") else _format_summary_value(c, row.get(c))
+                 for c in columns]
         table.add_row(
             *cells, style=None if row.get("status") == "ok" else styles.get(row.get("status"), "red")
         )
     console.print(table)
+    for note in overlap_notes([r for r in rows if "status" in r]):
+        console.print(note.replace("`", ""), soft_wrap=True)
 
 
 def _cut(text: str, width: int, keep_end: bool = False) -> str:

@@ -38,9 +38,15 @@ def write_errors_csv(path: str | os.PathLike, paths: Sequence[str], y_true: np.n
     return wrong
 
 
+SHOWN = 16  # the most confident mistakes errors.png shows
+
+
 def write_errors(folder: Path, paths: Sequence[str], image: Callable[[int], np.ndarray], y_true: np.ndarray,
-                 probs: np.ndarray, classes: Sequence[str]) -> int:
-    """errors.csv and errors.png in `folder`; returns the number of misclassified images."""
+                 probs: np.ndarray, classes: Sequence[str],
+                 overlays: Callable[[list[int]], dict[int, np.ndarray]] | None = None) -> int:
+    """errors.csv and errors.png in `folder` (with `overlays(indices)`: the Grad-CAM overlay of each mistake
+    shown); returns the number of misclassified images."""
     wrong = write_errors_csv(folder / ERRORS_CSV, paths, y_true, probs, classes)
-    plot_errors(folder / ERRORS_PNG, wrong, image, y_true, probs, classes)
+    shown = overlays(wrong[:SHOWN]) if overlays is not None and wrong else None
+    plot_errors(folder / ERRORS_PNG, wrong, image, y_true, probs, classes, SHOWN, shown)
     return len(wrong)

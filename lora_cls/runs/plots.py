@@ -272,8 +272,10 @@ def _plot_sweep_bars(ax: Any, rows: list[dict], override_keys: list[str]) -> Non
 
 
 def plot_errors(path: str | os.PathLike, wrong: Sequence[int], image: Callable[[int], np.ndarray],
-                y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], limit: int = 16) -> None:
-    """errors.png: a grid of the `limit` most confident mistakes; `image(i)` gives image i as uint8 (H, W, 3)."""
+                y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], limit: int = 16,
+                overlays: dict[int, np.ndarray] | None = None) -> None:
+    """errors.png: a grid of the `limit` most confident mistakes; `image(i)` gives image i as uint8 (H, W, 3), and
+    `overlays[i]`, when given, its Grad-CAM overlay (shown instead, the predicted class's heatmap)."""
     shown = list(wrong[:limit])
     cols = min(4, max(1, len(shown)))
     rows = max(1, -(-len(shown) // cols))
@@ -283,10 +285,34 @@ def plot_errors(path: str | os.PathLike, wrong: Sequence[int], image: Callable[[
         fig.axes[0].set_axis_off()
     for k, i in enumerate(shown):
         ax = fig.add_subplot(rows, cols, k + 1)
-        ax.imshow(image(i), interpolation="nearest")
+        ax.imshow(overlays[i] if overlays and i in overlays else image(i), interpolation="nearest")
         predicted = int(probs[i].argmax())
         ax.set_title(f"true {shorten(classes[int(y_true[i])], 16)}\npredicted {shorten(classes[predicted], 16)} "
                      f"({probs[i, predicted]:.2f})", fontsize=8, color="tab:red")
         ax.set_axis_off()
-    fig.suptitle(f"most confident mistakes ({len(shown)} of {len(wrong)})", fontsize=10)
+    what = ", Grad-CAM of the predicted class" if overlays else ""
+    fig.suptitle(f"most confident mistakes ({len(shown)} of {len(wrong)}{what})", fontsize=10)
+    save_figure(fig, path)
+
+
+def plot_cv_folds(cv: dict, path: str | os.PathLike, title: str) -> None:
+    """cv_folds.png: held-out and test accuracy of each fold as bars, their means as lines (± std shaded)."""
+    folds = cv["per_fold"]
+    x = np.arange(len(folds))
+    fig = Figure(figsize=(max(6.0, 1.1 * len(folds) + 3), 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    for offset, part, colour, label in ((-0.2, "heldout", "tab:blue", "held-out fold"),
+                                        (0.2, "test", "tab:orange", "test split")):
+        values = [f[part].get("accuracy", math.nan) for f in folds]
+        ax.bar(x + offset, values, width=0.4, color=colour, alpha=0.8, label=label)
+        mean, std = cv["mean"][part]["accuracy"], cv["std"][part]["accuracy"]
+        ax.axhline(mean, color=colour, linestyle="--", linewidth=1.2, label=f"{label} mean {mean:.3f} ± {std:.3f}")
+        ax.axhspan(mean - std, mean + std, color=colour, alpha=0.12)
+    low = min(min(f[p].get("accuracy", 1.0) for f in folds) for p in ("heldout", "test"))
+    ax.set_ylim(max(0.0, low - 0.1), 1.01)
+    ax.set_xticks(x, [f"fold {f['fold']}" for f in folds])
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"{title}: {cv['folds']}-fold cross-validation", fontsize=10)
     save_figure(fig, path)

@@ -18,7 +18,10 @@ import numpy as np
 from sklearn.metrics import classification_report
 
 from lora_cls.files import atomic_open, write_json, write_text
+from lora_cls.metrics.calibration import calibration_report
 from lora_cls.metrics.classification import classification_metrics, confusion, resolve_positive_class
+from lora_cls.metrics.intervals import interval_methods, metric_intervals
+from lora_cls.runs.diagnostics import plot_reliability, plot_roc_pr
 from lora_cls.runs.plots import plot_confusion_matrix
 
 # Math-text tick labels (10^5 on a log axis) ask for STIX fonts and fall back to DejaVu Sans, which matplotlib
@@ -45,12 +48,59 @@ HISTORY_FIELDS = [
 
 
 def split_results(out: Any, classes: Sequence[str], positive_class: str | None, folder: str | os.PathLike | None = None,
-                  title: str | None = None) -> dict:
-    """A split's metrics from an evaluation (`out`: y_true (N,), probs (N, K), loss, y_pred), and, when `folder`
-    is given, its classification report and confusion matrix written there (`write_split_reports`)."""
+                  title: str | None = None, temperature: float | None = None,
+                  paths: Sequence[str] | None = None) -> dict:
+    """A split's metrics from an evaluation (`out`: y_true (N,), probs (N, K), logits (N, K) or None, loss, y_pred)
+    with their 95% intervals (`ci`, `ci_method`) and calibration (ECE and bins; with a fitted `temperature`, also
+    after scaling); when `folder` is given, its reports are written there (`write_split_reports`,
+    `write_split_diagnostics`; `paths`: the images' paths, for predictions.csv)."""
+    metrics = classification_metrics(out.y_true, out.probs, list(classes), positive_class, loss=out.loss)
+    positive = resolve_positive_class(classes, positive_class) if len(classes) == 2 else None
+    metrics["ci"] = metric_intervals(out.y_true, out.probs, positive)
+    metrics["ci_method"] = interval_methods()
+    logits = out.logits if getattr(out, "logits", None) is not None else np.log(np.clip(out.probs, 1e-30, None))
+    if np.isfinite(logits).all():
+        metrics["calibration"] = calibration_report(out.y_true, logits, temperature, positive)
     if folder is not None:
-        write_split_reports(folder, out.y_true, out.y_pred, classes, positive_class, title=title)
-    return classification_metrics(out.y_true, out.probs, list(classes), positive_class, loss=out.loss)
+        write_split_reports(folder, out.y_true, out.y_pred, classes, positive_class, title=title, ci=metrics["ci"])
+        write_split_diagnostics(folder, out.y_true, out.probs, classes, positive, metrics.get("calibration"),
+                                paths, title or "")
+    return metrics
+
+
+def write_split_diagnostics(out_dir: str | os.PathLike, y_true: np.ndarray, probs: np.ndarray,
+                            classes: Sequence[str], positive: int | None, calibration: dict | None,
+                            paths: Sequence[str] | None, title: str) -> None:
+    """predictions.csv (one row per image: path, true, predicted, prob_<class>; what lora-compare pairs runs on),
+    roc_pr.png and reliability.png in `out_dir`."""
+    out_dir = Path(out_dir)
+    if paths is not None:
+        write_split_predictions(out_dir / PREDICTIONS, paths, y_true, probs, classes)
+    plot_roc_pr(y_true, probs, classes, positive, out_dir / "roc_pr.png", title)
+    if calibration is not None:
+        plot_reliability(calibration, out_dir / "reliability.png", title,
+                         None if positive is None else str(classes[positive]))
+
+
+PREDICTIONS = "predictions.csv"
+
+
+def write_split_predictions(path: str | os.PathLike, paths: Sequence[str], y_true: np.ndarray, probs: np.ndarray,
+                            classes: Sequence[str]) -> None:
+    with atomic_open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "true", "predicted", *(f"prob_{c}" for c in classes)])
+        for name, label, p in zip(paths, np.asarray(y_true), np.asarray(probs)):
+            writer.writerow([name, classes[int(label)], classes[int(p.argmax())], *(f"{v:.6f}" for v in p)])
+
+
+def read_split_predictions(path: str | os.PathLike) -> list[dict[str, str]] | None:
+    """A split's predictions.csv rows (None when the run has none: runs from before it was written)."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return None
 
 
 def write_split_reports(
@@ -60,11 +110,13 @@ def write_split_reports(
     classes: Sequence[str],
     positive_class: str | None = None,
     title: str | None = None,
+    ci: dict[str, list[float]] | None = None,
 ) -> dict[str, Path]:
     """Write a split's classification report (txt, json) and confusion matrix (csv, png) into `out_dir`.
 
     `y_true`, `y_pred`: (N,) class indices into `classes`. For binary problems the txt report starts with
-    the positive class and its sensitivity/specificity. Returns the written paths by file name.
+    the positive class and its sensitivity/specificity; with `ci` (metrics.json's intervals) it ends with them.
+    Returns the written paths by file name.
     """
     out_dir = Path(out_dir)
     y_true = np.asarray(y_true).astype(np.int64).reshape(-1)
@@ -99,11 +151,19 @@ def write_split_reports(
             "confusion_matrix.png",
         )
     }
-    write_text(paths["classification_report.txt"], header + report_txt)
+    write_text(paths["classification_report.txt"], header + report_txt + _interval_lines(ci))
     write_json(paths["classification_report.json"], report_dict)
     write_confusion_csv(paths["confusion_matrix.csv"], cm, classes)
     plot_confusion_matrix(cm, classes, paths["confusion_matrix.png"], title=title)
     return paths
+
+
+def _interval_lines(ci: dict[str, list[float]] | None) -> str:
+    if not ci:
+        return ""
+    lines = [f"{key.replace('_', ' '):>20}  {lo:.4f} to {hi:.4f}" for key, (lo, hi) in ci.items()]
+    return ("\n95% intervals (accuracy, sensitivity, specificity: Wilson; the others: stratified bootstrap, "
+            "1000 resamples, seed 0)\n" + "\n".join(lines) + "\n")
 
 
 def _row_recall(cm: np.ndarray, k: int) -> float:

@@ -28,13 +28,22 @@ SUMMARY_FIELDS = [
     "trainable",
     "trainable_pct",
     "val_accuracy",
+    "val_accuracy_lo",
+    "val_accuracy_hi",
     "test_accuracy",
+    "test_accuracy_lo",
+    "test_accuracy_hi",
     "test_balanced_accuracy",
     "test_macro_f1",
     "test_roc_auc",
+    "test_ece",
     "train_seconds",
     "images_per_second",
 ]
+# The 95% interval of a metric is in <metric>_lo and <metric>_hi (metrics.json `ci`; empty for older runs).
+INTERVAL_SUFFIXES = ("_lo", "_hi")
+# lora-compare's paired test of each run against the best on validation (tasks/compare.py)
+PAIRED_COLUMNS = ("paired_vs", "test_accuracy_diff", "test_accuracy_diff_lo", "test_accuracy_diff_hi", "mcnemar_p")
 
 
 def write_sweep_summary(sweep_dir: str | os.PathLike, title: str | None = None) -> list[dict]:
@@ -70,11 +79,13 @@ def summary_table(jobs: Sequence[tuple[str, dict[str, Any], Path]], keys: list[s
 
 
 def write_summary_files(folder: Path, rows: list[dict], columns: list[str], keys: list[str], title: str | None,
-                        stem: str = "summary") -> None:
-    """<stem>.md, <stem>.png (accuracy against the first numeric key that varies) and <stem>.csv in `folder`."""
+                        stem: str = "summary", sections: Sequence[str] = ()) -> None:
+    """<stem>.md (with `sections`, Markdown blocks, after the table), <stem>.png (accuracy against the first
+    numeric key that varies) and <stem>.csv in `folder`."""
     # The CSV last: summary.csv marks a finished sweep (a restart refuses the folder), so it may only exist once
     # the table and the plot do.
-    write_text(folder / f"{stem}.md", _summary_markdown(rows, columns, folder, title))
+    write_text(folder / f"{stem}.md", _summary_markdown(rows, columns, folder, title)
+               + "".join(f"\n{section}\n" for section in sections))
     _plot_sweep(rows, keys, folder / f"{stem}.png", title)
     with atomic_open(folder / f"{stem}.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -154,9 +165,14 @@ def _summary_row(job: str, job_overrides: dict[str, Any], job_dir: Path) -> dict
         "test_balanced_accuracy": _number(get("test", "balanced_accuracy")),
         "test_macro_f1": _number(get("test", "macro_f1")),
         "test_roc_auc": _number(get("test", "roc_auc")),
+        "test_ece": _number(get("test", "calibration", "ece")),
         "train_seconds": _number(get("timing", "train_seconds")),
         "images_per_second": _number(get("timing", "train_images_per_second")),
     }
+    for split in ("val", "test"):
+        interval = get(split, "ci", "accuracy")
+        if isinstance(interval, list) and len(interval) == 2:
+            values[f"{split}_accuracy_lo"], values[f"{split}_accuracy_hi"] = map(_number, interval)
     for key, value in values.items():
         # Keep an override's value (e.g. finetune=full) when the job died before writing its own.
         if value is not None or key not in row:
@@ -183,7 +199,46 @@ _ACCURACY_COLUMNS = {
     "test_balanced_accuracy",
     "test_macro_f1",
     "test_roc_auc",
+    "test_ece",
+    *(f"{split}_accuracy{suffix}" for split in ("val", "test") for suffix in INTERVAL_SUFFIXES),
 }
+
+
+def with_interval(row: dict, column: str) -> str:
+    """A metric's cell with its 95% interval when the row has one: `0.9444 [0.8782, 0.9760]`."""
+    text = _format_summary_value(column, row.get(column))
+    lo, hi = row.get(f"{column}_lo"), row.get(f"{column}_hi")
+    if lo is None or hi is None:
+        return text
+    return f"{text} [{_format_summary_value(column, lo)}, {_format_summary_value(column, hi)}]"
+
+
+def interval_columns(columns: Sequence[str]) -> set[str]:
+    """The _lo/_hi columns whose metric is also a column (shown inside that metric's cell)."""
+    return {c for c in columns if c.endswith(INTERVAL_SUFFIXES) and c[:-3] in columns}
+
+
+def overlap_notes(rows: list[dict]) -> list[str]:
+    """For validation and test accuracy: whether the 95% intervals of the two best ok rows overlap (the
+    difference between them is then within what the split's size can tell), or nothing when a row lacks one."""
+    from lora_cls.metrics.intervals import intervals_overlap
+
+    notes = []
+    for split in ("val", "test"):
+        key = f"{split}_accuracy"
+        scored = sorted((r for r in rows if r["status"] == "ok" and r.get(key) is not None),
+                        key=lambda r: -r[key])[:2]
+        if len(scored) < 2:
+            continue
+        a, b = ([r.get(f"{key}_lo"), r.get(f"{key}_hi")] for r in scored)
+        overlap = intervals_overlap(None if None in a else a, None if None in b else b)
+        if overlap is None:
+            continue
+        first, second = (f"`{r['job']}` {with_interval(r, key)}" for r in scored)
+        word = "overlap: the difference is within what this split can tell" if overlap else "do not overlap"
+        notes.append(f"Top two on {'validation' if split == 'val' else 'test'} accuracy: {first} and {second}; "
+                     f"their 95% intervals {word}.")
+    return notes
 
 
 def _format_summary_value(column: str, value: Any) -> str:
@@ -193,6 +248,10 @@ def _format_summary_value(column: str, value: Any) -> str:
         return str(value)
     if column in _ACCURACY_COLUMNS and isinstance(value, (int, float)):
         return f"{value:.4f}"
+    if column.startswith("test_accuracy_diff") and isinstance(value, (int, float)):
+        return f"{value:+.4f}"
+    if column == "mcnemar_p" and isinstance(value, (int, float)):
+        return f"{value:.3g}"
     if column == "trainable" and isinstance(value, (int, float)):
         return f"{int(value):,}"
     if column == "trainable_pct" and isinstance(value, (int, float)):
@@ -220,7 +279,10 @@ def _summary_markdown(rows: list[dict], columns: list[str], sweep_dir: Path, tit
         tests = ", ".join("–" if r.get("test_accuracy") is None else f"{r['test_accuracy']:.4f}" for r in best)
         lines.append(f"Best validation accuracy: {'jobs ' + jobs + ' (tied)' if len(best) > 1 else 'job ' + jobs}, "
                      f"{best[0]['val_accuracy']:.4f}; test accuracy {tests}.")
+    lines += overlap_notes(rows)
     lines.append("")
+    merged = interval_columns(columns)
+    columns = [c for c in columns if c not in merged]
     numeric = {
         c
         for c in columns
@@ -230,7 +292,8 @@ def _summary_markdown(rows: list[dict], columns: list[str], sweep_dir: Path, tit
     lines.append("| " + " | ".join(columns) + " |")
     lines.append("|" + "|".join("---:" if c in numeric else "---" for c in columns) + "|")
     for row in rows:
-        cells = [_format_summary_value(c, row[c]).replace("|", "\\|").replace("\n", " ") for c in columns]
+        cells = [(with_interval(row, c) if f"{c}_lo" in merged else _format_summary_value(c, row[c]))
+                 .replace("|", "\\|").replace("\n", " ") for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

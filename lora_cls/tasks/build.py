@@ -70,11 +70,12 @@ def preprocessing(cfg: DictConfig) -> Preprocessing:
                             stats.get("mean", IMAGENET_MEAN), stats.get("std", IMAGENET_STD), stats["source"])
 
 
-def load_data(cfg: DictConfig, runtime: Runtime, prep: Preprocessing | None = None
-              ) -> tuple[DatasetSplits, dict[str, DataLoader]]:
-    """The run's splits and their loaders (undecodable files either fail here or are dropped from the splits),
-    the images stored as `prep` says (default: the run's `preprocessing`)."""
-    splits = prepare_splits(cfg.dataset)
+def load_data(cfg: DictConfig, runtime: Runtime, prep: Preprocessing | None = None,
+              splits: DatasetSplits | None = None) -> tuple[DatasetSplits, dict[str, DataLoader]]:
+    """The run's splits (the dataset's, or `splits` as given: a cross-validation fold) and their loaders
+    (undecodable files either fail here or are dropped from the splits), the images stored as `prep` says
+    (default: the run's `preprocessing`)."""
+    splits = splits if splits is not None else prepare_splits(cfg.dataset)
     workers = int(cfg.trainer.num_workers)
     if workers and multiprocessing.current_process().daemon:
         # A launcher's worker process (joblib) is daemonic and may not start DataLoader workers.

@@ -6,9 +6,11 @@ its run wrote to splits.json, so the training run's test metrics are reproduced 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
@@ -16,6 +18,7 @@ from lora_cls.conf.checks import validate_eval
 from lora_cls.data.layouts import prepare_splits
 from lora_cls.data.loaders import ImageDataset
 from lora_cls.data.splits import DatasetSplits, read_splits_json
+from lora_cls.engine.explain import grad_cam_classes
 from lora_cls.errors import UserError
 from lora_cls.files import write_json
 from lora_cls.runs import reports
@@ -62,12 +65,40 @@ def eval_splits(cfg: DictConfig, path: Path, train_cfg: DictConfig, meta: dict) 
     return splits
 
 
+class ErrorOverlays:
+    """errors.png's Grad-CAM: the overlay of the predicted class's heatmap on each mistake shown (`layer` is set
+    once they are drawn)."""
+
+    def __init__(self, clf, dataset: ImageDataset, layer: str | None) -> None:
+        self.clf, self.dataset, self.asked, self.layer = clf, dataset, layer, None
+
+    def __call__(self, indices: list[int]) -> dict:
+        from lora_cls.runs.diagnostics import overlay
+
+        found = self.clf.explain(torch.stack([self.dataset[i][0] for i in indices]), layer=self.asked)
+        self.layer = found.layer
+        return {i: overlay(image, heat) for i, image, heat in zip(indices, found.images, found.heatmaps)}
+
+
+def explain_errors(cfg: DictConfig, clf, dataset: ImageDataset) -> ErrorOverlays | None:
+    """explain=true: Grad-CAM overlays on errors.png (an error when grad-cam is missing); null: when installed."""
+    if cfg.explain is False:
+        return None
+    if cfg.explain is None and importlib.util.find_spec("pytorch_grad_cam") is None:
+        log.info("errors.png without Grad-CAM overlays: the grad-cam package is not installed (pip install "
+                 "'lora-cls[explain]')")
+        return None
+    grad_cam_classes()  # explain=true without the package: the error that names it
+    return ErrorOverlays(clf, dataset, cfg.explain_layer)
+
+
 def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     """lora-eval: evaluate a checkpoint on its run's split (or another dataset.root) and write reports."""
     run = RunDir(run_dir)
     validate_eval(cfg)
     check_fresh_run_dir(run.path)
-    clf = from_checkpoint(cfg.ckpt, cfg.device, cfg.precision, tta=cfg.tta)  # precision null: the run's own
+    clf = from_checkpoint(cfg.ckpt, cfg.device, cfg.precision, tta=cfg.tta,  # precision null: the run's own
+                          calibrate=bool(cfg.calibrate))
     path, train_cfg, meta = clf.checkpoint, clf.config, clf.meta
     splits = eval_splits(cfg, path, train_cfg, meta)
     dataset = ImageDataset.from_config(splits.root, splits.split(cfg.split), train_cfg.dataset,
@@ -78,13 +109,18 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     out = clf.evaluate(dataset, cfg.batch_size, desc=cfg.split, progress=bool(cfg.progress))
     title = f"{train_cfg.model.name} {train_cfg.finetune} (eval)"
     split_result = reports.split_results(out, splits.classes, splits.positive_class, run.reports(cfg.split),
-                                         f"{title} — {cfg.split}")
+                                         f"{title} — {cfg.split}", clf.temperature,
+                                         [p for p, _ in dataset.samples])
+    explain = explain_errors(cfg, clf, dataset)
     errors = write_errors(run.reports(cfg.split), [str(splits.root / p) for p, _ in dataset.samples],
-                          lambda i: dataset[i][0].permute(1, 2, 0).numpy(), out.y_true, out.probs, splits.classes)
+                          lambda i: dataset[i][0].permute(1, 2, 0).numpy(), out.y_true, out.probs, splits.classes,
+                          explain)
     metrics = {**run_metrics(train_cfg), "checkpoint": str(path), "split": cfg.split,
                "data_root": str(splits.root), cfg.split: split_result, "device": str(clf.device),
-               "precision": clf.precision.name, "tta": clf.tta, "best_epoch": meta.get("best_epoch"), "images": len(dataset),
-               "skipped_images": dataset.skipped, "misclassified": errors}
+               "precision": clf.precision.name, "tta": clf.tta, "calibrated": clf.calibrate,
+               "temperature": clf.temperature, "best_epoch": meta.get("best_epoch"), "images": len(dataset),
+               "skipped_images": dataset.skipped, "misclassified": errors,
+               "explain_layer": getattr(explain, "layer", None)}
     write_json(run.metrics, metrics)
     if cfg.progress:
         print_metrics(split_result, f"{cfg.split} ({len(dataset)} images)", console=console)

@@ -113,7 +113,9 @@ def model_description(train_cfg: Any, meta: dict, fmt: str, low_rank: list[str],
             "input": f"float32 (N, 3, S, S): RGB, {prep.describe()}: (x/255 - mean) / std per channel",
             "preprocessing": prep.to_json(), "mean": list(prep.mean), "std": list(prep.std),
             "low_rank_layers": low_rank,
-            "added_biases": biased}
+            "added_biases": biased,
+            # temperature scaling (docs/evaluation.md): calibrated probabilities are softmax(logits / temperature)
+            "temperature": meta.get("temperature")}
 
 
 def _plain_model(model: nn.Module, low_rank: bool, path: Path) -> nn.Module:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,10 @@ from torch.utils.data import Dataset
 
 from lora_cls.adapters.inject import merge_lora
 from lora_cls.data.loaders import eval_loader
-from lora_cls.data.preprocess import EvalTransform, Preprocessing
+from lora_cls.data.preprocess import EvalTransform, Preprocessing, centre_crop
 from lora_cls.engine.device import Precision, autocast, prepare_batch, resolve_device, resolve_precision
 from lora_cls.engine.evaluation import TTA_MODES, EvalOutput, evaluate, merge_views, tta_views
+from lora_cls.engine.explain import grad_cam, target_layer
 from lora_cls.engine.loss import plain_logits
 from lora_cls.errors import UserError
 from lora_cls.models.build import build_model
@@ -36,6 +38,19 @@ MODEL_JSON = "model.json"  # beside every export: what running it needs (classes
 FLOAT32 = Precision("32", None, False, "float32")
 
 
+@dataclass
+class Explanation:
+    """Grad-CAM of a batch (`Classifier.explain`): `heatmaps` (N, S, S) float32 in [0, 1] over `images`, the model's
+    input crops as uint8 (N, S, S, 3); `probs` (N, K) as `probabilities` gives them (without tta); `classes` the
+    class index each heatmap is for; `layer` the module it was taken at."""
+
+    heatmaps: np.ndarray
+    images: np.ndarray
+    probs: np.ndarray
+    classes: list[int]
+    layer: str
+
+
 class Classifier:
     """A trained classifier in eval mode on `device`, adapters merged into plain layers.
 
@@ -45,13 +60,16 @@ class Classifier:
     training); `precision` is what its forward runs under (float32 unless asked otherwise); `tta` test-time
     augmentation (none, or flip: the mean of the image's and its mirror's probabilities); `checkpoint` is the adapter file it came from (None for a
     `lora-export` folder), `config` and `meta` that file's training config and metadata (None for an export),
-    `batch_size` the training run's evaluation batch.
+    `batch_size` the training run's evaluation batch. `temperature` is the run's fitted temperature T (None for
+    runs from before it was fitted); with `calibrate` every probability is softmax(logits / T) (the predicted
+    class is the same).
     """
 
     def __init__(self, model: nn.Module, classes: Sequence[str], preprocessing: Preprocessing | int,
                  checkpoint: Path | None = None, device: str | torch.device = "cpu", precision: Precision = FLOAT32,
                  channels_last: bool = False, positive_class: str | None = None, config: Any = None,
-                 meta: dict | None = None, batch_size: int = 64, tta: str = "none") -> None:
+                 meta: dict | None = None, batch_size: int = 64, tta: str = "none",
+                 temperature: float | None = None, calibrate: bool = False, head: str | None = None) -> None:
         self.device = torch.device(device)
         self.precision, self.channels_last = precision, bool(channels_last)
         memory = torch.channels_last if channels_last else torch.preserve_format
@@ -65,6 +83,13 @@ class Classifier:
         self.tta = tta
         self.checkpoint, self.positive_class, self.config, self.meta = checkpoint, positive_class, config, meta
         self.batch_size = int(batch_size)  # the training run's evaluation batch: what evaluate/predict use by default
+        self.temperature = None if temperature is None else float(temperature)
+        if calibrate and self.temperature is None:
+            raise UserError(f"calibrate=true needs the temperature fitted at the end of training, and "
+                            f"{checkpoint or 'this export'} has none (trained before lora-cls fitted one); train "
+                            "the run again, or use calibrate=false")
+        self.calibrate = bool(calibrate)
+        self.head = head  # the classifier head's module name (never a Grad-CAM target)
         self._normalize = EvalTransform(self.preprocessing).to(self.device)
 
     def __repr__(self) -> str:
@@ -87,14 +112,19 @@ class Classifier:
         with autocast(self.device, self.precision):
             return plain_logits(self.model(x)).float()
 
+    @property
+    def scale(self) -> float:
+        """What the logits are divided by before the softmax: T with calibrate, else 1."""
+        return self.temperature if self.calibrate else 1.0
+
     @torch.inference_mode()
     def probabilities(self, images: ImageInput) -> torch.Tensor:
         """Class probabilities, float32 (N, K) on the CPU, columns in the order of `classes` (with tta=flip the
-        mean over the image and its mirror)."""
+        mean over the image and its mirror; with calibrate, of the logits divided by the temperature)."""
         x = self.preprocess(images)
         views = tta_views(x, self.tta)
         with autocast(self.device, self.precision):
-            probs = plain_logits(self.model(views)).float().softmax(dim=1)
+            probs = (plain_logits(self.model(views)).float() / self.scale).softmax(dim=1)
         return merge_views(probs, self.tta).cpu()
 
     def predict(self, images: ImageInput) -> list[str]:
@@ -106,7 +136,25 @@ class Classifier:
         """Loss and class probabilities over a dataset of (uint8 image, label), as training's final evaluation."""
         loader = eval_loader(dataset, int(batch_size or self.batch_size))
         return evaluate(self.model, loader, self._normalize, self.device, self.precision, self.channels_last,
-                        desc=desc, progress=progress, tta=self.tta)
+                        desc=desc, progress=progress, tta=self.tta, temperature=self.scale)
+
+    def explain(self, images: ImageInput, classes: Sequence[int] | None = None,
+                layer: str | None = None) -> Explanation:
+        """Grad-CAM heatmaps of `images` for `classes` (default: each image's predicted class), at `layer` (a module
+        name; default: the model family's, engine/explain.py). Needs the grad-cam package and a model with its
+        layers: a run, its adapter file, or a torchvision/lowrank export (ONNX and TorchScript have no hooks)."""
+        if isinstance(self.model, (OnnxModule, torch.jit.ScriptModule)):
+            raise UserError("explain: Grad-CAM needs the model's own layers, which an ONNX or TorchScript export does "
+                            "not expose; use the run folder, its adapter file, or a torchvision/lowrank export")
+        batch = self._batch(images)
+        x = self._normalize(batch)
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            probs = (plain_logits(self.model(x)).float() / self.scale).softmax(dim=1).cpu()
+        targets = probs.argmax(dim=1).tolist() if classes is None else [int(c) for c in classes]
+        name, module, reshape = target_layer(self.model, self.image_size, layer, self.head)
+        heatmaps = grad_cam(self.model, x, targets, module, reshape)
+        crops = centre_crop(batch, self.image_size).permute(0, 2, 3, 1).cpu().numpy()
+        return Explanation(heatmaps, crops, probs.numpy(), targets, name)
 
     def export(self, format: str, folder: str | Path, **options: Any) -> dict[str, Any]:
         """`lora-export` from Python: write `format` (torchvision, lowrank, onnx, torchscript) into `folder`,
@@ -160,11 +208,13 @@ def _as_list(images: ImageInput) -> list[Any]:
 
 
 def from_checkpoint(path: str | Path, device: str | torch.device = "cpu", precision: str | None = "32",
-                    device_key: str = "device", tta: str = "none") -> Classifier:
+                    device_key: str = "device", tta: str = "none", calibrate: bool = False) -> Classifier:
     """A run folder or adapter file as a Classifier: the model rebuilt from the file alone, adapters merged.
 
     `precision`: "32", "bf16", "16", "auto", or None for the training run's own (what lora-eval uses to reproduce
-    the run's metrics exactly); `device`: "cpu", "cuda", "cuda:N" or "auto"."""
+    the run's metrics exactly); `device`: "cpu", "cuda", "cuda:N" or "auto"; `calibrate`: probabilities at the
+    run's fitted temperature."""
+    from lora_cls.models.registry import model_spec
     from lora_cls.tasks.build import eval_batch_size, load_model_from_checkpoint
 
     adapter = resolve_checkpoint(path)
@@ -176,20 +226,22 @@ def from_checkpoint(path: str | Path, device: str | torch.device = "cpu", precis
     prep = Preprocessing.from_json(meta.get("preprocessing"), int(train_cfg.dataset.image_size))
     return Classifier(merged, meta["classes"], prep, adapter, where, how, bool(train_cfg.trainer.channels_last),
                       meta.get("positive_class"), train_cfg, meta,
-                      int(meta.get("eval_batch_size") or eval_batch_size(train_cfg)), tta)
+                      int(meta.get("eval_batch_size") or eval_batch_size(train_cfg)), tta, meta.get("temperature"),
+                      calibrate, model_spec(train_cfg.model.name, train_cfg.model.source).head)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", precision: str | None = "32",
-         tta: str = "none") -> Classifier:
+         tta: str = "none", calibrate: bool = False) -> Classifier:
     """A lora-train run folder, its adapter file, or a lora-export folder (any format) as a ready Classifier in
-    eval mode; float32 unless `precision` says otherwise (None: the training run's precision)."""
+    eval mode; float32 unless `precision` says otherwise (None: the training run's precision); with `calibrate`,
+    probabilities at the run's fitted temperature (model.json's `temperature` for an export)."""
     path = Path(path).expanduser()
     if (path / MODEL_JSON).is_file():
         model, desc = read_export(path)
         prep = Preprocessing.from_json(desc.get("preprocessing"), int(desc["image_size"]))
         return Classifier(model, desc["classes"], prep, None, device, positive_class=desc.get("positive_class"),
-                          tta=tta)
-    return from_checkpoint(path, device, precision, tta=tta)
+                          tta=tta, temperature=desc.get("temperature"), calibrate=calibrate, head=desc.get("head"))
+    return from_checkpoint(path, device, precision, tta=tta, calibrate=calibrate)
 
 
 # -- exports, read back -----------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from lora_cls.data.decode import (
 )
 from lora_cls.data.loaders import ImageDataset
 from lora_cls.data.splits import read_splits_json
+from lora_cls.engine.explain import grad_cam_classes
 from lora_cls.errors import UserError
 from lora_cls.files import atomic_open, write_json
 from lora_cls.runs.checkpoint import resolve_checkpoint
@@ -122,9 +123,12 @@ def predict(cfg: Any, run_dir: str | Path) -> list[dict[str, Any]]:
 def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     validate_predict(cfg)
     check_fresh_run_dir(run_dir)
+    if cfg.explain:
+        grad_cam_classes()  # the error naming the package, before anything long
     path = resolve_checkpoint(cfg.ckpt)
     files = collect_inputs(str(cfg.input)) if cfg.input is not None else split_inputs(path, cfg.split)
-    clf = from_checkpoint(path, cfg.device, cfg.precision, tta=cfg.tta)  # precision null: the run's own
+    clf = from_checkpoint(path, cfg.device, cfg.precision, tta=cfg.tta,  # precision null: the run's own
+                          calibrate=bool(cfg.calibrate))
     progress = None if cfg.progress else True  # tqdm's disable: None = only on a terminal
     lookup = _split_lookup(clf, cfg.split) if cfg.input is None else None
     max_pixels = clf.config.dataset.max_image_pixels
@@ -138,27 +142,54 @@ def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, A
     bad = [(str(f), r) for f, r in zip(files, reasons) if r is not None]
     if bad and not cfg.skip_bad:
         raise _bad_inputs_error(bad)
+    explain = Heatmaps(run_dir / EXPLAIN_DIR, cfg.explain_layer) if cfg.explain else None
     rows, undecodable = _classify(clf, [f for f, r in zip(files, reasons) if r is None], lookup,
-                                  int(cfg.batch_size or clf.batch_size), progress)
+                                  int(cfg.batch_size or clf.batch_size), progress, explain)
     bad += undecodable
     if undecodable and not cfg.skip_bad:
         raise _bad_inputs_error(bad)  # damage that only decoding finds
     if not rows:
         raise UserError(f"input {cfg.input}: none of the {len(files)} file(s) could be decoded")
-    write_predictions(run_dir / PREDICTIONS, rows, clf.classes)
+    write_predictions(run_dir / PREDICTIONS, rows, clf.classes, explain is not None)
     summary = {"status": "ok", "checkpoint": str(path), "input": cfg.input and str(cfg.input), "split": cfg.split,
                "classes": clf.classes, "images": len(rows), "class_counts": class_counts(rows, clf.classes),
                "skipped": [{"path": p, "reason": r} for p, r in bad], "image_size": clf.image_size,
                "device": str(clf.device), "precision": clf.precision.name, "tta": clf.tta,
+               "calibrated": clf.calibrate, "temperature": clf.temperature,
+               "explain_layer": explain.layer if explain else None,
                "preprocessing": clf.preprocessing.to_json()}
     write_json(run_dir / PREDICT_SUMMARY, summary)
     return rows, summary
 
 
+EXPLAIN_DIR = "explain"
+
+
+class Heatmaps:
+    """explain=true: each image's Grad-CAM (of its predicted class) as explain/<NNNNN>_<name>.png, the model's input
+    beside the overlay; the PNG's path goes into the prediction row (`heatmap`)."""
+
+    def __init__(self, folder: Path, layer: str | None) -> None:
+        self.folder, self.asked, self.layer, self.count = folder, layer, None, 0
+
+    def __call__(self, clf: Classifier, batch: torch.Tensor, rows: list[dict[str, Any]]) -> None:
+        from lora_cls.runs.diagnostics import save_explanation
+
+        found = clf.explain(batch, [clf.classes.index(r["predicted"]) for r in rows], layer=self.asked)
+        self.layer = found.layer
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for row, image, heat in zip(rows, found.images, found.heatmaps):
+            path = self.folder / f"{self.count:05d}_{Path(row['path']).stem}.png"
+            save_explanation(path, image, heat)
+            row["heatmap"] = str(path)
+            self.count += 1
+
+
 def _classify(clf: Classifier, files: list[Path], lookup: dict | None, batch_size: int,
-              progress: bool | None) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Prediction rows of `files` (decoded in threads, or taken from the split's cached images), batch by batch;
-    and the (path, reason) of those that turned out undecodable."""
+              progress: bool | None, explain: Heatmaps | None = None
+              ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Prediction rows of `files` (decoded in threads, or taken from the split's cached images), batch by batch,
+    with `explain` their Grad-CAM PNGs; and the (path, reason) of those that turned out undecodable."""
     rows: list[dict[str, Any]] = []
     bad: list[tuple[str, str]] = []
     max_pixels = clf.config.dataset.max_image_pixels
@@ -170,11 +201,16 @@ def _classify(clf: Classifier, files: list[Path], lookup: dict | None, batch_siz
             good = [(f, t) for f, t in zip(chunk, decoded) if isinstance(t, torch.Tensor)]
             bad += [(str(f), t) for f, t in zip(chunk, decoded) if isinstance(t, str)]
             if good:
-                probs = clf.probabilities(torch.stack([t for _, t in good]))
+                batch = torch.stack([t for _, t in good])
+                probs = clf.probabilities(batch)
+                new = []
                 for (f, _), p in zip(good, probs.tolist()):
                     best = max(range(len(clf.classes)), key=p.__getitem__)  # first maximum, as argmax
-                    rows.append({"path": str(f), "predicted": clf.classes[best],
-                                 **{f"prob_{c}": round(v, 6) for c, v in zip(clf.classes, p)}})
+                    new.append({"path": str(f), "predicted": clf.classes[best],
+                                **{f"prob_{c}": round(v, 6) for c, v in zip(clf.classes, p)}})
+                if explain is not None:
+                    explain(clf, batch, new)
+                rows += new
             bar.update(len(chunk))
     return rows, bad
 
@@ -184,8 +220,9 @@ def class_counts(rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> dict
     return {c: counts.get(c, 0) for c in classes}
 
 
-def write_predictions(path: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str]) -> None:
-    fields = ["path", "predicted", *(f"prob_{c}" for c in classes)]
+def write_predictions(path: Path, rows: Sequence[dict[str, Any]], classes: Sequence[str],
+                      heatmaps: bool = False) -> None:
+    fields = ["path", "predicted", *(f"prob_{c}" for c in classes), *(["heatmap"] if heatmaps else [])]
     with atomic_open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -201,5 +238,7 @@ def run_predict(cfg: Any, run_dir: str | Path, console: Console | None = None) -
     if skipped:
         console.print(f"[yellow]skipped {len(skipped)} undecodable file(s)[/yellow] (skip_bad=true): "
                       + ", ".join(s["path"] for s in skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    if summary.get("explain_layer"):
+        console.print(f"Grad-CAM heatmaps (at {summary['explain_layer']}): {Path(run_dir) / EXPLAIN_DIR}/")
     console.print(f"predictions: {Path(run_dir) / PREDICTIONS}")
     return summary

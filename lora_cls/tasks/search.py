@@ -219,11 +219,14 @@ def report(study: Any, storage: str, sweep_dir: Path) -> dict:
     counts = {state.name.lower(): sum(t.state == state for t in trials)
               for state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)}
     names = list(dict.fromkeys(name for t in trials for name in t.params))
+    figures = {t.number: _trial_figures(t.user_attrs.get("run_dir")) for t in trials}
     with atomic_open(sweep_dir / TRIALS, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["trial", "state", "val_accuracy", *names, "run_dir"])
+        writer.writerow(["trial", "state", "val_accuracy", *INTERVAL_COLUMNS, *names, "run_dir"])
         for t in trials:
             writer.writerow([t.number, t.state.name.lower(), "" if t.value is None else t.value,
+                             *["" if figures[t.number].get(c) is None else figures[t.number][c]
+                               for c in INTERVAL_COLUMNS],
                              *[_format(t.params[n]) if n in t.params else "" for n in names],
                              t.user_attrs.get("run_dir", "")])
     results: dict[str, Any] = {"name": "optuna", "study_name": study.study_name, "storage": storage,
@@ -244,8 +247,45 @@ def report(study: Any, storage: str, sweep_dir: Path) -> dict:
                  "beside, not used to choose)", best.number, best.value,
                  ", ".join(f"{k}={_format(v)}" for k, v in best.params.items()), run_dir,
                  "–" if test is None else f"{test:.4f}")
+        results.update(_top_two(complete, figures, study.direction.name.lower() == "maximize"))
     write_text(sweep_dir / RESULTS, yaml.safe_dump(results, sort_keys=False))
     return results
+
+
+INTERVAL_COLUMNS = ("val_accuracy_lo", "val_accuracy_hi", "test_accuracy", "test_accuracy_lo", "test_accuracy_hi")
+
+
+def _trial_figures(run_dir: str | None) -> dict[str, float | None]:
+    """A trial's 95% interval of val accuracy and its test accuracy with interval, from its metrics.json
+    (empty for a failed trial or a run without intervals)."""
+    metrics = read_metrics(RunDir(run_dir).metrics) if run_dir else None
+    out: dict[str, float | None] = {}
+    for split in ("val", "test"):
+        part = (metrics or {}).get(split) or {}
+        interval = (part.get("ci") or {}).get("accuracy")
+        if split == "test":
+            out["test_accuracy"] = part.get("accuracy")
+        out[f"{split}_accuracy_lo"], out[f"{split}_accuracy_hi"] = interval if interval else (None, None)
+    return out
+
+
+def _top_two(complete: list, figures: dict, maximize: bool) -> dict:
+    """optimization_results.yaml's `top_two`: the two best trials on val accuracy with their 95% intervals, and
+    whether those overlap (then the search cannot tell them apart on this validation split)."""
+    from lora_cls.metrics.intervals import intervals_overlap
+
+    ranked = sorted(complete, key=lambda t: -t.value if maximize else t.value)[:2]
+    if len(ranked) < 2:
+        return {}
+    intervals = [[figures[t.number][f"val_accuracy_{e}"] for e in ("lo", "hi")] for t in ranked]
+    overlap = intervals_overlap(*[None if None in i else i for i in intervals])
+    if overlap is not None:
+        log.info("optuna: the top two trials, %d (%.4f [%.4f, %.4f]) and %d (%.4f [%.4f, %.4f]), have %s 95%% "
+                 "intervals of val accuracy%s", ranked[0].number, ranked[0].value, *intervals[0], ranked[1].number,
+                 ranked[1].value, *intervals[1], "overlapping" if overlap else "separate",
+                 ": the validation split cannot tell them apart" if overlap else "")
+    return {"top_two": {"trials": [t.number for t in ranked], "val_accuracy": [float(t.value) for t in ranked],
+                        "val_accuracy_ci": intervals, "intervals_overlap": overlap}}
 
 
 def _plain(value: Any) -> Any:

@@ -22,6 +22,7 @@ from lora_cls.engine.evaluation import evaluate_split
 from lora_cls.engine.timing import Stopwatch, describe, startup_seconds
 from lora_cls.engine.trainer import Trainer
 from lora_cls.files import write_json
+from lora_cls.metrics.calibration import fit_temperature
 from lora_cls.models.finetune import parameter_report
 from lora_cls.runs import checkpoint as ckpt
 from lora_cls.runs import reports
@@ -80,9 +81,10 @@ class RunRecorder:
 
 
 def final_metrics(cfg: DictConfig, run: RunDir, trainer: Trainer, loaders: dict, splits: DatasetSplits,
-                  params: dict, adapted_layers: int) -> dict:
+                  params: dict, adapted_layers: int, recorder: RunRecorder) -> dict:
     """metrics.json: the best epoch's weights (at the d they were validated at) evaluated on val and test, with
-    the reports of both splits written (by the first process only)."""
+    the reports of both splits written and the temperature fitted on val saved with the adapter (by the first
+    process only)."""
     state, runtime, schedule = trainer.state, trainer.settings.runtime, trainer.settings.schedule
     if schedule.kind != "none" and state.best_d > schedule.d_min:
         log.warning("the best epoch (%d, by %s) ran at d=%.3g, before d reached d_min=%g: the adapter saved and "
@@ -90,15 +92,21 @@ def final_metrics(cfg: DictConfig, run: RunDir, trainer: Trainer, loaders: dict,
                     state.best_d, schedule.d_min)
     ckpt.apply_adapter(trainer.base_model, state.best_state, "best-epoch state")
     title = f"{cfg.model.name} {cfg.finetune} on {cfg.dataset.name}"
-    results = {}
-    for split in ("val", "test"):
-        out = evaluate_split(trainer.base_model, loaders[split].dataset, trainer.preprocess, runtime,
-                             trainer.settings.eval_batch_size, split, len(splits.classes))
-        results[split] = reports.split_results(out, splits.classes, splits.positive_class,
-                                               run.reports(split) if runtime.dist.is_main else None,
-                                               f"{title} — {split}")
+    outs = {split: evaluate_split(trainer.base_model, loaders[split].dataset, trainer.preprocess, runtime,
+                                  trainer.settings.eval_batch_size, split, len(splits.classes))
+            for split in ("val", "test")}
+    # Temperature scaling (docs/evaluation.md): one scalar fitted on the validation split's logits, kept with the
+    # adapter; lora-eval, lora-predict and the API apply it with calibrate=true.
+    temperature = fit_temperature(outs["val"].logits, outs["val"].y_true)
+    results = {split: reports.split_results(out, splits.classes, splits.positive_class,
+                                            run.reports(split) if runtime.dist.is_main else None,
+                                            f"{title} — {split}", temperature,
+                                            [p for p, _ in loaders[split].dataset.samples])
+               for split, out in outs.items()}
+    if recorder.writes:
+        recorder.save_adapter(trainer, d=state.best_d, temperature=temperature)
     return {**run_metrics(cfg), "params": {k: params[k] for k in ("total", "trainable", "trainable_pct")},
-            "best_epoch": state.best_epoch, "d": state.best_d, "epochs_run": state.epoch,
+            "best_epoch": state.best_epoch, "d": state.best_d, "epochs_run": state.epoch, "temperature": temperature,
             "stopped_early": state.stopped_early,
             "val": results["val"], "test": results["test"],
             "timing": {"train_seconds": round(state.train_seconds, 3),
@@ -170,8 +178,9 @@ def run_timing(watch: Stopwatch, trainer: Trainer, trained_before: float) -> dic
     return timing
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Train per `cfg`, write the run folder, and return metrics.json's content."""
+def train(cfg: DictConfig, run_dir: str | Path, splits: DatasetSplits | None = None) -> dict:
+    """Train per `cfg` (on `splits` when given: a cross-validation fold), write the run folder, and return
+    metrics.json's content."""
     watch = Stopwatch()
     watch.add("startup", startup_seconds())
     run = RunDir(run_dir)
@@ -182,7 +191,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     watch.device = runtime.device
     prep = build.preprocessing(cfg)
     with watch.phase("data_load"):
-        splits, loaders = build.load_data(cfg, runtime, prep)
+        splits, loaders = build.load_data(cfg, runtime, prep, splits)
     if info.is_main:
         write_splits_json(splits, run.splits)
     _log_data(cfg, splits, loaders, runtime)
@@ -210,7 +219,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         with watch.phase("writing"):
             recorder.draw_curves(trainer, last=True)
         with watch.phase("final_eval"):
-            metrics = final_metrics(cfg, run, trainer, loaders, splits, params, len(adapted))
+            metrics = final_metrics(cfg, run, trainer, loaders, splits, params, len(adapted), recorder)
     except BaseException:
         recorder.loggers.fail()  # an MLflow run ends FAILED instead of staying RUNNING
         raise
