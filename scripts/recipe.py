@@ -5,8 +5,9 @@
     python scripts/recipe.py --jobs 2 --threads 1     # two runs at once, one thread each
     python scripts/recipe.py --quick                  # a toy run of the whole pipeline (tests)
 
-Results go to --out (results.csv, results.md); a second call with the same --out runs only what results.csv does not
-hold yet, so an interrupted benchmark continues.
+Results go to --out (results.csv, results.md). A second call with the same --out reads back the runs it finds
+finished with the same resolved config and resumes interrupted ones, so an interrupted benchmark continues and a
+changed default is run again.
 
 Each task is built from data that ships with an installed package or is generated, so it runs offline:
 
@@ -234,30 +235,35 @@ def pretrain(task: str, source: Path, folder: Path, quick: bool) -> Path:
 
 
 def run_variant(task: str, variant: str, seed: int, target: Path, backbone: Path, out: Path, quick: bool) -> dict:
-    """One fine-tuning run. A run folder that holds a finished run is read back, an interrupted one resumes from its
-    last.pt (trainer.resume=auto; its wall time then counts this process's part only: `resumed` says so)."""
-    from lora_cls.conf.load import compose
+    """One fine-tuning run. A run folder that holds a finished run of the same resolved config (recipe_config.json)
+    is read back (`kept`), an interrupted one resumes from its last.pt (its wall time then counts this process's
+    part only: `resumed`), anything else is run afresh, so a changed default is never read from an older run."""
+    from lora_cls.conf.load import compose, to_container
     from lora_cls.runs.folder import RunDir, read_metrics
     from lora_cls.tasks.train import train
 
     overrides, _ = VARIANTS[variant]
-    run = out / task / variant / f"seed{seed}"
+    run = RunDir(out / task / variant / f"seed{seed}")
     cfg = compose("train", [*common(target, seed, quick), f"model.weights={backbone}", *overrides])
+    config = json.dumps(to_container(cfg), sort_keys=True)
+    marker = run.path / "recipe_config.json"
+    same = marker.is_file() and marker.read_text() == config
+    metrics = read_metrics(run.metrics) if same else None
+    kept = metrics is not None and metrics.get("status") == "ok"
+    resumed = same and not kept and run.last.is_file()
     start = time.perf_counter()
-    metrics = read_metrics(RunDir(run).metrics)
-    resumed = RunDir(run).last.is_file()
-    if metrics is None or metrics.get("status") != "ok":
+    if not kept:
         if not resumed:
-            shutil.rmtree(run, ignore_errors=True)
-        metrics = train(cfg, run)
-        wall = time.perf_counter() - start
-    else:
-        wall = metrics["timing"]["wall_seconds"]
+            shutil.rmtree(run.path, ignore_errors=True)
+            run.path.mkdir(parents=True)
+            marker.write_text(config)
+        metrics = train(cfg, run.path)
+    wall = metrics["timing"]["wall_seconds"] if kept else time.perf_counter() - start
     return {"task": task, "variant": variant, "seed": seed, "test_accuracy": metrics["test"]["accuracy"],
             "val_accuracy": metrics["val"]["accuracy"], "epochs_run": metrics["epochs_run"],
             "best_epoch": metrics["best_epoch"], "wall_seconds": round(wall, 2),
             "train_seconds": metrics["timing"]["train_seconds"], "trainable": metrics["params"]["trainable"],
-            "resumed": resumed}
+            "resumed": resumed, "kept": kept}
 
 
 def table(rows: list[dict], tasks: list[str], variants: list[str]) -> str:
@@ -277,7 +283,7 @@ def table(rows: list[dict], tasks: list[str], variants: list[str]) -> str:
 
 
 FIELDS = ["task", "variant", "seed", "test_accuracy", "val_accuracy", "epochs_run", "best_epoch", "wall_seconds",
-          "train_seconds", "trainable", "resumed"]
+          "train_seconds", "trainable", "resumed", "kept"]
 
 
 def _read_results(path: Path) -> list[dict]:
@@ -333,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per run (default: the cores divided among the jobs)")
-    p.add_argument("--fresh", action="store_true", help="run again what results.csv in --out already holds")
+    p.add_argument("--fresh", action="store_true", help="delete --out first: run everything again")
     p.add_argument("--quick", action="store_true", help="a toy run of the pipeline: small sets, a few steps")
     args = p.parse_args(argv)
     import logging
@@ -346,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     results = args.out / "results.csv"
     if args.fresh:
         results.unlink(missing_ok=True)
-    done = {(r["task"], r["variant"], r["seed"]) for r in _read_results(results)}
+        shutil.rmtree(args.out, ignore_errors=True)
+        args.out.mkdir(parents=True)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
 
     def finished(future) -> None:  # in the pool's thread, as each run ends (the pretraining may still go on)
@@ -354,8 +361,9 @@ def main(argv: list[str] | None = None) -> int:
             return
         row = future.result()
         _record(results, row)
-        print(f"{row['task']:7s} {row['variant']:16s} seed {row['seed']}: test {row['test_accuracy']:.3f}  val "
-              f"{row['val_accuracy']:.3f}  {row['epochs_run']} epochs  {row['wall_seconds']:.0f} s", flush=True)
+        if not row["kept"]:
+                print(f"{row['task']:7s} {row['variant']:16s} seed {row['seed']}: test {row['test_accuracy']:.3f}  val "
+                  f"{row['val_accuracy']:.3f}  {row['epochs_run']} epochs  {row['wall_seconds']:.0f} s", flush=True)
 
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_start_worker,
                              initargs=(threads,)) as pool:
@@ -366,10 +374,9 @@ def main(argv: list[str] | None = None) -> int:
             backbone = pretrain(task, source, folder, args.quick)
             for seed in args.seeds:
                 for variant in args.variants:
-                    if (task, variant, seed) not in done:
-                        pending.append(pool.submit(run_variant, task, variant, seed, target, backbone, args.out,
-                                                   args.quick))
-                        pending[-1].add_done_callback(finished)
+                    pending.append(pool.submit(run_variant, task, variant, seed, target, backbone, args.out,
+                                               args.quick))
+                    pending[-1].add_done_callback(finished)
         for future in pending:
             future.result()  # a failed run stops the benchmark with its error
     rows = [r for r in _read_results(results) if r["task"] in args.tasks and r["variant"] in args.variants]
