@@ -69,6 +69,10 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "lora_microscopy": (["dataset.augment.preset=microscopy"], "lora, microscopy augmentation"),
     "lora_mixup": (["dataset.augment.mixup=0.2", "dataset.augment.cutmix=1.0"], "lora + MixUp/CutMix"),
     "lora_squash": (["dataset.fit=squash"], "lora, images squashed instead of cropped"),
+    "full_none": (["finetune=full", "dataset.augment.preset=none"], "full, no augmentation"),
+    "full_light": (["finetune=full", "dataset.augment.preset=light"], "full, light augmentation"),
+    "full_natural": (["finetune=full", "dataset.augment.preset=natural"], "full, natural augmentation"),
+    "linear_none": (["finetune=linear", "dataset.augment.preset=none"], "linear, no augmentation"),
 }
 TASK_PRESETS = {"digits": "natural", "shapes": "natural"}  # the folder layout's own default
 
