@@ -119,7 +119,10 @@ class LoRAConfig:
                                        "sweep)")  # type: ignore[assignment]
     dropout: float = setting(_ADAPTER.dropout, "dropout on the adapter's input (training only)")
     rslora: bool = setting(_ADAPTER.rslora, "s = alpha / sqrt(rank) (rsLoRA)")
-    init: str = setting(_ADAPTER.init, "A's init: kaiming | gaussian (B and C start at 0)")
+    init: str = setting(_ADAPTER.init, "kaiming | gaussian (A random, B = 0) | pissa (A, B: W's principal singular "
+                                       "vectors) | olora (W's QR); pissa/olora freeze the residual W - s·B·A")
+    dora: bool = setting(_ADAPTER.dora, "DoRA: each output channel of W + ΔW rescaled to a learned magnitude "
+                                        "(needs schedule=none)")
     targets: list[str] | None = setting(None, "glob patterns over module names; null: the model's preset or the "
                                               "default rule (docs/models.md)")
     # Any, so that a command-line dict replaces the null
