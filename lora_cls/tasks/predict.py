@@ -40,7 +40,7 @@ from lora_cls.files import atomic_open, write_json
 from lora_cls.runs.checkpoint import resolve_checkpoint
 from lora_cls.runs.console import print_predictions
 from lora_cls.runs.folder import PREDICT_SUMMARY, PREDICTIONS, RunDir, check_fresh_run_dir
-from lora_cls.tasks.inference import Classifier, from_checkpoint
+from lora_cls.tasks.inference import Classifier, base_settings, from_checkpoint
 
 
 def collect_inputs(spec: str) -> list[Path]:
@@ -124,7 +124,7 @@ def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, A
     check_fresh_run_dir(run_dir)
     path = resolve_checkpoint(cfg.ckpt)
     files = collect_inputs(str(cfg.input)) if cfg.input is not None else split_inputs(path, cfg.split)
-    clf = from_checkpoint(path, cfg.device, cfg.precision, tta=cfg.tta)  # precision null: the run's own
+    clf = from_checkpoint(path, cfg.device, cfg.precision, tta=cfg.tta, base=base_settings(cfg))  # precision null: the run's own
     progress = None if cfg.progress else True  # tqdm's disable: None = only on a terminal
     lookup = _split_lookup(clf, cfg.split) if cfg.input is None else None
     max_pixels = clf.config.dataset.max_image_pixels
