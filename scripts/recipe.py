@@ -64,6 +64,9 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "lora_microscopy": (["dataset.augment.preset=microscopy"], "lora, microscopy augmentation"),
     "lora_mixup": (["dataset.augment.mixup=0.2", "dataset.augment.cutmix=1.0"], "lora + MixUp/CutMix"),
     "lora_squash": (["dataset.fit=squash"], "lora, images squashed instead of cropped"),
+    "lora_dora": (["lora.dora=true"], "lora + DoRA (lora.dora=true)"),
+    "lora_pissa": (["lora.init=pissa"], "lora, PiSSA init (lora.init=pissa)"),
+    "lora_olora": (["lora.init=olora"], "lora, OLoRA init (lora.init=olora)"),
 }
 TASK_PRESETS = {"digits": "natural", "shapes": "natural"}  # the folder layout's own default
 

@@ -37,6 +37,9 @@ from lora_cls.adapters.layer import LoRAConv2d, LoRALayer
 from lora_cls.errors import UserError
 
 PREFIX = "base_model.model."
+# The tensors' meaning follows PEFT 0.22: before it, PEFT applied the out-projection LoRA of nn.MultiheadAttention
+# twice, and PEFT >= 0.22 doubles B of a folder whose peft_version is older (or missing) to keep its outputs.
+FORMAT_VERSION = "0.22.0"
 # LoraConfig fields whose non-default value changes what the adapter computes, and lora-cls has no such thing.
 UNSUPPORTED = {"use_qalora": False, "lora_bias": False, "fan_in_fan_out": False, "layers_to_transform": None,
                "layer_replication": None, "target_parameters": None, "trainable_token_indices": None,
@@ -50,9 +53,9 @@ def _refuse_export(model: nn.Module, units: list[tuple[str, nn.Module]]) -> None
     decay = get_decay_state(model)
     if decay is not None and decay.value != 1.0 or any(isinstance(m, LoRALayer) and m.lora_C is not None
                                                        for m in model.modules()):
-        raise UserError("this run used a decay schedule (d = "
-                        f"{decay.value:g}, and the compensating bias C): PEFT's frozen path is always W∗x + b, so "
-                        "d·W and C have no PEFT form; export format=torchvision (the merged model) instead")
+        raise UserError(f"this run used a decay schedule (d = {decay.value:g} at its best epoch, and the learnable "
+                        "bias C): PEFT's frozen path is always W∗x + b, so neither d·W nor C has a PEFT form; "
+                        "export format=torchvision (the merged model) instead")
     for name, unit in units:
         layer = unit.in_proj if isinstance(unit, LoRAMultiheadAttention) else unit
         if layer.lora_magnitude is not None and isinstance(unit, LoRAMultiheadAttention):
@@ -118,7 +121,8 @@ def to_peft(model: nn.Module, keep: list[str], base_model_name: str) -> tuple[di
     rank = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
     alpha = options.alpha if options else 8.0
     # alpha is lora-cls's for every layer; a rank-2r layer (pissa/olora) keeps s through its B (c above)
-    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name,
+    config = {"peft_type": "LORA", "peft_version": FORMAT_VERSION, "task_type": None,
+              "base_model_name_or_path": base_model_name,
               "r": rank, "lora_alpha": alpha, "target_modules": [n for n, _ in units],
               "rank_pattern": {re.escape(n): r for n, r in ranks.items() if r != rank}, "alpha_pattern": {},
               "use_rslora": bool(options and options.rslora), "use_dora": bool(options and options.dora),
@@ -197,18 +201,29 @@ def from_peft(model: nn.Module, tensors: Mapping[str, torch.Tensor], config: Map
     return out
 
 
+def _older_than_format(config: Mapping[str, Any]) -> bool:
+    version = str(config.get("peft_version") or "0")
+    parts = [int(p) for p in re.findall(r"\d+", version)[:3]] + [0, 0, 0]
+    return parts[:3] < [int(p) for p in FORMAT_VERSION.split(".")]
+
+
 def _layer_tensor(layer: LoRALayer, name: str, part: str, t: torch.Tensor, alpha: float,
                   config: Mapping[str, Any], source: str) -> dict[str, torch.Tensor]:
     if part == "lora_magnitude_vector":
         return {f"{name}.lora_magnitude": t.reshape(-1)}
     if part == "lora_B":
         owner = name.removesuffix(".in_proj").removesuffix(".out_proj")
-        layer_alpha = float(pattern_value(config.get("alpha_pattern") or {}, owner, alpha))
-        return {f"{name}.lora_B": t * (layer_alpha / alpha) if layer_alpha != alpha else t}
+        factor = float(pattern_value(config.get("alpha_pattern") or {}, owner, alpha)) / alpha
+        if name.endswith(".out_proj") and _older_than_format(config):
+            factor *= 2.0  # PEFT < 0.22 applied an attention out-projection's adapter twice (as PEFT reads it)
+        return {f"{name}.lora_B": t * factor if factor != 1.0 else t}
     if isinstance(layer, LoRAConv2d) and layer.groups > 1:  # PEFT's ungrouped A must be zero off each group's block
         g, per_r, per_in = layer.groups, t.shape[0] // layer.groups, t.shape[1] // layer.groups
         blocks = [t[j * per_r:(j + 1) * per_r, j * per_in:(j + 1) * per_in] for j in range(g)]
-        if sum(float(b.abs().sum()) for b in blocks) != float(t.abs().sum()):
+        outside = t.clone()
+        for j in range(g):
+            outside[j * per_r:(j + 1) * per_r, j * per_in:(j + 1) * per_in] = 0
+        if torch.count_nonzero(outside):
             raise UserError(f"{source}: {name} is a grouped convolution (groups={g}) whose PEFT lora_A reads every "
                             "input channel (PEFT trains it ungrouped), so its update is no grouped weight and cannot "
                             "be merged (PEFT cannot merge it either); leave grouped convolutions out of "

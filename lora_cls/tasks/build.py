@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
+from lora_cls.adapters.options import FROM_WEIGHTS
 from lora_cls.conf.checks import (
     decay_schedule,
     learning_rate,
@@ -102,8 +104,12 @@ def build_classifier(cfg: DictConfig, num_classes: int, from_file: bool = False)
                 "sha256": ckpt.base_fingerprint(model, model_spec(name, source).head)}
     rank_pattern = dict(cfg.lora.rank_pattern) if cfg.lora.rank_pattern else None
     options = dataclasses.replace(lora_options(cfg), from_file=from_file)
+    started = time.perf_counter()
     adapted = prepare_finetune(model, name, cfg.finetune, targets=cfg.lora.targets, options=options,
                                source=source, aux=aux, rank_pattern=rank_pattern)
+    if cfg.finetune == "lora" and options.init in FROM_WEIGHTS and not from_file:
+        log.info("lora.init=%s: %d layers decomposed in %.1f s (the frozen weights are now the residuals)",
+                 options.init, len(adapted), time.perf_counter() - started)
     if cfg.lora.get("init_from") and not from_file and cfg.finetune == "lora":
         from lora_cls.tasks.peft import apply_init_from
 

@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lora_cls.adapters.peft import check_peft_config, from_peft, peft_layers, to_peft
-from lora_cls.conf.load import compose, stored_train_config, to_container
+from lora_cls.conf.load import stored_train_config, to_container
+from lora_cls.conf.schema import TrainConfig
 from lora_cls.errors import UserError
 from lora_cls.models.build import build_model
 from lora_cls.models.registry import SOURCES, model_heads, model_spec, torchvision_names
@@ -78,7 +79,7 @@ def _train_config(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
             raise UserError(f"{source} names no base model lora-cls knows (base_model_name_or_path "
                             f"{config.get('base_model_name_or_path')!r}); name it: base.name=<model> "
                             "(base.source=timm for timm's)")
-        cfg = compose("train", [])
+        cfg = OmegaConf.structured(TrainConfig)  # today's defaults (compose would start a second Hydra in a job)
         OmegaConf.update(cfg, "model", {"name": named[1], "source": named[0] or "torchvision",
                                         "weights": base.get("weights")}, merge=True)
         if base.get("image_size"):
@@ -98,7 +99,7 @@ def load_peft_model(folder: str | Path, base: Mapping[str, Any] | None = None) -
     source = f"PEFT adapter {folder}"
     config, tensors, meta = read_peft_folder(folder)
     check_peft_config(config, source)
-    base = {**BASE_DEFAULTS, **{k: v for k, v in (base or {}).items() if v is not None}}
+    base = {**BASE_DEFAULTS, **(base or {})}
     cfg = _train_config(config, tensors, meta, base, source)
     head = model_spec(cfg.model.name, cfg.model.source).head
     if f"base_model.model.{head}.weight" not in tensors:
