@@ -34,7 +34,8 @@ MODELS = {
 VARIANTS = {"lora": [], "dora": ["lora.dora=true"], "pissa": ["lora.init=pissa"], "olora_rslora": ["lora.init=olora",
                                                                                                    "lora.rslora=true"]}
 # lora-cls -> PEFT: each model with the variants that exercise it (DoRA on a grouped conv is refused: PEFT's norm)
-TO_PEFT = [("resnet34", "lora"), ("regnet_grouped", "lora"), ("regnet_grouped", "olora_rslora"),
+# (ResNet34's preset with plain LoRA goes through the whole export: test_a_run_exported_to_peft_...)
+TO_PEFT = [("regnet_grouped", "lora"), ("regnet_grouped", "olora_rslora"),
            ("regnet_grouped", "dora"), ("mobilenet_v3", "dora"), ("vit", "pissa")]
 FROM_PEFT = [("resnet34", "lora"), ("regnet_grouped", "lora"), ("mobilenet_v3", "dora"), ("vit", "dora")]
 FAST = {("mobilenet_v3", "dora"), ("regnet_grouped", "lora"), ("regnet_grouped", "dora")}
