@@ -46,7 +46,8 @@ def test_a_dora_pissa_run_resumes_bit_identically(noisy_data_root, tmp_path, mon
     """DoRA's magnitudes, the optimizer's state of them, and PiSSA's starting factors (the frozen residual) all come
     back from last.pt: the resumed run ends where the uninterrupted one does."""
     cfg = train_cfg(*DETERMINISTIC_TINY, f"dataset.root={noisy_data_root}", "lora.dora=true", "lora.init=pissa",
-                    "lora.dropout=0.1", "lora.targets=[layer3.0.conv1,layer4.2.conv2]", "trainer.max_steps_per_epoch=2")
+                    "lora.dropout=0.1", "lora.targets=[layer3.0.conv1,layer4.2.conv2]", "trainer.epochs=2",
+                    "trainer.max_steps_per_epoch=2")
     expected = train(cfg, tmp_path / "reference")
     killed_in_second_epoch(monkeypatch, lambda: train(cfg, tmp_path / "killed"))
     assert without_timing(train(cfg, tmp_path / "killed")) == without_timing(expected)
