@@ -13,7 +13,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,export,tracking,search,explain]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,export,tracking,search,explain,peft]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## make .venv with the pinned torch/torchvision and the package (editable)

@@ -2,7 +2,8 @@
 
 The Python API (imported on first use, so `import lora_cls` stays fast):
 
-- `load(path, device="cpu") -> Classifier`: a run folder, its adapter file or a lora-export folder as a ready model;
+- `load(path, device="cpu", base=None) -> Classifier`: a run folder, its adapter file, a lora-export folder or a PEFT
+  LoRA folder (`base`: its base model where the folder does not name it) as a ready model;
 - `Classifier`: `.predict(images)`, `.probabilities(images)`, `.preprocess(images)`, `.export(format, folder)`,
   `.classes`, `.image_size`, `.model`;
 - `export_checkpoint(ckpt, format, folder, ...)`: lora-export from Python (returns export.json's content);

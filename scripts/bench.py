@@ -87,6 +87,12 @@ RATIOS: tuple[tuple[str, str, str, str, str, float | None], ...] = (
     ("lora_compiled_fused_vs_lora_compiled", "lora_compiled_fused", "lora_compiled", "throughput", ">=", None),
     ("lora_fp32_fused_vs_head_fp32", "lora_fp32_fused", "head_fp32", "throughput", ">=", None),
     ("lora_fast_fused_vs_head_fast", "lora_fast_fused", "head_fast", "throughput", ">=", None),
+    # DoRA (lora.dora=true): its step against plain LoRA's (the price of the per-step weight norm), and against
+    # PEFT's DoRA on the same layers.
+    ("dora_fp32_step_over_lora_fp32_step", "dora_fp32", "lora_fp32", "step_time", "<=", None),
+    ("dora_fast_step_over_lora_fast_step", "dora_fast", "lora_fast", "step_time", "<=", None),
+    ("dora_fp32_vs_peft_dora_fp32", "dora_fp32", "peft_dora_fp32", "throughput", ">=", None),
+    ("peft_dora_fp32_step_over_peft_fp32_step", "peft_dora_fp32", "peft_fp32", "step_time", "<=", None),
 )
 E2E_TARGET = 0.90  # lora-train's epoch throughput within 10% of the pure model step (issue 17)
 

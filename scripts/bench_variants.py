@@ -35,8 +35,9 @@ class Recipe(NamedTuple):
     finetune: str
     precision: str  # "fp32" | "fast" (the fast path's precision, --precision)
     channels_last: bool
-    build: str  # train: "finetuned" | "compiled" | "fused" | "compiled_fused" | "peft"; eval: "base" | "unmerged"
-    #            | "merged" | "exported". fused: lora.fused=true (lora_cls/fused.py); the others lora.fused's default
+    build: str  # train: "finetuned" | "compiled" | "fused" | "compiled_fused" | "dora" | "peft" | "peft_dora"; eval:
+    #            "base" | "unmerged" | "merged" | "exported". fused: lora.fused=true (lora_cls/fused.py); dora:
+    #            lora.dora=true; the others lora.fused's default
 
 
 # The variants, in the order they are built, timed and reported.
@@ -58,7 +59,10 @@ RECIPES: dict[str, Recipe] = {
                               True, "fused"),
     "lora_compiled_fused": Recipe("train", "lora-cls LoRA, fused conv + torch.compile", "lora-cls", "lora",
                                   "fast", True, "compiled_fused"),
+    "dora_fp32": Recipe("train", "lora-cls DoRA (lora.dora=true)", "lora-cls", "lora", "fp32", False, "dora"),
+    "dora_fast": Recipe("train", "lora-cls DoRA, default path", "lora-cls", "lora", "fast", True, "dora"),
     "peft_fp32": Recipe("train", "PEFT LoRA", "peft", "lora", "fp32", False, "peft"),
+    "peft_dora_fp32": Recipe("train", "PEFT DoRA (use_dora=True)", "peft", "lora", "fp32", False, "peft_dora"),
     "peft_fast": Recipe("train", "PEFT LoRA", "peft", "lora", "fast", True, "peft"),
     "eval_base": Recipe("eval", "eval: base model", "torchvision", "none", "fast", True, "base"),
     "eval_unmerged": Recipe("eval", "eval: adapters unmerged", "lora-cls", "lora", "fast", True, "unmerged"),
@@ -68,7 +72,8 @@ RECIPES: dict[str, Recipe] = {
 }
 PEFT_MISSING = "peft not installed (pip install 'lora-cls[bench]')"
 VARIANTS = tuple(RECIPES)
-QUICK_SKIPS = ("head_fast", "lora_fp32_cl", "lora_fp32_fused", "lora_fast_fused")  # rows --quick leaves out
+QUICK_SKIPS = ("head_fast", "lora_fp32_cl", "lora_fp32_fused", "lora_fast_fused", "dora_fast",
+               "peft_dora_fp32")  # rows --quick leaves out
 COMPILED = ("lora_compiled", "lora_compiled_fused")  # rows only --compile (or --variants) runs
 
 
@@ -122,12 +127,13 @@ def eval_step(model: nn.Module, x: torch.Tensor, device: torch.device, precision
     return run
 
 
-def peft_model(base: nn.Module, targets: list[str], rank: int, alpha: float, head: str) -> nn.Module:
-    """PEFT LoRA on exactly the layers lora-cls adapts, the new head trained in full (modules_to_save)."""
+def peft_model(base: nn.Module, targets: list[str], rank: int, alpha: float, head: str,
+               dora: bool = False) -> nn.Module:
+    """PEFT LoRA (or DoRA) on exactly the layers lora-cls adapts, the new head trained in full (modules_to_save)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
-                        modules_to_save=[head])
+                        modules_to_save=[head], use_dora=dora)
     return get_peft_model(base, config)
 
 
@@ -178,18 +184,21 @@ class VariantBuilder:
                     precision=precision.name, channels_last=r.channels_last)
         if r.kind == "eval":
             return self.evaluated(v, self.eval_model(r.build), precision)
-        if r.build == "peft":
-            return self.with_peft(v, precision)
-        self.trained(v, self.finetuned(r.finetune, fused=r.build.endswith("fused")), precision)
+        if r.build.startswith("peft"):
+            return self.with_peft(v, precision, dora=r.build == "peft_dora")
+        self.trained(v, self.finetuned(r.finetune, fused=r.build.endswith("fused"), dora=r.build == "dora"),
+                     precision)
         if r.build.startswith("compiled"):
             mode = getattr(self.args, "compile_mode", "default")
             v.step = train_step(compiled(v.model, mode, self.device), v.optimizer, self.x, self.y, self.device, precision,
                                 v.channels_last)
         return v
 
-    def finetuned(self, finetune: str, fused: bool = False) -> nn.Module:
+    def finetuned(self, finetune: str, fused: bool = False, dora: bool = False) -> nn.Module:
         model = copy.deepcopy(self.base)
         options = {"fused": "true"} if fused and finetune == "lora" else {}
+        if dora and finetune == "lora":
+            options["dora"] = True
         prepare_finetune(model, self.args.model, finetune, targets=self.patterns, rank=self.rank,
                          alpha=self.alpha, **options)
         return model
@@ -204,12 +213,13 @@ class VariantBuilder:
         v.step = train_step(v.model, v.optimizer, self.x, self.y, self.device, precision, v.channels_last)
         return v
 
-    def with_peft(self, v: Variant, precision: Precision) -> Variant:
-        """PEFT's LoRA on the layers lora-cls adapts; without PEFT (or with --no-peft), a note and no step."""
+    def with_peft(self, v: Variant, precision: Precision, dora: bool = False) -> Variant:
+        """PEFT's LoRA (or DoRA) on the layers lora-cls adapts; without PEFT (or with --no-peft), a note and no
+        step."""
         if self.peft_error:
             v.note = self.peft_error
             return v
-        model = peft_model(copy.deepcopy(self.base), self.targets, self.rank, self.alpha, self.spec.head)
+        model = peft_model(copy.deepcopy(self.base), self.targets, self.rank, self.alpha, self.spec.head, dora)
         return self.trained(v, model, precision)
 
     def eval_model(self, build: str) -> nn.Module:

@@ -73,6 +73,9 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "full_light": (["finetune=full", "dataset.augment.preset=light"], "full, light augmentation"),
     "full_natural": (["finetune=full", "dataset.augment.preset=natural"], "full, natural augmentation"),
     "linear_none": (["finetune=linear", "dataset.augment.preset=none"], "linear, no augmentation"),
+    "lora_dora": (["lora.dora=true"], "lora + DoRA (lora.dora=true)"),
+    "lora_pissa": (["lora.init=pissa"], "lora, PiSSA init (lora.init=pissa)"),
+    "lora_olora": (["lora.init=olora"], "lora, OLoRA init (lora.init=olora)"),
 }
 TASK_PRESETS = {"digits": "natural", "shapes": "natural"}  # the folder layout's own default
 

@@ -18,7 +18,7 @@ BENCH_PATH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 TINY = ["--image-size", "32", "--batch", "2", "--rounds", "2", "--steps", "1", "--warmup", "1",
         "--threads", "1"]
 TRAIN = ("full_fp32", "full_fast", "head_fp32", "head_fast", "lora_fp32", "lora_fp32_cl", "lora_fast",
-         "lora_fp32_fused", "lora_fast_fused", "peft_fp32", "peft_fast")
+         "lora_fp32_fused", "lora_fast_fused", "dora_fp32", "dora_fast", "peft_fp32", "peft_dora_fp32", "peft_fast")
 EVAL = ("eval_base", "eval_unmerged", "eval_merged", "eval_exported")
 
 
@@ -152,6 +152,19 @@ def test_peft_rows_adapt_the_same_layers(bench, tmp_path):
     assert saved["ratios"]["lora_fp32_vs_peft_fp32"] == pytest.approx(
         rows["lora_fp32"]["images_per_second"] / rows["peft_fp32"]["images_per_second"])
     assert saved["machine"]["peft"]
+
+
+@pytest.mark.slow
+def test_dora_rows_train_the_magnitudes_and_compare_with_lora_and_peft(bench, tmp_path):
+    pytest.importorskip("peft")
+    _, saved = run_bench(bench, [*TINY, "--variants", "lora_fp32", "dora_fp32", "peft_dora_fp32"], tmp_path / "b.json")
+    rows = saved["variants"]
+    # one magnitude per output channel of the preset's 18 convolutions: 12 × 256 + 6 × 512
+    assert rows["dora_fp32"]["params_trainable"] == rows["peft_dora_fp32"]["params_trainable"] == 464_898 + 6_144
+    assert saved["ratios"]["dora_fp32_step_over_lora_fp32_step"] == pytest.approx(
+        rows["dora_fp32"]["step_seconds"] / rows["lora_fp32"]["step_seconds"])
+    assert saved["ratios"]["dora_fp32_vs_peft_dora_fp32"] == pytest.approx(
+        rows["dora_fp32"]["images_per_second"] / rows["peft_dora_fp32"]["images_per_second"])
 
 
 @pytest.mark.slow

@@ -298,7 +298,8 @@ def test_linear_subclasses_are_adapted_unless_they_have_their_own_forward():
 
 
 @pytest.mark.parametrize("bad, key", [({"rank": 0}, "lora.rank"), ({"alpha": 0}, "lora.alpha"),
-                                      ({"dropout": 1.0}, "lora.dropout"), ({"init": "xavier"}, "lora.init")])
+                                      ({"dropout": 1.0}, "lora.dropout"), ({"init": "xavier"}, "lora.init"),
+                                      ({"dora": True, "noise": True}, "lora.dora")])
 def test_bad_options_are_user_errors(bad, key):
     with pytest.raises(UserError, match=key):
         LoRAOptions(**bad)
@@ -424,3 +425,85 @@ def test_mha_merge_adds_delta_to_in_proj_weight_and_low_rank_export_runs_at_d0()
     set_decay(model, 0.0)
     with torch.no_grad():
         torch.testing.assert_close(export_low_rank(model)(x), model(x), atol=1e-10, rtol=0)
+
+
+# -- DoRA and the initialisations from the weights: the same table of layer kinds --------------------------------
+VARIANTS = {"dora": {"dora": True}, "pissa": {"init": "pissa"}, "olora": {"init": "olora"},
+            "pissa_dora": {"init": "pissa", "dora": True}, "olora_rslora": {"init": "olora", "rslora": True}}
+
+
+def _variant_params():
+    """Every layer kind (the whole-model cases are layer kinds already covered; PEFT's tests run whole models)."""
+    return [(c, v) for c in CASES if c not in MODEL_CASES for v in VARIANTS]
+
+
+def _expected_weight(layer) -> torch.Tensor:
+    """W' written out from the definitions (docs/DESIGN.md §3): W + s·(B·A - B0·A0), then DoRA's rescaling."""
+    w, s = layer.weight, layer.scaling
+    flat = lambda b, a: layer.delta_weight(a, b)  # noqa: E731  (the one place B·A is formed)
+    w = w + flat(layer.lora_B, layer.lora_A) - (flat(layer.lora_B0, layer.lora_A0) if layer.lora_A0 is not None else 0)
+    if layer.lora_magnitude is not None:
+        norm = w.reshape(w.shape[0], -1).norm(dim=1)
+        w = (layer.lora_magnitude / norm).view(-1, *[1] * (w.dim() - 1)) * w
+    assert s > 0
+    return w
+
+
+@pytest.mark.parametrize("case, variant", _variant_params())
+def test_variants_are_exact_at_init_and_after_a_step(case, variant):
+    model, x, base_out = _make(case, **VARIANTS[variant])
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for merge in (False, True):
+            set_merge_on_eval(model, merge)
+            torch.testing.assert_close(model(x), base_out, atol=1e-12, rtol=0)  # unchanged at init
+        torch.testing.assert_close(merge_lora(model)(x), base_out, atol=1e-12, rtol=0)
+    if "init" in VARIANTS[variant]:  # A, B start as W's principal part, which leaves the frozen weight
+        for _, layer in layers:
+            assert torch.count_nonzero(layer.lora_B) > 0 and torch.equal(layer.lora_B, layer.lora_B0)
+            torch.testing.assert_close(layer.frozen_weight() + layer.delta_weight(), layer.weight, atol=1e-12, rtol=0)
+    model.train()
+    trainable = [p for _, layer in layers for p in (layer.lora_A, layer.lora_B, layer.lora_magnitude) if p is not None]
+    for p in trainable:
+        p.requires_grad_(True)
+        (model(x) ** 2).mean().backward()
+    # m and B learn (A too once B is non-zero: from the start with pissa/olora, whose B is B0)
+    learning = [p for _, layer in layers for p in (layer.lora_B, layer.lora_magnitude) if p is not None]
+    learning += [layer.lora_A for _, layer in layers] if "init" in VARIANTS[variant] else []
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in learning)
+    with torch.no_grad():
+        for p in trainable:
+            p.sub_(0.5 * p.grad)
+        model.eval()
+        set_merge_on_eval(model, False)
+        unmerged = model(x)
+        set_merge_on_eval(model, True)
+        assert (unmerged - base_out).abs().max() > 1e-6  # the step changed the function
+        torch.testing.assert_close(model(x), unmerged, atol=1e-10, rtol=0)
+        torch.testing.assert_close(merge_lora(model)(x), unmerged, atol=1e-10, rtol=0)
+        for _, layer in layers:
+            torch.testing.assert_close(layer.merged_weight(), _expected_weight(layer), atol=1e-12, rtol=0)
+
+
+def test_dora_norm_is_a_constant_for_backward():
+    """The gradient of A through DoRA's y = m/‖W + ΔW‖ · (W + ΔW)x treats the norm as a constant (paper §4.3, PEFT)."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(6, 4).double(), LoRAOptions(rank=2, alpha=2, dora=True), _decay())
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    layer.train()
+    layer(x).sum().backward()
+    got = layer.lora_A.grad.clone()
+    layer.lora_A.grad = None
+    w = layer.weight + layer.delta_weight()
+    scale = (layer.lora_magnitude / w.detach().norm(dim=1))[:, None]
+    (x @ (scale * w).T + layer.bias).sum().backward()
+    torch.testing.assert_close(got, layer.lora_A.grad, atol=1e-12, rtol=0)
+
+
+def test_dora_refuses_a_decay_schedule_and_pissa_of_a_checkpoint_computes_nothing():
+    with pytest.raises(UserError, match="lora.dora=true needs schedule=none.*cancels the decay"):
+        LoRAOptions(dora=True, bias_comp=True)
+    layer = LoRALinear(nn.Linear(6, 4), LoRAOptions(rank=2, init="pissa", from_file=True), _decay())
+    assert torch.count_nonzero(layer.lora_A0) == 0 and torch.equal(layer.frozen_weight(), layer.weight)

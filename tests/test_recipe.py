@@ -166,3 +166,19 @@ def test_lora_plus_gives_every_b_its_own_learning_rate_as_peft_does():
     named = {id(p): n for n, p in model.named_parameters()}
     got = {named[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
     assert got == pytest.approx({"0.lora_A": 0.01, "0.lora_B": 0.16, "2.weight": 0.01, "2.bias": 0.01})
+
+
+def test_dora_magnitudes_train_at_the_base_rate_without_weight_decay():
+    from lora_cls.adapters.inject import inject_lora
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))  # "2" is the head
+    inject_lora(model, ["0"], rank=2, dora=True)
+    model.requires_grad_(False)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("2.") or "lora_" in name)
+    opt = build_optimizer(param_groups(model, ["2"], lr=0.01, lora_b_lr_ratio=4.0), "adamw", 0.01, 0.05)
+    named = {id(p): n for n, p in model.named_parameters()}
+    got = {named[id(p)]: (round(g["lr"], 6), g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    assert got == {"0.lora_A": (0.01, 0.05), "0.lora_B": (0.04, 0.05), "0.lora_magnitude": (0.01, 0.0),
+                   "2.weight": (0.01, 0.05), "2.bias": (0.01, 0.05)}

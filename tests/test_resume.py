@@ -42,6 +42,22 @@ def test_resume_after_interrupt_ends_with_the_same_metrics(noisy_reference, tmp_
 
 
 @pytest.mark.slow
+def test_a_dora_pissa_run_resumes_bit_identically(noisy_data_root, tmp_path, monkeypatch):
+    """DoRA's magnitudes, the optimizer's state of them, and PiSSA's starting factors (the frozen residual) all come
+    back from last.pt: the resumed run ends where the uninterrupted one does."""
+    cfg = train_cfg(*DETERMINISTIC_TINY, f"dataset.root={noisy_data_root}", "lora.dora=true", "lora.init=pissa",
+                    "lora.dropout=0.1", "lora.targets=[layer3.0.conv1,layer4.2.conv2]", "trainer.epochs=2",
+                    "trainer.max_steps_per_epoch=2")
+    expected = train(cfg, tmp_path / "reference")
+    killed_in_second_epoch(monkeypatch, lambda: train(cfg, tmp_path / "killed"))
+    assert without_timing(train(cfg, tmp_path / "killed")) == without_timing(expected)
+    tensors, _ = ckpt.load_adapter(tmp_path / "killed" / "checkpoints" / "adapter.safetensors")
+    reference, _ = ckpt.load_adapter(tmp_path / "reference" / "checkpoints" / "adapter.safetensors")
+    assert tensors.keys() == reference.keys() and all(torch.equal(tensors[k], reference[k]) for k in tensors)
+    assert {"layer3.0.conv1.lora_magnitude", "layer3.0.conv1.lora_A0", "layer4.2.conv2.lora_B0"} <= set(tensors)
+
+
+@pytest.mark.slow
 def test_resume_refuses_a_finished_run_and_a_changed_config(noisy_reference, tmp_path):
     cfg, ref_dir, _ = noisy_reference
     with pytest.raises(UserError, match="finished run"):

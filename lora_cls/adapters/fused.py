@@ -170,7 +170,7 @@ def _kept_w_cat(layer: LoRAConv2d, frozen: torch.Tensor, a: torch.Tensor, fresh:
     if fresh:
         return _stack(frozen.to(a.dtype), a, layer.groups).contiguous(memory_format=memory_format), False
     w = layer.weight
-    key = (w.data_ptr(), w._version, w.device, a.dtype, layer.decay.value, memory_format)
+    key = (w.data_ptr(), w._version, layer._frozen_version, w.device, a.dtype, layer.decay.value, memory_format)
     cache = layer.__dict__.get("_fused_cache")
     if cache is None or cache[0] != key:
         with torch.no_grad():

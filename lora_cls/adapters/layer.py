@@ -8,6 +8,8 @@ with s = alpha/r (rsLoRA: alpha/sqrt(r)), d the decay factor shared by all adapt
 N the variance-preserving weight noise (training only) and C a learnable per-output-channel bias.
 The only place the low-rank product B·A is formed is `LoRALayer.delta_weight`; merging, evaluation and
 export all go through it. A grouped convolution (groups g) gets one rank-r/g update per group (§4).
+With a pissa/olora init W is the residual W - s·B0·A0 (`frozen_weight`, init.py); with DoRA each output channel
+of W + ΔW is rescaled to a learned magnitude (dora.py).
 
 Merging is never a mode that mutates the stored weights: evaluation uses a cached merged weight that is
 recomputed whenever a parameter changes (so it cannot be applied twice), and `merge_lora` / `export_low_rank`
@@ -24,36 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
+from lora_cls.adapters import dora
 from lora_cls.adapters.fused import fusable, fused_frozen_plus_adapter
-from lora_cls.adapters.options import LORA_INITS, LoRAOptions  # noqa: F401  (imported from here by other modules)
+from lora_cls.adapters.init import weight_factors
+from lora_cls.adapters.options import FROM_WEIGHTS, LORA_INITS, LoRAOptions  # noqa: F401  (imported from here)
+from lora_cls.adapters.state import DecayState, _StepCounter, track_optimizer  # noqa: F401  (imported from here)
 from lora_cls.errors import UserError
 
 # torch.compiler.is_compiling came with torch 2.3; older versions never take the compile-friendly eval branch.
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 DECAY_ATTR = "lora_decay"  # registered on the first adapted layer only, so d is saved exactly once
-
-
-class _StepCounter:
-    """Optimizer steps taken in this process by the optimizers handed to `track_optimizer`.
-
-    Fused optimizers (torch.optim's fused AdamW/SGD, on CPU and CUDA) update parameters without bumping their
-    version counters, so the merged-weight cache of evaluation is keyed on this count as well as on the versions.
-    Nothing is registered globally: lora-cls's own optimizers are tracked by the code that builds them
-    (engine.optim.build_optimizer), and switching a layer to train mode starts its cache afresh anyway.
-    """
-
-    count = 0
-
-    @classmethod
-    def bump(cls, *_) -> None:
-        cls.count += 1
-
-
-def track_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Count `optimizer`'s steps for the merged-weight cache of evaluation (needed for an optimizer that updates
-    parameters in eval mode without bumping their versions, e.g. a fused AdamW); returns it."""
-    optimizer.register_step_post_hook(_StepCounter.bump)
-    return optimizer
 
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
@@ -62,31 +44,6 @@ SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 def is_depthwise(conv: nn.Conv2d) -> bool:
     """groups > 1 with one input channel per group: an adapter would hold more parameters than the layer."""
     return conv.groups > 1 and conv.weight.shape[1] == 1
-
-
-class DecayState(nn.Module):
-    """The decay factor d shared by every adapted layer of one model.
-
-    Kept as a buffer so it is saved with the model's state (and so with the adapter); mirrored as a Python
-    float so the forward pass can branch on it without a device synchronisation.
-    """
-
-    def __init__(self, d: float = 1.0) -> None:
-        super().__init__()
-        self.register_buffer("d", torch.tensor(float(d), dtype=torch.float64))
-        self._value = float(d)
-
-    @property
-    def value(self) -> float:
-        return self._value
-
-    def set(self, d: float) -> None:
-        self._value = float(d)
-        self.d.fill_(self._value)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
-        super()._load_from_state_dict(*args, **kwargs)
-        self._value = float(self.d)
 
 
 class LoRALayer(nn.Module):
@@ -101,8 +58,9 @@ class LoRALayer(nn.Module):
     groups: int = 1  # LoRAConv2d: the base convolution's groups (A and B are grouped the same way)
 
     def __init__(self, base: nn.Module, options: LoRAOptions, decay: DecayState, a_shape: Sequence[int],
-                 b_shape: Sequence[int]) -> None:
+                 b_shape: Sequence[int], groups: int = 1) -> None:
         super().__init__()
+        self.groups = groups
         self.options = options
         self.rank = options.rank
         self.scaling = options.scaling
@@ -113,6 +71,15 @@ class LoRALayer(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(*a_shape, **factory))
         self.lora_B = nn.Parameter(torch.zeros(*b_shape, **factory))
         self.lora_C = (nn.Parameter(torch.zeros(self.out_features, **factory)) if options.bias_comp else None)
+        self.lora_magnitude = nn.Parameter(torch.ones(self.out_features, **factory)) if options.dora else None
+        # pissa/olora: the starting factors B0, A0 (saved with the adapter), so W - s·B0·A0 is rebuilt exactly
+        if options.init in FROM_WEIGHTS:
+            self.register_buffer("lora_A0", torch.zeros_like(self.lora_A))
+            self.register_buffer("lora_B0", torch.zeros_like(self.lora_B))
+        else:
+            self.lora_A0 = self.lora_B0 = None
+        self._frozen_cache: tuple[tuple, torch.Tensor] | None = None
+        self._frozen_version = 0  # bumped whenever W - s·B0·A0 is formed anew (fused.py keys on it)
         self.lora_dropout = nn.Dropout(options.dropout) if options.dropout > 0 else nn.Identity()
         # One DecayState per model: the first adapted layer registers it (so it is saved once, and a Sequential
         # root is not given an extra child); the others hold a plain reference.
@@ -132,39 +99,74 @@ class LoRALayer(nn.Module):
         return self._decay
 
     def reset_lora_parameters(self) -> None:
-        """A as configured, B = 0 and C = 0, so the adapted layer equals the base layer exactly."""
-        if self.options.init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.rank)
+        """A as configured, B = 0 and C = 0 (or A, B = A0, B0 of W's decomposition, W - s·B0·A0 frozen), DoRA's
+        magnitude ‖W + ΔW‖: the adapted layer equals the base layer (exactly, or to rounding for pissa/olora)."""
+        init = self.options.init
+        if init in FROM_WEIGHTS:
+            if not self.options.from_file:  # from a checkpoint: A0, B0 (and so W_res) are read, not computed
+                a0, b0 = weight_factors(self.weight, self.rank, self.scaling, init, self.groups)
+                with torch.no_grad():
+                    self.lora_A0.copy_(a0.reshape(self.lora_A.shape))
+                    self.lora_B0.copy_(b0.reshape(self.lora_B.shape))
+            with torch.no_grad():
+                self.lora_A.copy_(self.lora_A0)
+                self.lora_B.copy_(self.lora_B0)
         else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.rank)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
         if self.lora_C is not None:
             nn.init.zeros_(self.lora_C)
+        if self.lora_magnitude is not None:
+            with torch.no_grad():  # the norm the forward divides by at step 0: m/‖W + ΔW‖ is exactly 1 there
+                self.lora_magnitude.copy_(dora.channel_norm(self.frozen_weight() + self.delta_weight()))
         self._merged_cache = None
 
+    def frozen_weight(self) -> torch.Tensor:
+        """The frozen part of the layer: W, or for a pissa/olora init the residual W - s·B0·A0 (docs/DESIGN.md §3),
+        formed once while W, A0 and B0 are unchanged."""
+        if self.lora_A0 is None:
+            return self.weight
+        w, a0, b0 = self.weight, self.lora_A0, self.lora_B0
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in (w, a0, b0))
+        if self._frozen_cache is None or self._frozen_cache[0] != key:
+            with torch.no_grad():
+                self._frozen_cache = (key, w - self.delta_weight(a0, b0))
+            self._frozen_version += 1
+        return self._frozen_cache[1]
+
     # -- the one place the low-rank product is formed -------------------------------------------------
-    def delta_weight(self) -> torch.Tensor:
-        """s · (B.view(out, r) @ A.view(r, -1)), reshaped to W's shape, in the parameters' own dtype.
+    def delta_weight(self, a: torch.Tensor | None = None, b: torch.Tensor | None = None) -> torch.Tensor:
+        """s · (B.view(out, r) @ A.view(r, -1)), reshaped to W's shape, in the parameters' own dtype; of the
+        trainable factors, or of `a` and `b` (the starting factors A0, B0 of a pissa/olora init).
 
         Autocast is off here: a merge inside a bf16 autocast region would otherwise round B·A to bf16 before it
         is added to W (and the eval cache would keep that rounded weight for a later fp32 evaluation).
         """
         g = self.groups
+        a = self.lora_A if a is None else a
+        b = self.lora_B if b is None else b
         with torch.autocast(self.weight.device.type, enabled=False):
             if g == 1:
-                b = self.lora_B.reshape(self.out_features, self.rank)
-                a = self.lora_A.reshape(self.rank, -1)
+                b = b.reshape(self.out_features, self.rank)
+                a = a.reshape(self.rank, -1)
                 return (self.scaling * (b @ a)).reshape(self.weight.shape)
             # Group j: B_j (C_out/g, r/g) @ A_j (r/g, C_in/g·k·k), stacked along C_out as W is.
-            b = self.lora_B.reshape(g, self.out_features // g, self.rank // g)
-            a = self.lora_A.reshape(g, self.rank // g, -1)
+            b = b.reshape(g, self.out_features // g, self.rank // g)
+            a = a.reshape(g, self.rank // g, -1)
             return (self.scaling * torch.bmm(b, a)).reshape(self.weight.shape)
 
     def merged_weight(self) -> torch.Tensor:
-        """W' = d·W + delta_weight() (docs/DESIGN.md §3)."""
+        """W' = d·W + delta_weight(), or with DoRA m/‖W + ΔW‖·(W + ΔW) (docs/DESIGN.md §3; W: `frozen_weight`)."""
         d = self.decay.value
-        w = self.weight if d == 1.0 else d * self.weight
-        return w + self.delta_weight()
+        w = self.frozen_weight()
+        w = w if d == 1.0 else d * w
+        if self.lora_magnitude is None:
+            return w + self.delta_weight()
+        adapted = w + self.delta_weight()
+        return dora.channel_view(dora.magnitude_scale(self.lora_magnitude, adapted), w.dim()) * adapted
 
     def merged_bias(self) -> torch.Tensor | None:
         """b' = d·b + C; None when the layer has neither."""
@@ -207,9 +209,10 @@ class LoRALayer(nn.Module):
 
     def _weight_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of W (whole tensor, or per output channel broadcastable to W), cached while W is unchanged."""
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.device, self.weight.dtype)
+        frozen = self.frozen_weight()
+        key = (frozen.data_ptr(), self.weight._version, self._frozen_version, frozen.device, frozen.dtype)
         if self._stats_cache is None or self._stats_cache[0] != key:
-            w = self.weight.detach()
+            w = frozen.detach()
             if self.options.noise_per_channel:
                 flat = w.reshape(w.shape[0], -1)
                 view = (-1,) + (1,) * (w.dim() - 1)
@@ -228,7 +231,8 @@ class LoRALayer(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------------------
     def _merged_for_eval(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        params = [p for p in (self.weight, self.bias, self.lora_A, self.lora_B, self.lora_C) if p is not None]
+        params = [p for p in (self.weight, self.bias, self.lora_A, self.lora_B, self.lora_C, self.lora_magnitude,
+                              self.lora_A0, self.lora_B0) if p is not None]
         key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params) + (
             self.decay.value, _StepCounter.count)
         if self._merged_cache is None or self._merged_cache[0] != key:
@@ -248,10 +252,17 @@ class LoRALayer(nn.Module):
                 return self._base_op(x, self.merged_weight(), self.merged_bias())
             return self._base_op(x, *self._merged_for_eval())
         d = self.decay.value
-        weight = self.weight if d == 1.0 else d * self.weight
+        frozen = self.frozen_weight()
+        weight = frozen if d == 1.0 else d * frozen
         bias = self.bias if (self.bias is None or d == 1.0) else d * self.bias
         if self.noise_active():
             weight = weight + self.sample_noise()
+        if self.lora_magnitude is not None:  # DoRA (d = 1, no noise, no C: options.py): the base once, then scaled
+            with torch.no_grad():  # the norm is a constant for backward (dora.py): no graph for it
+                norm = dora.channel_norm(frozen + self.delta_weight())
+            scale = self.lora_magnitude / norm
+            y = self._frozen_plus_adapter(x, weight, None) * scale.view(self._bias_shape())
+            return y if bias is None else y + bias.view(self._bias_shape())
         y = self._frozen_plus_adapter(x, weight, bias)
         if self.lora_C is not None:
             y = y + self.lora_C.view(self._bias_shape())
@@ -275,6 +286,7 @@ class LoRALayer(nn.Module):
         # Moving or casting the layer invalidates the caches (their tensors live on the old device/dtype).
         self._merged_cache = None
         self._stats_cache = None
+        self._frozen_cache = None
         return super()._apply(fn, *args, **kwargs)
 
     # -- export -------------------------------------------------------------------------------------------
@@ -298,7 +310,7 @@ class LoRALayer(nn.Module):
     def extra_repr(self) -> str:
         o = self.options
         return (f"rank={o.rank}, alpha={o.alpha}, scaling={self.scaling:.4g}, dropout={o.dropout}, "
-                f"noise={o.noise}, bias_comp={o.bias_comp}")
+                f"noise={o.noise}, bias_comp={o.bias_comp}, init={o.init}, dora={o.dora}")
 
 
 class LoRAConv2d(LoRALayer):
@@ -317,8 +329,7 @@ class LoRAConv2d(LoRALayer):
         if isinstance(base.padding, str) and base.padding == "same" and any(s != 1 for s in base.stride):
             raise UserError("padding='same' with stride > 1 is not a valid convolution")
         c_out, c_in_g, kh, kw = base.weight.shape
-        super().__init__(base, options, decay, (options.rank, c_in_g, kh, kw), (c_out, options.rank // g, 1, 1))
-        self.groups = g
+        super().__init__(base, options, decay, (options.rank, c_in_g, kh, kw), (c_out, options.rank // g, 1, 1), g)
         self.stride = base.stride
         self.padding = base.padding
         self.dilation = base.dilation

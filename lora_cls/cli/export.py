@@ -11,9 +11,11 @@ from lora_cls.conf.checks import validate_export
 def _export(cfg: DictConfig, run_dir: Path) -> dict:
     from lora_cls.runs.console import print_export  # imported when a job runs: fast --help
     from lora_cls.tasks.export import export_checkpoint
+    from lora_cls.tasks.inference import base_settings
 
     report = export_checkpoint(cfg.ckpt, cfg.format, run_dir, low_rank=bool(cfg.lowrank),
-                               tolerance=float(cfg.tolerance), images=int(cfg.images), opset=int(cfg.opset))
+                               tolerance=float(cfg.tolerance), images=int(cfg.images), opset=int(cfg.opset),
+                               base=base_settings(cfg))
     print_export(report, run_dir)
     return report
 

@@ -21,14 +21,21 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     return train(cfg, run_dir)
 
 
+def _validate(cfg: DictConfig) -> None:
+    from lora_cls.tasks.peft import with_init_from  # lora.init_from decides lora.* (as train() sees it)
+
+    validate(with_init_from(cfg) if cfg.lora.get("init_from") else cfg)
+
+
 def _check_run_dir(cfg: DictConfig, run_dir: Path):
     if cfg.cv.folds:
         from lora_cls.tasks.crossval import check_cv_dir
 
         return check_cv_dir(cfg, run_dir)
     from lora_cls.runs.resume import prepare_run_dir
+    from lora_cls.tasks.peft import with_init_from
 
-    return prepare_run_dir(cfg, run_dir)
+    return prepare_run_dir(with_init_from(cfg) if cfg.lora.get("init_from") else cfg, run_dir)
 
 
 def _torchrun_argv(argv: list[str]) -> bool:
@@ -55,7 +62,7 @@ def main() -> None:
     checks_run_dir = _torchrun_argv(sys.argv[1:])
     try:
         # The job's validation accuracy is what a Hydra sweeper (Optuna) optimises.
-        command("train", _train, validate, _check_run_dir if checks_run_dir else None, metric_key="accuracy",
+        command("train", _train, _validate, _check_run_dir if checks_run_dir else None, metric_key="accuracy",
                 exit_status=sweep_exit_status)()
     finally:
         from lora_cls.engine import distributed

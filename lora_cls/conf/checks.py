@@ -202,7 +202,7 @@ def lora_options(cfg: DictConfig | Any):
 
     lo = cfg.lora
     return LoRAOptions(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, rslora=lo.rslora, init=lo.init,
-                       fused=lo.fused, **decay_schedule(cfg).adapter_options())
+                       fused=lo.fused, dora=bool(lo.get("dora", False)), **decay_schedule(cfg).adapter_options())
 
 
 def check_device(value: Any, key: str) -> None:

@@ -19,7 +19,7 @@ from lora_cls.adapters.schedule import DecaySchedule
 
 PRECISIONS = ("auto", "32", "bf16", "16")
 OPTIMIZERS = ("adamw", "sgd")
-EXPORT_FORMATS = ("torchvision", "lowrank", "onnx", "torchscript")
+EXPORT_FORMATS = ("torchvision", "lowrank", "onnx", "torchscript", "peft")
 CLASS_WEIGHTS = (None, "balanced")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MONITORS = ("val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_loss")
@@ -119,7 +119,10 @@ class LoRAConfig:
                                        "sweep)")  # type: ignore[assignment]
     dropout: float = setting(_ADAPTER.dropout, "dropout on the adapter's input (training only)")
     rslora: bool = setting(_ADAPTER.rslora, "s = alpha / sqrt(rank) (rsLoRA)")
-    init: str = setting(_ADAPTER.init, "A's init: kaiming | gaussian (B and C start at 0)")
+    init: str = setting(_ADAPTER.init, "kaiming | gaussian (A random, B = 0) | pissa (A, B: W's principal singular "
+                                       "vectors) | olora (W's QR); pissa/olora freeze the residual W - s·B·A")
+    dora: bool = setting(_ADAPTER.dora, "DoRA: each output channel of W + ΔW rescaled to a learned magnitude "
+                                        "(needs schedule=none)")
     targets: list[str] | None = setting(None, "glob patterns over module names; null: the model's preset or the "
                                               "default rule (docs/models.md)")
     # Any, so that a command-line dict replaces the null
@@ -131,6 +134,8 @@ class LoRAConfig:
                                            "no longer low rank")
     fused: str = setting(_ADAPTER.fused, "auto | true | false: conv adapters in one convolution with the frozen "
                                          "one (same function; auto: where measured faster)")
+    init_from: str | None = setting(None, "start the adapters, head and BatchNorm statistics from a PEFT LoRA "
+                                          "folder; its layers, ranks, alpha, dora and rslora replace lora.*")
 
 
 @dataclass
@@ -257,10 +262,26 @@ class EvalDatasetConfig:
 
 
 @dataclass
+class PeftBaseConfig:
+    """The base model of a PEFT adapter folder (ckpt=<folder with adapter_config.json>) where the folder does not
+    name it; a folder lora-export wrote names everything itself."""
+
+    name: str | None = setting(None, "model name; null: the folder's base_model_name_or_path (torchvision/<name> or "
+                                     "timm/<name>)")
+    source: str | None = setting(None, "torchvision | timm; null: as base_model_name_or_path says")
+    weights: str | None = setting("imagenet", "the base weights the adapter was trained on: imagenet | null "
+                                              "(random, seeded by 0) | a state-dict path")
+    image_size: int | None = setting(None, "input side S; null: 224")
+    classes: list[str] | None = setting(None, "class names in logit order; null: 0, 1, ... (lora-eval: must match "
+                                              "the data's)")
+
+
+@dataclass
 class EvalConfig:
     """lora-eval: a checkpoint on its run's split (or on other data)."""
 
-    ckpt: str = setting(MISSING, "a lora-train run folder or its checkpoints/adapter.safetensors")
+    ckpt: str = setting(MISSING, "a lora-train run folder, its checkpoints/adapter.safetensors, or a PEFT LoRA "
+                                 "folder")
     split: str = setting("test", "val | test | train | all (all needs dataset.root: every image of that folder)")
     dataset: EvalDatasetConfig = setting(help="other data to evaluate on", factory=EvalDatasetConfig)
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
@@ -275,13 +296,15 @@ class EvalConfig:
     explain_layer: str | None = setting(None, "the layer Grad-CAM looks at; null: the model family's last "
                                               "convolutional stage (docs/evaluation.md)")
     progress: bool = setting(True, "progress bars and console tables")
+    base: PeftBaseConfig = setting(help="a PEFT folder's base model", factory=PeftBaseConfig)
 
 
 @dataclass
 class PredictConfig:
     """lora-predict: class predictions for new images."""
 
-    ckpt: str = setting(MISSING, "a lora-train run folder or its checkpoints/adapter.safetensors")
+    ckpt: str = setting(MISSING, "a lora-train run folder, its checkpoints/adapter.safetensors, or a PEFT LoRA "
+                                 "folder")
     input: str | None = setting(None, "an image, a folder (searched recursively) or a quoted glob such as "
                                       "'photos/*.jpg'")
     split: str | None = setting(None, "instead of input: train | val | test of the run's own splits.json")
@@ -298,6 +321,7 @@ class PredictConfig:
     explain_layer: str | None = setting(None, "the layer Grad-CAM looks at; null: the model family's last "
                                               "convolutional stage (docs/evaluation.md)")
     show: int = setting(20, "rows of the console table; predictions.csv has them all")
+    base: PeftBaseConfig = setting(help="a PEFT folder's base model", factory=PeftBaseConfig)
     progress: bool = setting(True, "progress bars")
 
 
@@ -305,13 +329,15 @@ class PredictConfig:
 class ExportConfig:
     """lora-export: a trained run as a model that runs without lora-cls, verified against it."""
 
-    ckpt: str = setting(MISSING, "a lora-train run folder or its checkpoints/adapter.safetensors")
-    format: str = setting("torchvision", "torchvision | lowrank | onnx | torchscript")
+    ckpt: str = setting(MISSING, "a lora-train run folder, its checkpoints/adapter.safetensors, or a PEFT LoRA "
+                                 "folder")
+    format: str = setting("torchvision", "torchvision | lowrank | onnx | torchscript | peft (a PEFT LoRA folder)")
     lowrank: bool = setting(False, "onnx/torchscript: the low-rank model (needs d = 0) instead of the merged one")
     tolerance: float = setting(1e-4, "max |logit difference| allowed against the trained model, × max(1, the "
                                      "largest |logit|)")
     images: int = setting(16, "test images of the run's splits.json the export is verified on")
     opset: int = setting(17, "ONNX opset")
+    base: PeftBaseConfig = setting(help="a PEFT folder's base model", factory=PeftBaseConfig)
 
 
 @dataclass

@@ -52,20 +52,23 @@ def param_groups(model: nn.Module, heads: Sequence[str], lr: float, head_lr_scal
                  lora_b_lr_ratio: float = 1.0) -> list[dict]:
     """Param groups at their learning rates: the heads' parameters at lr × head_lr_scale, every adapter's B at
     lr × lora_b_lr_ratio (LoRA+, Hayou et al. 2024: PEFT's `create_loraplus_optimizer` with `loraplus_lr_ratio`),
-    every other one at lr. With both factors 1, one group in the model's parameter order, as before the options
-    existed (so older last.pt optimizer states load); otherwise the groups base, heads, B (empty ones are dropped
-    by build_optimizer)."""
+    DoRA's magnitudes at lr without weight decay (m is a scale starting at ‖W‖, not a change starting at 0: decay
+    would shrink the pretrained layer), every other one at lr. With both factors 1 and no DoRA, one group in the
+    model's parameter order, as before the options existed (so older last.pt optimizer states load); otherwise the
+    groups base, heads, B, magnitudes (empty ones are dropped by build_optimizer)."""
     def in_head(name: str) -> bool:
         return any(name == h or name.startswith(h + ".") for h in heads)
 
     named = list(model.named_parameters())
-    if head_lr_scale == 1.0 and lora_b_lr_ratio == 1.0:
+    magnitude = [p for n, p in named if n.rsplit(".", 1)[-1] == "lora_magnitude"]
+    if head_lr_scale == 1.0 and lora_b_lr_ratio == 1.0 and not magnitude:
         return [{"params": [p for _, p in named], "lr": lr}]
     head = [p for n, p in named if in_head(n)]
     b = [p for n, p in named if not in_head(n) and n.rsplit(".", 1)[-1] == "lora_B"]
-    chosen = {id(p) for p in head + b}
+    chosen = {id(p) for p in head + b + magnitude}
     return [{"params": [p for _, p in named if id(p) not in chosen], "lr": lr},
-            {"params": head, "lr": lr * head_lr_scale}, {"params": b, "lr": lr * lora_b_lr_ratio}]
+            {"params": head, "lr": lr * head_lr_scale}, {"params": b, "lr": lr * lora_b_lr_ratio},
+            {"params": magnitude, "lr": lr, "weight_decay": 0.0}]
 
 
 def warmup_cosine(total_steps: int, warmup_fraction: float, min_lr_ratio: float) -> Callable[[int], float]:

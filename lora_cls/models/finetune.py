@@ -54,7 +54,7 @@ def prepare_finetune(model: nn.Module, name: str, finetune: str, targets: Sequen
         model.get_submodule(head).requires_grad_(True)
     for module in model.modules():
         if isinstance(module, LoRALayer):
-            for p in (module.lora_A, module.lora_B, module.lora_C):
+            for p in (module.lora_A, module.lora_B, module.lora_C, module.lora_magnitude):
                 if p is not None:
                     p.requires_grad_(True)
     return adapted
@@ -72,15 +72,16 @@ def set_train_mode(model: nn.Module, training: bool, bn: str = "train") -> None:
 
 
 def trainable_state(model: nn.Module, bn: str) -> dict[str, torch.Tensor]:
-    """What an adapter file holds, copied to the CPU: every trainable tensor, the decay factor, and the BatchNorm
-    buffers when they train (bn="train")."""
+    """What an adapter file holds, copied to the CPU: every trainable tensor, the decay factor, the starting factors
+    A0, B0 of a pissa/olora init (what rebuilds the frozen residual), and the BatchNorm buffers when they train
+    (bn="train")."""
     state = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             state[name] = p
     for mod_name, module in model.named_modules():
         is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
-        if (is_bn and bn == "train") or mod_name.endswith(DECAY_ATTR):
+        if (is_bn and bn == "train") or mod_name.endswith(DECAY_ATTR) or isinstance(module, LoRALayer):
             for buf_name, buf in module.named_buffers(recurse=False):
                 state[f"{mod_name}.{buf_name}"] = buf
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}

@@ -39,13 +39,17 @@ def base_fingerprint(model: nn.Module, exclude_prefix: str) -> str:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The adapter file that `ckpt=` names: a run folder's checkpoints/adapter.safetensors, or the file itself."""
+    """The adapter file that `ckpt=` names: a run folder's checkpoints/adapter.safetensors, or the file itself; a
+    PEFT adapter folder (adapter_config.json) as it is."""
     path = Path(path).expanduser()
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return path
     if path.is_dir():
         for candidate in (path / CHECKPOINTS / ADAPTER, path / ADAPTER):
             if candidate.is_file():
                 return candidate
-        raise UserError(f"{path} holds no {CHECKPOINTS}/{ADAPTER}; pass a lora-train run folder or the file")
+        raise UserError(f"{path} holds no {CHECKPOINTS}/{ADAPTER} (nor a PEFT adapter_config.json); pass a "
+                        "lora-train run folder, its adapter file or a PEFT LoRA folder")
     return path
 
 

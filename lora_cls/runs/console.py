@@ -207,4 +207,9 @@ def print_export(report: dict[str, Any], out: str | Path, console: Any = None) -
     console.print(f"verified on {v['source']}: max |logit difference| {v['max_abs_logit_diff']:.2e} "
                   f"(allowed {v['allowed_diff']:.2e}: tolerance {v['tolerance']:g} × largest |logit|, float32)",
                   soft_wrap=True)
+    if "peft" in report:  # format=peft: PeftModel.from_pretrained's own logits, when PEFT is installed
+        p = report["peft"]
+        console.print(f"checked through PEFT {p['version']} (PeftModel.from_pretrained on {p['base_model']}): max "
+                      f"|logit difference| {p['max_abs_logit_diff']:.2e}" if p["checked"] else
+                      f"not checked through PEFT: {p['reason']} (pip install 'lora-cls[peft]')", soft_wrap=True)
     console.print(f"export: {Path(out) / report['file']}", soft_wrap=True)

@@ -7,8 +7,10 @@ lora-predict use `load_model_from_checkpoint`, which needs nothing of the traini
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
+import time
 from pathlib import Path
 
 import torch
@@ -17,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
+from lora_cls.adapters.options import FROM_WEIGHTS
 from lora_cls.conf.checks import (
     decay_schedule,
     learning_rate,
@@ -87,10 +90,12 @@ def load_data(cfg: DictConfig, runtime: Runtime, prep: Preprocessing | None = No
     return splits, loaders
 
 
-def build_classifier(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, list[str], dict]:
+def build_classifier(cfg: DictConfig, num_classes: int, from_file: bool = False) -> tuple[nn.Module, list[str], dict]:
     """The configured model with its adapters (or baseline mode) and the identity of its frozen base weights.
 
     The random state is seeded first, so `model.weights=null` gives the same base weights in lora-eval.
+    `from_file`: a checkpoint fills the adapters next, so a pissa/olora init computes no decomposition and
+    `lora.init_from` is not read (docs/DESIGN.md §7).
     """
     torch.manual_seed(int(cfg.trainer.seed))
     name, source, aux = cfg.model.name, cfg.model.source, bool(cfg.model.aux_heads)
@@ -99,8 +104,17 @@ def build_classifier(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, list
     identity = {"weights": cfg.model.weights, "init_seed": int(cfg.trainer.seed),
                 "sha256": ckpt.base_fingerprint(model, model_spec(name, source).head)}
     rank_pattern = dict(cfg.lora.rank_pattern) if cfg.lora.rank_pattern else None
-    adapted = prepare_finetune(model, name, cfg.finetune, targets=cfg.lora.targets, options=lora_options(cfg),
+    options = dataclasses.replace(lora_options(cfg), from_file=from_file)
+    started = time.perf_counter()
+    adapted = prepare_finetune(model, name, cfg.finetune, targets=cfg.lora.targets, options=options,
                                source=source, aux=aux, rank_pattern=rank_pattern)
+    if cfg.finetune == "lora" and options.init in FROM_WEIGHTS and not from_file:
+        log.info("lora.init=%s: %d layers decomposed in %.1f s (the frozen weights are now the residuals)",
+                 options.init, len(adapted), time.perf_counter() - started)
+    if cfg.lora.get("init_from") and not from_file and cfg.finetune == "lora":
+        from lora_cls.tasks.peft import apply_init_from
+
+        apply_init_from(model, cfg)
     if cfg.finetune == "lora" and not cfg.lora.targets:
         log.info("default targets of %s at rank %s: %d layers (%s)", name, cfg.lora.rank, len(adapted),
                  summarize(adapted))
@@ -196,15 +210,22 @@ def class_weights(cfg: DictConfig, splits: DatasetSplits) -> tuple[float, ...] |
     return weights
 
 
-def load_model_from_checkpoint(path: str | Path) -> tuple[nn.Module, DictConfig, dict]:
-    """Rebuild the trained model from an adapter file alone (its metadata holds config, classes, base identity)."""
+def load_model_from_checkpoint(path: str | Path, base: dict | None = None) -> tuple[nn.Module, DictConfig, dict]:
+    """Rebuild the trained model from an adapter file alone (its metadata holds config, classes, base identity),
+    or from a PEFT LoRA folder (its base model named by the folder or by `base`: tasks/peft.py)."""
+    from lora_cls.runs.peft import is_peft_folder
+
+    if is_peft_folder(path):
+        from lora_cls.tasks.peft import load_peft_model
+
+        return load_peft_model(path, base)
     tensors, meta = ckpt.load_adapter(path)
     try:
         stored, classes, identity = meta["config"], list(meta["classes"]), meta["base_weights"]
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"checkpoint {path} lacks lora-cls metadata ({exc})") from None
     train_cfg = stored_train_config(stored, f"checkpoint {path}")
-    model, _, got_identity = build_classifier(train_cfg, len(classes))
+    model, _, got_identity = build_classifier(train_cfg, len(classes), from_file=True)
     if got_identity["sha256"] != identity.get("sha256"):
         raise UserError(f"checkpoint {path} was trained on other base weights (model.weights={identity.get('weights')}); "
                         "make the same base weights available (e.g. the same ImageNet file) and try again")

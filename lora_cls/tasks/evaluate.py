@@ -25,7 +25,7 @@ from lora_cls.runs import reports
 from lora_cls.runs.console import print_metrics
 from lora_cls.runs.folder import RunDir, check_fresh_run_dir, run_metrics
 from lora_cls.runs.misclassified import write_errors
-from lora_cls.tasks.inference import from_checkpoint
+from lora_cls.tasks.inference import base_settings, from_checkpoint
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -98,7 +98,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict:
     validate_eval(cfg)
     check_fresh_run_dir(run.path)
     clf = from_checkpoint(cfg.ckpt, cfg.device, cfg.precision, tta=cfg.tta,  # precision null: the run's own
-                          calibrate=bool(cfg.calibrate))
+                          calibrate=bool(cfg.calibrate), base=base_settings(cfg))
     path, train_cfg, meta = clf.checkpoint, clf.config, clf.meta
     splits = eval_splits(cfg, path, train_cfg, meta)
     dataset = ImageDataset.from_config(splits.root, splits.split(cfg.split), train_cfg.dataset,

@@ -43,6 +43,7 @@ from lora_cls.runs.checkpoint import resolve_checkpoint
 from lora_cls.runs.folder import EXPORT_SUMMARY, RunDir
 from lora_cls.tasks.build import load_model_from_checkpoint
 from lora_cls.tasks.inference import MODEL_FILES, MODEL_JSON, load, onnx_runtime
+from lora_cls.tasks.peft import export_peft, peft_logits
 
 log = logging.getLogger(__name__)
 
@@ -195,11 +196,15 @@ def _check_fresh(out: Path) -> None:
 
 
 def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, *, low_rank: bool = False,
-                      tolerance: float = 1e-4, images: int = 16, opset: int = 17) -> dict[str, Any]:
-    """Export the run or adapter file `ckpt` as `fmt` into the folder `out`, verify it, write export.json.
+                      tolerance: float = 1e-4, images: int = 16, opset: int = 17,
+                      base: dict | None = None) -> dict[str, Any]:
+    """Export the run, adapter file or PEFT folder (`base`: its base model) `ckpt` as `fmt` into the folder `out`,
+    verify it, write export.json.
 
     Returns export.json's content: files, verification (images, max_abs_logit_diff, tolerance) and, per model
     exported, parameters, file size and multiply-adds (for `lowrank`, also the base model's, and the ratios).
+    `peft` is a PEFT LoRA folder, read back by lora-cls and, when PEFT is installed, by
+    `PeftModel.from_pretrained` (export.json `peft`): both must match.
     """
     if fmt not in FORMATS:
         raise UserError(f"format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -208,9 +213,11 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, *, low_rank: 
     if fmt == "onnx":
         onnx_runtime()
     path = resolve_checkpoint(ckpt)
-    model, train_cfg, meta = load_model_from_checkpoint(path)
+    model, train_cfg, meta = load_model_from_checkpoint(path, base)
     model.float().eval()
     low_rank = low_rank or fmt == "lowrank"
+    if fmt == "peft":
+        export_peft(model, train_cfg, meta, out)  # refused (UserError) before anything is written where PEFT can't
     plain = _plain_model(model, low_rank, path)
     prep = Preprocessing.from_json(meta.get("preprocessing"), int(train_cfg.dataset.image_size))
     batch, source = verification_images(path, prep.geometry, images)
@@ -218,11 +225,12 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, *, low_rank: 
     names = [n for n, _ in adapted_units(model) if isinstance(plain.get_submodule(n), nn.Sequential)]
     desc = model_description(train_cfg, meta, fmt, names if low_rank else [],
                              [] if low_rank else added_biases(model, plain))
-    write_json(out / MODEL_JSON, desc)
-    _save(plain, fmt, out / MODEL_FILES[fmt], x[:2], opset)
+    if fmt != "peft":
+        write_json(out / MODEL_JSON, desc)
+        _save(plain, fmt, out / MODEL_FILES[fmt], x[:2], opset)
+    exported = load(out)  # the file read back through the one inference path, as a user loads it
     with torch.inference_mode():
         reference = reference_logits(model, x)
-        exported = load(out)  # the file read back through the one inference path, as a user loads it
         diff = float((exported.logits(batch).cpu() - reference).abs().max())
     # float32 rounding of the merged weights grows with the logits' size: the tolerance is relative to it
     allowed = tolerance * max(1.0, float(reference.abs().max()))
@@ -230,6 +238,8 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, *, low_rank: 
     report["verification"] = {"images": len(x), "source": source, "max_abs_logit_diff": diff,
                               "max_abs_logit": float(reference.abs().max()), "tolerance": tolerance,
                               "allowed_diff": allowed, "dtype": "float32", "ok": diff <= allowed}
+    if fmt == "peft":
+        diff = max(diff, _through_peft(report, out, train_cfg, len(meta["classes"]), x, reference, allowed))
     write_json(out / EXPORT_JSON, report)
     if not diff <= allowed:
         raise UserError(f"the {fmt} export differs from the trained model by {diff:.3g} in its logits on {source}, "
@@ -238,10 +248,36 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, *, low_rank: 
     return report
 
 
+def _through_peft(report: dict, out: Path, cfg: Any, num_classes: int, x: torch.Tensor, reference: torch.Tensor,
+                  allowed: float) -> float:
+    """PEFT's own logits of the folder against the trained model's (export.json `peft`); 0 without PEFT."""
+    got = peft_logits(out, cfg, num_classes, x)
+    if got is None:
+        report["peft"] = {"checked": False, "reason": "peft is not installed"}
+        return 0.0
+    diff = float((got[0] - reference).abs().max())
+    report["peft"] = {"checked": True, "version": got[1], "max_abs_logit_diff": diff, "ok": diff <= allowed,
+                      "base_model": f"{cfg.model.source}/{cfg.model.name} (model.weights={cfg.model.weights})"}
+    return diff
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for side in shape:
+        n *= int(side)
+    return n
+
+
 def _report(fmt: str, out: Path, path: Path, desc: dict, train_cfg: Any, plain: nn.Module,
             low_rank: bool) -> dict[str, Any]:
     size = desc["image_size"]
     stats = {**model_stats(plain, size), "file_bytes_on_disk": (out / MODEL_FILES[fmt]).stat().st_size}
+    if fmt == "peft":  # the adapter's own tensors (the base model is PEFT's user's), at the merged model's cost
+        from safetensors import safe_open
+
+        with safe_open(str(out / MODEL_FILES[fmt]), framework="pt") as f:
+            stats["parameters"] = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+        stats["file_bytes"] = stats["file_bytes_on_disk"]
     report: dict[str, Any] = {"format": fmt, "file": MODEL_FILES[fmt], "checkpoint": str(path),
                               "low_rank": low_rank, **{k: desc[k] for k in ("model", "classes", "image_size",
                                                                             "mean", "std")},

@@ -33,7 +33,8 @@ from lora_cls.models.build import build_model
 from lora_cls.runs.checkpoint import resolve_checkpoint
 
 ImageInput = Any  # a PIL image, a path, a (3, H, W) / (N, 3, H, W) tensor, or a sequence of these
-MODEL_FILES = {"torchvision": "model.pth", "lowrank": "model.pth", "onnx": "model.onnx", "torchscript": "model.pt"}
+MODEL_FILES = {"torchvision": "model.pth", "lowrank": "model.pth", "onnx": "model.onnx", "torchscript": "model.pt",
+               "peft": "adapter_model.safetensors"}
 MODEL_JSON = "model.json"  # beside every export: what running it needs (classes, input, constructor, format)
 FLOAT32 = Precision("32", None, False, "float32")
 
@@ -208,17 +209,20 @@ def _as_list(images: ImageInput) -> list[Any]:
 
 
 def from_checkpoint(path: str | Path, device: str | torch.device = "cpu", precision: str | None = "32",
-                    device_key: str = "device", tta: str = "none", calibrate: bool = False) -> Classifier:
-    """A run folder or adapter file as a Classifier: the model rebuilt from the file alone, adapters merged.
+                    device_key: str = "device", tta: str = "none", calibrate: bool = False,
+                    base: dict | None = None) -> Classifier:
+    """A run folder, adapter file or PEFT LoRA folder as a Classifier: the model rebuilt from the files alone,
+    adapters merged.
 
     `precision`: "32", "bf16", "16", "auto", or None for the training run's own (what lora-eval uses to reproduce
     the run's metrics exactly); `device`: "cpu", "cuda", "cuda:N" or "auto"; `calibrate`: probabilities at the
-    run's fitted temperature."""
+    run's fitted temperature; `base`: a PEFT folder's base model where the folder does not name it (name, source,
+    weights, image_size, classes: tasks/peft.py)."""
     from lora_cls.models.registry import model_spec
     from lora_cls.tasks.build import eval_batch_size, load_model_from_checkpoint
 
     adapter = resolve_checkpoint(path)
-    model, train_cfg, meta = load_model_from_checkpoint(adapter)
+    model, train_cfg, meta = load_model_from_checkpoint(adapter, base)
     where = resolve_device(str(device), device_key) if not isinstance(device, torch.device) else device
     how = resolve_precision(precision or meta.get("precision", "auto"), where)
     merged = merge_lora(model)
@@ -231,17 +235,26 @@ def from_checkpoint(path: str | Path, device: str | torch.device = "cpu", precis
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", precision: str | None = "32",
-         tta: str = "none", calibrate: bool = False) -> Classifier:
-    """A lora-train run folder, its adapter file, or a lora-export folder (any format) as a ready Classifier in
-    eval mode; float32 unless `precision` says otherwise (None: the training run's precision); with `calibrate`,
-    probabilities at the run's fitted temperature (model.json's `temperature` for an export)."""
+         tta: str = "none", calibrate: bool = False, base: dict | None = None) -> Classifier:
+    """A lora-train run folder, its adapter file, a lora-export folder (any format) or a PEFT LoRA folder (`base`:
+    its base model, when the folder does not name it) as a ready Classifier in eval mode; float32 unless
+    `precision` says otherwise (None: the training run's precision); with `calibrate`, probabilities at the run's
+    fitted temperature (model.json's `temperature` for an export)."""
     path = Path(path).expanduser()
-    if (path / MODEL_JSON).is_file():
+    if (path / MODEL_JSON).is_file() and not (path / "adapter_config.json").is_file():
         model, desc = read_export(path)
         prep = Preprocessing.from_json(desc.get("preprocessing"), int(desc["image_size"]))
         return Classifier(model, desc["classes"], prep, None, device, positive_class=desc.get("positive_class"),
                           tta=tta, temperature=desc.get("temperature"), calibrate=calibrate, head=desc.get("head"))
-    return from_checkpoint(path, device, precision, tta=tta, calibrate=calibrate)
+    return from_checkpoint(path, device, precision, tta=tta, calibrate=calibrate, base=base)
+
+
+def base_settings(cfg: Any) -> dict | None:
+    """The `base.*` settings of lora-eval, lora-predict and lora-export (a PEFT folder's base model) as a dict."""
+    from omegaconf import OmegaConf
+
+    base = cfg.get("base") if hasattr(cfg, "get") else None
+    return None if base is None else OmegaConf.to_container(base, resolve=True)
 
 
 # -- exports, read back -----------------------------------------------------------------------------------------

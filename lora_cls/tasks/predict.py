@@ -41,7 +41,7 @@ from lora_cls.files import atomic_open, write_json
 from lora_cls.runs.checkpoint import resolve_checkpoint
 from lora_cls.runs.console import print_predictions
 from lora_cls.runs.folder import PREDICT_SUMMARY, PREDICTIONS, RunDir, check_fresh_run_dir
-from lora_cls.tasks.inference import Classifier, from_checkpoint
+from lora_cls.tasks.inference import Classifier, base_settings, from_checkpoint
 
 
 def collect_inputs(spec: str) -> list[Path]:
@@ -128,7 +128,7 @@ def _predict(cfg: Any, run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, A
     path = resolve_checkpoint(cfg.ckpt)
     files = collect_inputs(str(cfg.input)) if cfg.input is not None else split_inputs(path, cfg.split)
     clf = from_checkpoint(path, cfg.device, cfg.precision, tta=cfg.tta,  # precision null: the run's own
-                          calibrate=bool(cfg.calibrate))
+                          calibrate=bool(cfg.calibrate), base=base_settings(cfg))
     progress = None if cfg.progress else True  # tqdm's disable: None = only on a terminal
     lookup = _split_lookup(clf, cfg.split) if cfg.input is None else None
     max_pixels = clf.config.dataset.max_image_pixels

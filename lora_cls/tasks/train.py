@@ -32,6 +32,7 @@ from lora_cls.runs.plots import plot_curves
 from lora_cls.runs.resume import prepare_run_dir, restore, resume_state
 from lora_cls.runs.tracking import Loggers
 from lora_cls.tasks import build
+from lora_cls.tasks.peft import with_init_from
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -184,6 +185,7 @@ def train(cfg: DictConfig, run_dir: str | Path, splits: DatasetSplits | None = N
     watch = Stopwatch()
     watch.add("startup", startup_seconds())
     run = RunDir(run_dir)
+    cfg = with_init_from(cfg)  # lora.init_from: the PEFT folder's adapters decide lora.*
     validate(cfg)
     info = distributed.init_distributed()
     resume = _prepare_run_dir(cfg, run, info)
