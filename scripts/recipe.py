@@ -73,6 +73,12 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "full_light": (["finetune=full", "dataset.augment.preset=light"], "full, light augmentation"),
     "full_natural": (["finetune=full", "dataset.augment.preset=natural"], "full, natural augmentation"),
     "linear_none": (["finetune=linear", "dataset.augment.preset=none"], "linear, no augmentation"),
+    "linear_light": (["finetune=linear", "dataset.augment.preset=light"], "linear, light augmentation"),
+    "full_light_lr3e-4": (["finetune=full", "dataset.augment.preset=light", "optimizer.lr=3e-4"],
+                          "full, light augmentation, lr 3e-4"),
+    "full_light_lr1e-3": (["finetune=full", "dataset.augment.preset=light", "optimizer.lr=1e-3"],
+                          "full, light augmentation, lr 1e-3"),
+    "lora_light_lr5e-3": (["dataset.augment.preset=light", "optimizer.lr=5e-3"], "lora, light augmentation, lr 5e-3"),
     "lora_dora": (["lora.dora=true"], "lora + DoRA (lora.dora=true)"),
     "lora_pissa": (["lora.init=pissa"], "lora, PiSSA init (lora.init=pissa)"),
     "lora_olora": (["lora.init=olora"], "lora, OLoRA init (lora.init=olora)"),
@@ -242,9 +248,10 @@ def pretrain(task: str, source: Path, folder: Path, quick: bool) -> Path:
 
 
 def run_variant(task: str, variant: str, seed: int, target: Path, backbone: Path, out: Path, quick: bool) -> dict:
-    """One fine-tuning run. A run folder that holds a finished run of the same resolved config (recipe_config.json)
-    is read back (`kept`), an interrupted one resumes from its last.pt (its wall time then counts this process's
-    part only: `resumed`), anything else is run afresh, so a changed default is never read from an older run."""
+    """One fine-tuning run. A finished run of the same resolved config (its recipe_config.json), in this variant's
+    folder or another's of the same task and seed, is read back (`kept`); an interrupted one resumes from its
+    last.pt (its wall time then counts this process's part only: `resumed`); anything else is run afresh, so a
+    changed default is never read from an older run."""
     from lora_cls.conf.load import compose, to_container
     from lora_cls.runs.folder import RunDir, read_metrics
     from lora_cls.tasks.train import train
@@ -257,6 +264,12 @@ def run_variant(task: str, variant: str, seed: int, target: Path, backbone: Path
     same = marker.is_file() and marker.read_text() == config
     metrics = read_metrics(run.metrics) if same else None
     kept = metrics is not None and metrics.get("status") == "ok"
+    if not kept:  # another variant's finished run of the very same config (e.g. an option that is now the default)
+        for other in sorted((out / task).glob(f"*/seed{seed}/recipe_config.json")):
+            found = read_metrics(RunDir(other.parent).metrics) if other.read_text() == config else None
+            if found is not None and found.get("status") == "ok":
+                metrics, kept = found, True
+                break
     resumed = same and not kept and run.last.is_file()
     start = time.perf_counter()
     if not kept:
@@ -379,8 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             folder = args.data / (f"{task}-quick" if args.quick else task)
             source, target = (build_task(task, folder, 30, 10, 5, 30, cap=30) if args.quick else build_task(task, folder))
             backbone = pretrain(task, source, folder, args.quick)
-            for seed in args.seeds:
-                for variant in args.variants:
+            for variant in args.variants:  # each variant's seeds together: its row is complete first
+                for seed in args.seeds:
                     pending.append(pool.submit(run_variant, task, variant, seed, target, backbone, args.out,
                                                args.quick))
                     pending[-1].add_done_callback(finished)
