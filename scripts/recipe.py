@@ -247,6 +247,17 @@ def pretrain(task: str, source: Path, folder: Path, quick: bool) -> Path:
     return path
 
 
+def _same_config(marker: Path, config: str) -> bool:
+    """Whether the run that wrote `marker` had the resolved config `config` (JSON). A key the older run's config
+    lacks is one added since, whose default keeps the behaviour from before it (lora_cls/conf/load.py)."""
+    from lora_cls.conf.load import flatten
+
+    if not marker.is_file():
+        return False
+    before, now = flatten(json.loads(marker.read_text())), flatten(json.loads(config))
+    return all(now[key] == value for key, value in before.items() if key in now)
+
+
 def run_variant(task: str, variant: str, seed: int, target: Path, backbone: Path, out: Path, quick: bool) -> dict:
     """One fine-tuning run. A finished run of the same resolved config (its recipe_config.json), in this variant's
     folder or another's of the same task and seed, is read back (`kept`); an interrupted one resumes from its
@@ -261,12 +272,12 @@ def run_variant(task: str, variant: str, seed: int, target: Path, backbone: Path
     cfg = compose("train", [*common(target, seed, quick), f"model.weights={backbone}", *overrides])
     config = json.dumps(to_container(cfg), sort_keys=True)
     marker = run.path / "recipe_config.json"
-    same = marker.is_file() and marker.read_text() == config
+    same = _same_config(marker, config)
     metrics = read_metrics(run.metrics) if same else None
     kept = metrics is not None and metrics.get("status") == "ok"
     if not kept:  # another variant's finished run of the very same config (e.g. an option that is now the default)
         for other in sorted((out / task).glob(f"*/seed{seed}/recipe_config.json")):
-            found = read_metrics(RunDir(other.parent).metrics) if other.read_text() == config else None
+            found = read_metrics(RunDir(other.parent).metrics) if _same_config(other, config) else None
             if found is not None and found.get("status") == "ok":
                 metrics, kept = found, True
                 break
