@@ -31,7 +31,7 @@ GROUP_CASES = [
                               "dataset.synthetic.source_size": 64, "dataset.positive_class": None,
                               "dataset.augment.preset": "microscopy", "dataset.fit": "crop"}),
     ("dataset", "folder", {"dataset.name": "folder", "dataset.image_size": 224, "dataset.val_fraction": 0.15,
-                           "dataset.augment.preset": "natural", "dataset.fit": "crop"}),
+                           "dataset.augment.preset": "light", "dataset.fit": "crop"}),
     ("dataset", "smoking", {"dataset.name": "smoking", "dataset.root": "data/smoking", "dataset.image_size": 224,
                             "dataset.positive_class": "smoking", "dataset.augment.preset": "natural"}),
     ("dataset", "malaria", {"dataset.name": "malaria", "dataset.root": "data/malaria", "dataset.image_size": 128,

@@ -142,6 +142,6 @@ def test_an_auto_epoch_goes_through_a_small_training_set_again(tiny_overrides, t
 
 def test_each_finetune_mode_has_its_own_learning_rate_unless_optimizer_lr_is_set(compose_cfg):
     got = {mode: learning_rate(compose_cfg(f"finetune={mode}")) for mode in ("lora", "full", "linear")}
-    assert got == {"lora": 5e-3, "full": 1e-3, "linear": 1e-2}
+    assert got == {"lora": 5e-3, "full": 3e-4, "linear": 1e-2}
     assert learning_rate(compose_cfg("finetune=full", "optimizer.lr=0.02")) == 0.02
     assert learning_rate(compose_cfg("experiment=smoking_resnet34")) == 1e-4  # the seeds' published settings

@@ -46,8 +46,9 @@ class SyntheticConfig:
 class AugmentConfig:
     """Training augmentation, per sample, on the batch's device (lora_cls.data.augment)."""
 
-    preset: str = setting("natural", "none | light (flip, rotation, colour jitter) | natural (photos: random-resized "
-                                     "crop, flip, TrivialAugmentWide, erasing) | microscopy (crop, flips, 90° turns)")
+    preset: str = setting("light", "none | light (flip, rotation, colour jitter) | natural (photos at the pretrained "
+                                   "size: random-resized crop, flip, TrivialAugmentWide, erasing) | microscopy (crop, "
+                                   "flips, 90° turns); docs/BENCHMARKS.md \"Recipe\" measured them")
     hflip: bool = setting(True, "light: random horizontal flip (p = 0.5)")
     rotation: float = setting(10.0, "light: random rotation, uniform in ± this many degrees (reflection padding)")
     color_jitter: float = setting(0.1, "light, microscopy: brightness, contrast and saturation factors uniform in "
@@ -146,7 +147,7 @@ class OptimizerConfig:
     lr: float | None = setting(None, "peak learning rate; null: the finetune mode's own (lr_lora, lr_full, "
                                      "lr_linear)")
     lr_lora: float = setting(5e-3, "finetune=lora's learning rate when lr is null (adapters start at zero change)")
-    lr_full: float = setting(1e-3, "finetune=full's learning rate when lr is null")
+    lr_full: float = setting(3e-4, "finetune=full's learning rate when lr is null")
     lr_linear: float = setting(1e-2, "finetune=linear's learning rate when lr is null")
     lora_b_lr_ratio: float = setting(1.0, "LoRA+: B's learning rate = lr × this (PEFT's loraplus_lr_ratio; 1: "
                                           "plain LoRA)")
