@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint demo bench clean
+.PHONY: help install test test-fast lint demo bench recipe clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ demo: $(STAMP)  ## train ResNet34 + LoRA on the offline synthetic set, then eval
 
 bench: $(STAMP)  ## side-by-side training/eval throughput (scripts/bench.py --quick)
 	$(PY) scripts/bench.py --quick
+
+recipe: $(STAMP)  ## the recipe benchmark's table (scripts/recipe.py): the defaults on two transfer tasks, 3 seeds (hours on 2 cores)
+	$(PY) scripts/recipe.py --variants lora full linear full_lr1e-3 lora_none lora_natural --jobs 2 --threads 1
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,6 +1,7 @@
 """The recipe benchmark: lora-train's defaults measured on few-shot transfer tasks (docs/BENCHMARKS.md, "Recipe").
 
-    python scripts/recipe.py                          # both tasks, every variant, seeds 0 1 2 (make recipe)
+    python scripts/recipe.py                          # both tasks, every variant, seeds 0 1 2
+    make recipe                                       # the table of docs/BENCHMARKS.md: the defaults, 3 seeds
     python scripts/recipe.py --variants lora full --seeds 0
     python scripts/recipe.py --jobs 2 --threads 1     # two runs at once, one thread each
     python scripts/recipe.py --quick                  # a toy run of the whole pipeline (tests)
@@ -58,6 +59,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "lora_lr2e-3": (["optimizer.lr=2e-3"], "lora, lr 2e-3"),
     "lora_lr1e-2": (["optimizer.lr=1e-2"], "lora, lr 1e-2"),
     "full_lr3e-4": (["finetune=full", "optimizer.lr=3e-4"], "full, lr 3e-4"),
+    "full_lr1e-3": (["finetune=full", "optimizer.lr=1e-3"], "full, lr 1e-3 (its default before)"),
     "full_lr3e-3": (["finetune=full", "optimizer.lr=3e-3"], "full, lr 3e-3"),
     "linear_lr3e-2": (["finetune=linear", "optimizer.lr=3e-2"], "linear, lr 3e-2"),
     "lora_plus": (["optimizer.lora_b_lr_ratio=16"], "lora + LoRA+ (B's lr × 16)"),
