@@ -75,6 +75,11 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "full_light": (["finetune=full", "dataset.augment.preset=light"], "full, light augmentation"),
     "full_natural": (["finetune=full", "dataset.augment.preset=natural"], "full, natural augmentation"),
     "linear_none": (["finetune=linear", "dataset.augment.preset=none"], "linear, no augmentation"),
+    "linear_natural": (["finetune=linear", "dataset.augment.preset=natural"], "linear, natural augmentation"),
+    "full_natural_lr1e-3": (["finetune=full", "dataset.augment.preset=natural", "optimizer.lr=1e-3"],
+                            "full, natural augmentation, lr 1e-3"),
+    "full_none_lr1e-3": (["finetune=full", "dataset.augment.preset=none", "optimizer.lr=1e-3"],
+                         "full, no augmentation, lr 1e-3"),
     "linear_light": (["finetune=linear", "dataset.augment.preset=light"], "linear, light augmentation"),
     "full_light_lr3e-4": (["finetune=full", "dataset.augment.preset=light", "optimizer.lr=3e-4"],
                           "full, light augmentation, lr 3e-4"),
@@ -256,8 +261,17 @@ def _same_config(marker: Path, config: str) -> bool:
 
     if not marker.is_file():
         return False
-    before, now = flatten(json.loads(marker.read_text())), flatten(json.loads(config))
+    before, now = _effective(flatten(json.loads(marker.read_text()))), _effective(flatten(json.loads(config)))
     return all(now[key] == value for key, value in before.items() if key in now)
+
+
+def _effective(flat: dict) -> dict:
+    """A flattened config with the learning rate the run trains at in place of the per-mode defaults it did not use
+    (a changed optimizer.lr_full changes no LoRA run)."""
+    modes = {k: flat.pop(k) for k in [k for k in flat if k.startswith("optimizer.lr_")]}
+    if flat.get("optimizer.lr") is None:
+        flat["optimizer.lr"] = modes.get(f"optimizer.lr_{flat.get('finetune')}")
+    return flat
 
 
 def run_variant(task: str, variant: str, seed: int, target: Path, backbone: Path, out: Path, quick: bool) -> dict:
